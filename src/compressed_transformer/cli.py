@@ -1,0 +1,41 @@
+"""The ``compressed-transformer`` command: thin argparse front-end over the studies, the engine and the benchmark.
+
+Each subcommand lives in its own module, which exposes ``register(subparsers)``; that function adds its parser
+and sets ``func`` (called with the parsed namespace, returning an exit code or ``None``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (module, ...) each with ``register(subparsers)``; imported when the parser is built, never at package import.
+SUBCOMMAND_MODULES = (
+    "compressed_transformer.studies.mnist",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="compressed-transformer",
+        description="Compress feed-forward blocks with TT, Tucker, SVD, pruning and Sparse VD; run the studies.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
