@@ -1,7 +1,7 @@
 """Pure tensor maths (no ``nn.Module``): TT, Tucker, truncated SVD, sparsity masks and the Sparse VD KL term."""
 
-from .svd import rank_for_energy, svd_error, truncated_svd
 from .sparsity import global_magnitude_threshold, log_alpha, magnitude_mask, magnitude_threshold, sparse_vd_kl
+from .svd import rank_for_energy, svd_error, truncated_svd
 from .tt import (
     factorize,
     max_tt_ranks,

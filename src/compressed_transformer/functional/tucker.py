@@ -76,9 +76,7 @@ def hosvd(tensor: torch.Tensor, ranks: int | Sequence[int]) -> tuple[torch.Tenso
         ``(n_k, r_k)``.
     """
     ranks = resolve_tucker_ranks(ranks, tensor.shape)
-    factors = [
-        _leading_left_vectors(tensor.movedim(k, 0).reshape(tensor.shape[k], -1), r) for k, r in enumerate(ranks)
-    ]
+    factors = [_leading_left_vectors(tensor.movedim(k, 0).reshape(tensor.shape[k], -1), r) for k, r in enumerate(ranks)]
     core = tensor
     for k, u in enumerate(factors):
         core = mode_product(core, u.T, k)

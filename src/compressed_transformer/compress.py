@@ -1,0 +1,375 @@
+"""``compress_``: swap a model's ``nn.Linear`` modules for compressed layers, in place, by qualified name."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .functional.tt import resolve_tt_ranks, tt_matrix_from_dense, tt_matrix_params, tt_matrix_to_dense
+from .functional.tucker import hosvd, resolve_tucker_ranks, tucker_params, tucker_to_dense
+from .layers import METHODS, LowRankLinear, PrunedLinear, SparseVDLinear, TTLinear, TuckerLinear
+from .layers._common import resolve_modes
+
+__all__ = ["CompressionReport", "LayerReport", "compress_", "select_linears"]
+
+Filter = str | Callable[[str, nn.Module], bool] | None
+
+# Options that fix a layer's size: they cannot be combined with ``ratio=``, which chooses them.
+_SIZE_OPTIONS = {
+    "tt": {"ranks", "eps"},
+    "tucker": {"ranks"},
+    "svd": {"rank", "energy"},
+    "prune": {"sparsity", "threshold"},
+    "svd-o": set(),
+}
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """What ``compress_`` did to one layer."""
+
+    name: str
+    method: str
+    in_features: int
+    out_features: int
+    options: dict[str, Any]
+    params_before: int
+    params_after: int
+    rel_error: float  # ||W - W_hat||_F / ||W||_F
+
+    @property
+    def ratio(self) -> float:
+        return self.params_before / max(self.params_after, 1)
+
+
+@dataclass
+class CompressionReport:
+    """Per-layer results of one ``compress_`` call; parameter counts include biases."""
+
+    method: str
+    rows: list[LayerReport] = field(default_factory=list)
+
+    @property
+    def params_before(self) -> int:
+        return sum(r.params_before for r in self.rows)
+
+    @property
+    def params_after(self) -> int:
+        return sum(r.params_after for r in self.rows)
+
+    @property
+    def ratio(self) -> float:
+        """Compression ratio of the compressed layers together (not of the whole model)."""
+        return self.params_before / max(self.params_after, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "ratio": self.ratio,
+            "layers": [asdict(r) | {"ratio": r.ratio} for r in self.rows],
+        }
+
+    def __str__(self) -> str:
+        lines = [
+            "| layer | method | shape | options | params before | params after | ratio | rel. error |",
+            "|---|---|---|---|---:|---:|---:|---:|",
+        ]
+        for r in self.rows:
+            opts = ", ".join(f"{k}={v}" for k, v in r.options.items())
+            lines.append(
+                f"| {r.name} | {r.method} | {r.in_features}→{r.out_features} | {opts} | {r.params_before:,} | "
+                f"{r.params_after:,} | {r.ratio:.2f} | {r.rel_error:.4f} |"
+            )
+        lines.append(
+            f"| **total** | {self.method} | | | {self.params_before:,} | {self.params_after:,} | {self.ratio:.2f} | |"
+        )
+        return "\n".join(lines)
+
+
+def _linear_params(linear: nn.Linear) -> int:
+    return linear.in_features * linear.out_features + (linear.out_features if linear.bias is not None else 0)
+
+
+def select_linears(model: nn.Module, filter: Filter = None) -> list[tuple[str, nn.Linear]]:
+    """The ``(qualified name, module)`` pairs of the plain ``nn.Linear`` modules that ``filter`` selects.
+
+    Only modules whose type is exactly ``nn.Linear`` are candidates (subclasses such as
+    ``nn.MultiheadAttention``'s ``out_proj``, whose weight the parent reads directly, are left alone).
+
+    Args:
+        model: the model to search.
+        filter: ``None`` (every ``nn.Linear``), a regular expression searched in the qualified name, or a
+            callable ``(name, module) -> bool``.
+
+    Raises:
+        ValueError: if the model has no ``nn.Linear``, the filter is malformed, or it selects nothing.
+    """
+    linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+    if not linears:
+        raise ValueError(f"the model ({type(model).__name__}) has no nn.Linear module to compress")
+    if filter is None:
+        return linears
+    if isinstance(filter, str):
+        try:
+            pattern = re.compile(filter)
+        except re.error as error:
+            raise ValueError(f"filter {filter!r} is not a valid regular expression: {error}") from None
+        chosen = [(n, m) for n, m in linears if pattern.search(n)]
+        others = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if n and pattern.search(n)]
+    elif callable(filter):
+        chosen = [(n, m) for n, m in linears if filter(n, m)]
+        others = []
+    else:
+        raise ValueError(f"filter must be None, a regex string or a callable (name, module) -> bool, got {filter!r}")
+    if not chosen:
+        names = ", ".join(n for n, _ in linears[:12]) + (" ..." if len(linears) > 12 else "")
+        hint = f"; it matches only modules that are not nn.Linear: {', '.join(others[:8])}" if others else ""
+        raise ValueError(f"filter {filter!r} selects no nn.Linear{hint}. The nn.Linear modules are: {names}")
+    return chosen
+
+
+def _check_options(method: str, options: dict[str, Any], ratio: float | None) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    if ratio is None:
+        return
+    if method == "svd-o":
+        raise ValueError(
+            "ratio= is not available for 'svd-o' (Sparse VD): its sparsity comes from training with the KL term; "
+            "compress with 'svd-o', train, then read the ratio (or prune the trained model with method='prune')"
+        )
+    if not (isinstance(ratio, int | float) and math.isfinite(ratio) and ratio >= 1.0):
+        raise ValueError(f"ratio must be a finite number >= 1, got {ratio!r}")
+    clash = _SIZE_OPTIONS[method] & set(options)
+    if clash:
+        raise ValueError(f"give either ratio= or {sorted(clash)} for method {method!r}, not both")
+
+
+def _budget(linears: list[tuple[str, nn.Linear]], ratio: float) -> int:
+    return math.floor(sum(_linear_params(m) for _, m in linears) / ratio)
+
+
+def _bias(linear: nn.Linear) -> int:
+    return linear.out_features if linear.bias is not None else 0
+
+
+def _too_small(ratio: float, smallest: int, budget: int) -> ValueError:
+    return ValueError(
+        f"ratio={ratio} is out of reach: even the smallest setting of every layer stores {smallest:,} parameters, "
+        f"above the budget of {budget:,}"
+    )
+
+
+def _allocate_prune(linears, ratio: float) -> list[dict[str, Any]]:
+    """One global magnitude threshold keeping the largest weights that fit the budget."""
+    budget = _budget(linears, ratio)
+    keep = budget - sum(_bias(m) for _, m in linears)
+    magnitudes = torch.cat([m.weight.detach().abs().flatten().float().cpu() for _, m in linears])
+    if keep < 1:
+        raise _too_small(ratio, sum(_bias(m) for _, m in linears) + 1, budget)
+    if keep >= magnitudes.numel():
+        return [{"threshold": -1.0} for _ in linears]
+    threshold = float(torch.kthvalue(magnitudes, magnitudes.numel() - keep).values)
+    return [{"threshold": threshold} for _ in linears]
+
+
+def _allocate_svd(linears, ratio: float) -> list[dict[str, Any]]:
+    """Greedy over all singular components: most relative squared error removed per stored parameter first."""
+    budget = _budget(linears, ratio)
+    spectra = [torch.linalg.svdvals(m.weight.detach().double()).cpu() for _, m in linears]
+    ranks = [1] * len(linears)
+    used = sum(m.in_features + m.out_features + _bias(m) for _, m in linears)
+    if used > budget:
+        raise _too_small(ratio, used, budget)
+    gains = []
+    for index, ((_, m), s) in enumerate(zip(linears, spectra, strict=True)):
+        power = (s * s) / (s * s).sum().clamp_min(1e-300)
+        cost = m.in_features + m.out_features
+        gains += [(float(power[j]) / cost, j, index) for j in range(1, s.numel())]
+    for _, j, index in sorted(gains, reverse=True):
+        m = linears[index][1]
+        cost = m.in_features + m.out_features
+        within_dense = (j + 1) * cost <= m.in_features * m.out_features  # never store more than the dense weight
+        if ranks[index] == j and within_dense and used + cost <= budget:  # a layer's components go in order
+            ranks[index] += 1
+            used += cost
+    return [{"rank": r} for r in ranks]
+
+
+def _greedy_ranks(linears, ratio: float, params_of, error_of, max_rank_of) -> list[int]:
+    """Grow one uniform rank per layer, always where it removes the most squared relative error per parameter."""
+    budget = _budget(linears, ratio)
+    ranks = [1] * len(linears)
+    used = sum(params_of(i, 1) + _bias(m) for i, (_, m) in enumerate(linears))
+    if used > budget:
+        raise _too_small(ratio, used, budget)
+    errors: dict[tuple[int, int], float] = {}
+
+    def err(i: int, r: int) -> float:
+        if (i, r) not in errors:
+            errors[i, r] = error_of(i, r)
+        return errors[i, r]
+
+    while True:
+        best = None
+        for i in range(len(linears)):
+            r, p = ranks[i], params_of(i, ranks[i])
+            nxt = r + 1
+            while nxt <= max_rank_of(i) and params_of(i, nxt) == p:
+                nxt += 1
+            weights = linears[i][1].in_features * linears[i][1].out_features
+            if nxt > max_rank_of(i) or params_of(i, nxt) > weights:  # never store more than the dense weight
+                continue
+            extra = params_of(i, nxt) - p
+            if used + extra > budget:
+                continue
+            score = (err(i, r) ** 2 - err(i, nxt) ** 2) / extra
+            if best is None or score > best[0]:
+                best = (score, i, nxt, extra)
+        if best is None:
+            return ranks
+        _, i, nxt, extra = best
+        ranks[i], used = nxt, used + extra
+
+
+def _relative(weight: torch.Tensor, approx: torch.Tensor) -> float:
+    return float(torch.linalg.matrix_norm(weight - approx) / torch.linalg.matrix_norm(weight).clamp_min(1e-300))
+
+
+def _allocate_tt(linears, ratio: float, options: dict[str, Any]) -> list[dict[str, Any]]:
+    modes = [
+        resolve_modes(m.in_features, m.out_features, options.get("in_modes"), options.get("out_modes"), 4)
+        for _, m in linears
+    ]
+    shapes = [[o * i for o, i in zip(om, im, strict=True)] for im, om in modes]
+
+    def params_of(i: int, r: int) -> int:
+        im, om = modes[i]
+        return tt_matrix_params(om, im, resolve_tt_ranks(r, shapes[i]))
+
+    def error_of(i: int, r: int) -> float:
+        weight = linears[i][1].weight.detach().double()
+        im, om = modes[i]
+        return _relative(weight, tt_matrix_to_dense(tt_matrix_from_dense(weight, om, im, ranks=r)))
+
+    ranks = _greedy_ranks(linears, ratio, params_of, error_of, lambda i: max(shapes[i]) ** 2)
+    return [{"ranks": r} for r in ranks]
+
+
+def _allocate_tucker(linears, ratio: float, options: dict[str, Any]) -> list[dict[str, Any]]:
+    modes = [
+        resolve_modes(m.in_features, m.out_features, options.get("in_modes"), options.get("out_modes"), 2)
+        for _, m in linears
+    ]
+    shapes = [om + im for im, om in modes]
+
+    def params_of(i: int, r: int) -> int:
+        return tucker_params(shapes[i], resolve_tucker_ranks(r, shapes[i]))
+
+    def error_of(i: int, r: int) -> float:
+        weight = linears[i][1].weight.detach().double()
+        core, factors = hosvd(weight.reshape(shapes[i]), r)
+        return _relative(weight, tucker_to_dense(core, factors).reshape(weight.shape))
+
+    ranks = _greedy_ranks(linears, ratio, params_of, error_of, lambda i: max(shapes[i]))
+    return [{"ranks": r} for r in ranks]
+
+
+def _layer_options(layer: nn.Module) -> dict[str, Any]:
+    if isinstance(layer, TTLinear):
+        return {"in_modes": layer.in_modes, "out_modes": layer.out_modes, "ranks": layer.ranks}
+    if isinstance(layer, TuckerLinear):
+        return {"in_modes": layer.in_modes, "out_modes": layer.out_modes, "ranks": layer.ranks}
+    if isinstance(layer, LowRankLinear):
+        return {"rank": layer.rank}
+    if isinstance(layer, PrunedLinear):
+        return {"sparsity": round(layer.sparsity, 6)}
+    if isinstance(layer, SparseVDLinear):
+        return {"threshold": layer.threshold}
+    raise AssertionError(type(layer))
+
+
+def compress_(
+    model: nn.Module,
+    method: str,
+    *,
+    filter: Filter = None,
+    ratio: float | None = None,
+    **options: Any,
+) -> CompressionReport:
+    """Replace the selected ``nn.Linear`` modules of ``model`` by compressed layers, in place.
+
+    Each selected layer is converted with ``METHODS[method].from_linear(linear, **options)``; every new layer is
+    built before any is swapped, so a failure leaves ``model`` untouched. With ``ratio=R`` the method's size
+    options are chosen so that the selected layers together store at most ``1/R`` of their dense parameters
+    (biases included), with the least reconstruction error the allocator finds: one global magnitude threshold
+    for ``prune``, a greedy split of singular components for ``svd``, greedy per-layer uniform ranks for ``tt``
+    and ``tucker``.
+
+    Args:
+        model: any ``nn.Module``; its submodules are replaced.
+        method: ``"tt"``, ``"tucker"``, ``"svd"``, ``"prune"`` or ``"svd-o"`` (Sparse Variational Dropout).
+        filter: which ``nn.Linear`` modules: ``None`` for all, a regex searched in the qualified name, or a
+            callable ``(name, module) -> bool``.
+        ratio: target compression ratio of the selected layers together (``>= 1``), instead of size options.
+        **options: forwarded to ``from_linear`` (e.g. ``ranks=``, ``eps=``, ``rank=``, ``energy=``,
+            ``sparsity=``, ``threshold=``, ``in_modes=``, ``out_modes=``, ``n_iter=``).
+
+    Returns:
+        a :class:`CompressionReport` with one row per replaced layer.
+
+    Raises:
+        ValueError: for an unknown method, options the method does not take, options that clash with
+            ``ratio``, an unreachable ratio, or a filter that selects nothing.
+    """
+    _check_options(method, options, ratio)
+    linears = select_linears(model, filter)
+    if any(name == "" for name, _ in linears):
+        raise ValueError(
+            "compress_ replaces submodules, but the model itself is an nn.Linear; "
+            f"use {METHODS[method].__name__}.from_linear(linear, ...) instead"
+        )
+    with torch.no_grad():
+        if ratio is None:
+            per_layer = [dict(options) for _ in linears]
+        elif method == "prune":
+            per_layer = _allocate_prune(linears, ratio)
+        elif method == "svd":
+            per_layer = _allocate_svd(linears, ratio)
+        elif method == "tt":
+            per_layer = [options | o for o in _allocate_tt(linears, ratio, options)]
+        else:
+            per_layer = [options | o for o in _allocate_tucker(linears, ratio, options)]
+        cls = METHODS[method]
+        new_layers = []
+        for (name, linear), layer_options in zip(linears, per_layer, strict=True):
+            try:
+                new_layers.append(cls.from_linear(linear, **layer_options))
+            except TypeError as error:
+                raise ValueError(f"invalid options for method {method!r} on layer {name!r}: {error}") from None
+        report = CompressionReport(method)
+        for (name, linear), layer in zip(linears, new_layers, strict=True):
+            weight = linear.weight.detach()
+            report.rows.append(
+                LayerReport(
+                    name=name,
+                    method=method,
+                    in_features=linear.in_features,
+                    out_features=linear.out_features,
+                    options=_layer_options(layer),
+                    params_before=_linear_params(linear),
+                    params_after=layer.num_stored_params(),
+                    rel_error=_relative(weight.double(), layer.to_dense().detach().double()),
+                )
+            )
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, layer)
+    return report

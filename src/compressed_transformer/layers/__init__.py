@@ -1,0 +1,76 @@
+"""Drop-in replacements for ``nn.Linear``: TT, Tucker, low-rank (SVD), magnitude-pruned and Sparse VD layers.
+
+Every layer takes ``(in_features, out_features, bias=True, *, <method options>, device=None, dtype=None)``, maps
+``(..., in_features)`` to ``(..., out_features)``, has ``from_linear(linear, *, ...)`` to initialise it from a
+trained ``nn.Linear``, ``to_dense()`` for the ``(out_features, in_features)`` weight it represents and
+``num_stored_params()`` for what it stores.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .low_rank import LowRankLinear
+from .pruned import PrunedLinear
+from .sparse_vd import SparseVDLinear, model_kl
+from .tt import TTLinear
+from .tucker import TuckerLinear
+
+__all__ = [
+    "COMPRESSED_LAYERS",
+    "METHODS",
+    "LowRankLinear",
+    "PrunedLinear",
+    "SparseVDLinear",
+    "TTLinear",
+    "TuckerLinear",
+    "build_linear",
+    "model_kl",
+]
+
+# Method name -> layer class; the names used by ``compress_``, the CLI and the studies.
+METHODS: dict[str, type[nn.Module]] = {
+    "tt": TTLinear,
+    "tucker": TuckerLinear,
+    "svd": LowRankLinear,
+    "prune": PrunedLinear,
+    "svd-o": SparseVDLinear,
+}
+COMPRESSED_LAYERS = tuple(METHODS.values())
+
+
+def build_linear(
+    method: str,
+    in_features: int,
+    out_features: int,
+    bias: bool = True,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    **options,
+) -> nn.Module:
+    """A freshly initialised linear layer of the given method (``"dense"`` gives ``nn.Linear``), for training
+    compressed models from scratch.
+
+    ``prune`` accepts ``sparsity=`` and prunes its random initialisation by magnitude.
+
+    Raises:
+        ValueError: for an unknown method or options the method does not take.
+    """
+    if method == "dense":
+        if options:
+            raise ValueError(f"method 'dense' takes no options, got {sorted(options)}")
+        return nn.Linear(in_features, out_features, bias, device=device, dtype=dtype)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {['dense', *METHODS]}")
+    sparsity = options.pop("sparsity", None) if method == "prune" else None
+    try:
+        layer = METHODS[method](in_features, out_features, bias, device=device, dtype=dtype, **options)
+    except TypeError as error:
+        raise ValueError(f"invalid options for method {method!r}: {error}") from None
+    if sparsity:
+        from ..functional.sparsity import magnitude_mask, magnitude_threshold
+
+        layer.set_mask_(magnitude_mask(layer.weight, magnitude_threshold(layer.weight, sparsity)))
+    return layer

@@ -1,0 +1,78 @@
+"""Helpers shared by the compressed layers: argument checks, default mode factorisations, initialisation scale."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..functional.tt import _prime_factors, factorize
+
+
+def check_features(in_features: int, out_features: int) -> None:
+    for name, value in (("in_features", in_features), ("out_features", out_features)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_linear(linear: nn.Module, cls_name: str) -> None:
+    if type(linear) is not nn.Linear:
+        raise ValueError(
+            f"{cls_name}.from_linear expects an nn.Linear, got {type(linear).__name__}; only fully connected layers "
+            "with a (out_features, in_features) weight can be converted"
+        )
+
+
+def resolve_modes(
+    in_features: int,
+    out_features: int,
+    in_modes: Sequence[int] | None,
+    out_modes: Sequence[int] | None,
+    default_d: int,
+) -> tuple[list[int], list[int]]:
+    """Validate or choose the factorisations ``in_features = prod(in_modes)``, ``out_features = prod(out_modes)``.
+
+    When a side is omitted it is factorised into as many balanced factors as the other side has (or
+    ``default_d``, lowered to the number of prime factors available, when both are omitted).
+
+    Raises:
+        ValueError: if a product differs from the features, the lengths differ, or a mode is below 1.
+    """
+    if in_modes is None and out_modes is None:
+        d = max(1, min(default_d, len(_prime_factors(in_features)), len(_prime_factors(out_features))))
+    else:
+        d = len(in_modes if in_modes is not None else out_modes)
+    in_modes = list(in_modes) if in_modes is not None else factorize(in_features, d)
+    out_modes = list(out_modes) if out_modes is not None else factorize(out_features, d)
+    for name, modes, features in (("in_modes", in_modes, in_features), ("out_modes", out_modes, out_features)):
+        if any(int(m) != m or m < 1 for m in modes):
+            raise ValueError(f"{name} must be positive ints, got {modes}")
+        if math.prod(modes) != features:
+            feature_name = "in_features" if name == "in_modes" else "out_features"
+            raise ValueError(
+                f"{name}={modes} multiply to {math.prod(modes)}, but {feature_name}={features}; "
+                f"give modes whose product is {features} (e.g. {factorize(features, len(modes))})"
+            )
+    if len(in_modes) != len(out_modes):
+        raise ValueError(f"in_modes and out_modes need the same length, got {in_modes} and {out_modes}")
+    return [int(m) for m in in_modes], [int(m) for m in out_modes]
+
+
+def product_init_std(in_features: int, n_factors: int, n_paths: int) -> float:
+    """Std of i.i.d. Gaussian factors so that a product of ``n_factors`` entries summed over ``n_paths`` terms has
+    the variance of ``nn.Linear``'s default init, ``1 / (3 in_features)``."""
+    target = 1.0 / (3.0 * in_features)
+    return (target / n_paths) ** (1.0 / (2 * n_factors))
+
+
+def reset_bias(bias: torch.Tensor | None, in_features: int) -> None:
+    if bias is not None:
+        bound = 1.0 / math.sqrt(in_features)
+        nn.init.uniform_(bias, -bound, bound)
+
+
+def copy_bias(dst: torch.Tensor | None, linear: nn.Linear) -> None:
+    if dst is not None:
+        dst.copy_(linear.bias)

@@ -1,0 +1,122 @@
+"""Low-rank linear layer from a truncated SVD."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..functional.svd import truncated_svd
+from ._common import check_features, check_linear, copy_bias, product_init_std, reset_bias
+
+__all__ = ["LowRankLinear"]
+
+
+class LowRankLinear(nn.Module):
+    """A linear layer with a rank-``r`` weight ``W = left @ right`` (``(out, r) @ (r, in)``), ``y = x W^T + b``.
+
+    Computed as two thin GEMMs, ``(x right^T) left^T``, which needs ``r (in + out)`` multiply-adds per vector
+    instead of ``in out``; when the rank is so high that this is not cheaper, one GEMM with ``W`` is used.
+
+    Args:
+        in_features: size of each input sample.
+        out_features: size of each output sample.
+        bias: learn an additive bias.
+        rank: inner rank in ``[1, min(in_features, out_features)]``.
+        device: parameter device.
+        dtype: parameter dtype.
+
+    Shape:
+        input ``(..., in_features)``, output ``(..., out_features)``.
+
+    Raises:
+        ValueError: if ``rank`` is outside ``[1, min(in_features, out_features)]``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        rank: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_features(in_features, out_features)
+        max_rank = min(in_features, out_features)
+        if not isinstance(rank, int) or not 1 <= rank <= max_rank:
+            raise ValueError(f"rank must be an int in [1, {max_rank}] for {in_features}->{out_features}, got {rank}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.left = nn.Parameter(torch.empty(out_features, rank, **factory))
+        self.right = nn.Parameter(torch.empty(rank, in_features, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = product_init_std(self.in_features, 2, self.rank)
+        nn.init.normal_(self.left, 0.0, std)
+        nn.init.normal_(self.right, 0.0, std)
+        reset_bias(self.bias, self.in_features)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, rank: int | None = None, energy: float | None = None) -> LowRankLinear:
+        """Best rank-``rank`` approximation of ``linear.weight`` (or the smallest rank keeping ``energy`` of the
+        squared singular values); ``linear`` is not modified.
+
+        Raises:
+            ValueError: if neither or both of ``rank``/``energy`` are given, or either is out of range.
+        """
+        check_linear(linear, cls.__name__)
+        with torch.no_grad():
+            weight = linear.weight.detach()
+            left, right = truncated_svd(weight.double(), rank=rank, energy=energy)
+            layer = cls(
+                linear.in_features,
+                linear.out_features,
+                linear.bias is not None,
+                rank=left.shape[1],
+                device=weight.device,
+                dtype=weight.dtype,
+            )
+            layer.left.copy_(left)
+            layer.right.copy_(right)
+            copy_bias(layer.bias, linear)
+        return layer
+
+    def factorized_macs(self) -> int:
+        return self.rank * (self.in_features + self.out_features)
+
+    def use_factorized(self, tokens: int) -> bool:
+        dense = self.rank * self.in_features * self.out_features + tokens * self.in_features * self.out_features
+        return tokens * self.factorized_macs() < dense
+
+    def to_dense(self) -> torch.Tensor:
+        """The represented weight, ``(out_features, in_features)``."""
+        return self.left @ self.right
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.to_dense()
+
+    def num_stored_params(self) -> int:
+        bias = self.out_features if self.bias is not None else 0
+        return self.rank * (self.in_features + self.out_features) + bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_factorized(math.prod(x.shape[:-1])):
+            return F.linear(F.linear(x, self.right), self.left, self.bias)
+        return F.linear(x, self.to_dense(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"rank={self.rank}"
+        )

@@ -1,0 +1,128 @@
+"""Magnitude-pruned linear layer (Han et al. 2015): ``w = 1[|w| > lambda] w``, the mask kept through training."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..functional.sparsity import magnitude_mask, magnitude_threshold
+from ._common import check_features, check_linear, copy_bias
+
+__all__ = ["PrunedLinear"]
+
+
+class PrunedLinear(nn.Module):
+    """A linear layer with a fixed binary mask on its weight: ``y = x (mask * W)^T + b``.
+
+    The mask is a ``bool`` buffer saved in the ``state_dict``. Pruned entries of ``weight`` are stored as zeros and
+    receive zero gradient (the forward multiplies by the mask), so optimiser steps never revive them; decoupled
+    weight decay keeps zeros at zero too.
+
+    Args:
+        in_features: size of each input sample.
+        out_features: size of each output sample.
+        bias: learn an additive bias.
+        device: parameter device.
+        dtype: parameter dtype.
+
+    Shape:
+        input ``(..., in_features)``, output ``(..., out_features)``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_features(in_features, out_features)
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self.register_buffer("mask", torch.ones(out_features, in_features, dtype=torch.bool, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s default initialisation; the mask is left as it is."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+        with torch.no_grad():
+            self.weight.mul_(self.mask)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, *, sparsity: float | None = None, threshold: float | None = None
+    ) -> PrunedLinear:
+        """Prune ``linear``'s weight by magnitude (``linear`` is not modified).
+
+        Args:
+            linear: the source layer.
+            sparsity: fraction of weights to zero, in ``[0, 1)`` (the smallest magnitudes go first).
+            threshold: alternatively, the ``lambda`` of ``1[|w| > lambda]`` (e.g. a global threshold).
+
+        Raises:
+            ValueError: if neither or both are given, or ``sparsity`` is outside ``[0, 1)``.
+        """
+        check_linear(linear, cls.__name__)
+        if (sparsity is None) == (threshold is None):
+            raise ValueError("PrunedLinear.from_linear needs exactly one of sparsity= or threshold=")
+        with torch.no_grad():
+            weight = linear.weight.detach()
+            if threshold is None:
+                threshold = magnitude_threshold(weight, sparsity)
+            layer = cls(
+                linear.in_features,
+                linear.out_features,
+                linear.bias is not None,
+                device=weight.device,
+                dtype=weight.dtype,
+            )
+            layer.set_mask_(magnitude_mask(weight, threshold))
+            layer.weight.copy_(weight * layer.mask)
+            copy_bias(layer.bias, linear)
+        return layer
+
+    @torch.no_grad()
+    def set_mask_(self, mask: torch.Tensor) -> PrunedLinear:
+        """Replace the mask (``bool``, ``(out_features, in_features)``) and zero the newly pruned weights."""
+        if mask.shape != self.weight.shape:
+            raise ValueError(f"mask must have shape {tuple(self.weight.shape)}, got {tuple(mask.shape)}")
+        self.mask.copy_(mask.to(torch.bool))
+        self.weight.mul_(self.mask)
+        return self
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of pruned weights."""
+        return 1.0 - float(self.mask.sum()) / self.mask.numel()
+
+    def to_dense(self) -> torch.Tensor:
+        """The effective weight ``mask * weight``, ``(out_features, in_features)``."""
+        return self.weight * self.mask
+
+    def num_stored_params(self) -> int:
+        """Kept (unmasked) weights plus bias."""
+        bias = self.out_features if self.bias is not None else 0
+        return int(self.mask.sum()) + bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.to_dense(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"sparsity={self.sparsity:.4f}"
+        )

@@ -1,0 +1,174 @@
+"""Tucker-factorised linear layer: the weight seen as a tensor over its output and input modes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..functional.tucker import (
+    hooi,
+    hosvd,
+    resolve_tucker_ranks,
+    tucker_linear_apply,
+    tucker_linear_macs,
+    tucker_params,
+    tucker_to_dense,
+)
+from ._common import check_features, check_linear, copy_bias, product_init_std, reset_bias, resolve_modes
+
+__all__ = ["TuckerLinear"]
+
+
+class TuckerLinear(nn.Module):
+    """A linear layer whose weight is a Tucker tensor (Tucker 1966; Kolda & Bader 2009).
+
+    ``W`` reshaped to ``(o_1, ..., o_d, i_1, ..., i_d)`` equals ``G x_1 U_1 ... x_d U_d x_{d+1} V_1 ... x_{2d} V_d``
+    with a core ``G`` of shape ``(r_1..r_d, s_1..s_d)``, output factors ``U_k`` ``(o_k, r_k)`` and input factors
+    ``V_k`` ``(i_k, s_k)``. The forward projects the input on the ``V_k``, applies the core as a
+    ``(prod r, prod s)`` matrix and expands with the ``U_k``; it rebuilds ``W`` instead when that is cheaper.
+
+    Args:
+        in_features: size of each input sample.
+        out_features: size of each output sample.
+        bias: learn an additive bias.
+        in_modes: factors of ``in_features``; two balanced factors when omitted.
+        out_modes: factors of ``out_features``; balanced when omitted.
+        ranks: one ``int`` for every mode (capped by the mode size), or ``2d`` ranks: output modes first.
+        device: parameter device.
+        dtype: parameter dtype.
+
+    Shape:
+        input ``(..., in_features)``, output ``(..., out_features)``.
+
+    Raises:
+        ValueError: for modes that do not multiply to the features, or ranks outside ``[1, mode size]``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        in_modes: Sequence[int] | None = None,
+        out_modes: Sequence[int] | None = None,
+        ranks: int | Sequence[int] = 2,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_features(in_features, out_features)
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = in_features, out_features
+        self.in_modes, self.out_modes = resolve_modes(in_features, out_features, in_modes, out_modes, default_d=2)
+        self.ranks = resolve_tucker_ranks(ranks, self.out_modes + self.in_modes)
+        d = len(self.out_modes)
+        self.core = nn.Parameter(torch.empty(*self.ranks, **factory))
+        self.out_factors = nn.ParameterList(
+            nn.Parameter(torch.empty(o, r, **factory)) for o, r in zip(self.out_modes, self.ranks[:d], strict=True)
+        )
+        self.in_factors = nn.ParameterList(
+            nn.Parameter(torch.empty(i, s, **factory)) for i, s in zip(self.in_modes, self.ranks[d:], strict=True)
+        )
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Gaussian core and factors scaled so that ``W`` has ``nn.Linear``'s default variance."""
+        std = product_init_std(self.in_features, 1 + len(self.ranks), math.prod(self.ranks))
+        for param in [self.core, *self.out_factors, *self.in_factors]:
+            nn.init.normal_(param, 0.0, std)
+        reset_bias(self.bias, self.in_features)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        ranks: int | Sequence[int],
+        in_modes: Sequence[int] | None = None,
+        out_modes: Sequence[int] | None = None,
+        n_iter: int = 10,
+    ) -> TuckerLinear:
+        """Initialise from a trained ``nn.Linear`` by HOSVD, refined by ``n_iter`` HOOI sweeps (0: HOSVD only).
+
+        Raises:
+            ValueError: for invalid modes or ranks, or ``n_iter < 0``.
+        """
+        check_linear(linear, cls.__name__)
+        if n_iter < 0:
+            raise ValueError(f"n_iter must be >= 0, got {n_iter}")
+        in_modes, out_modes = resolve_modes(linear.in_features, linear.out_features, in_modes, out_modes, 2)
+        with torch.no_grad():
+            weight = linear.weight.detach()
+            tensor = weight.double().reshape(*out_modes, *in_modes)
+            core, factors = hooi(tensor, ranks, n_iter=n_iter) if n_iter else hosvd(tensor, ranks)
+            layer = cls(
+                linear.in_features,
+                linear.out_features,
+                linear.bias is not None,
+                in_modes=in_modes,
+                out_modes=out_modes,
+                ranks=list(core.shape),
+                device=weight.device,
+                dtype=weight.dtype,
+            )
+            layer.core.copy_(core)
+            d = len(out_modes)
+            for param, factor in zip([*layer.out_factors, *layer.in_factors], factors, strict=True):
+                param.copy_(factor)
+            assert len(factors) == 2 * d
+            copy_bias(layer.bias, linear)
+        return layer
+
+    def factorized_macs(self) -> int:
+        """Multiply-adds per input vector of the factorised path."""
+        return tucker_linear_macs(self.out_modes, self.in_modes, self.ranks)
+
+    def reconstruction_macs(self) -> int:
+        """Multiply-adds to rebuild the dense weight."""
+        sizes, total = list(self.ranks), 0
+        for k, n in enumerate(self.out_modes + self.in_modes):
+            total += math.prod(sizes) * n
+            sizes[k] = n
+        return total
+
+    def use_factorized(self, tokens: int) -> bool:
+        """Whether the factorised path is cheaper than rebuilding ``W`` for ``tokens`` input vectors."""
+        dense = self.reconstruction_macs() + tokens * self.in_features * self.out_features
+        return tokens * self.factorized_macs() < dense
+
+    def to_dense(self) -> torch.Tensor:
+        """The represented weight, ``(out_features, in_features)``."""
+        full = tucker_to_dense(self.core, [*self.out_factors, *self.in_factors])
+        return full.reshape(self.out_features, self.in_features)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The represented dense weight (computed, not stored)."""
+        return self.to_dense()
+
+    def num_stored_params(self) -> int:
+        """Stored weights and bias: ``prod(ranks) + sum_k n_k r_k + out_features``."""
+        bias = self.out_features if self.bias is not None else 0
+        return tucker_params(self.out_modes + self.in_modes, self.ranks) + bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.numel() // self.in_features
+        if self.use_factorized(tokens):
+            y = tucker_linear_apply(x, self.core, list(self.out_factors), list(self.in_factors))
+            return y + self.bias if self.bias is not None else y
+        return F.linear(x, self.to_dense(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"in_modes={self.in_modes}, out_modes={self.out_modes}, ranks={self.ranks}"
+        )

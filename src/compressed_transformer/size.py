@@ -1,0 +1,97 @@
+"""Size accounting: parameters and bytes a model stores, and compression ratios.
+
+Conventions (documented in the README):
+
+* **parameters** (the seed's measure): dense tensors count ``numel``; factorised layers (TT, Tucker, SVD) count the
+  numels of their factors; pruned and Sparse VD layers count their nonzero weights (Sparse VD: those kept at eval,
+  ``log sigma^2`` is a training-only parameter); biases always count in full. Buffers are not counted.
+* **bytes**: parameters times the element size, plus, for sparse layers, the index cost of a CSR layout:
+  one column index per nonzero and ``out_features + 1`` row pointers, int32 when every index fits, else int64.
+* **compression ratio** = dense size / compressed size, where the dense size counts every compressed layer as
+  the ``nn.Linear`` it replaces (``in * out`` weights plus ``out`` biases).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import COMPRESSED_LAYERS, PrunedLinear, SparseVDLinear
+
+__all__ = ["compression_ratio", "dense_bytes", "dense_params", "stored_bytes", "stored_params"]
+
+
+def _index_bytes(max_index: int) -> int:
+    return 4 if max_index < 2**31 else 8
+
+
+def _sparse_layer_bytes(module: nn.Module, nnz: int) -> int:
+    element = (module.weight if isinstance(module, PrunedLinear) else module.theta).element_size()
+    index = _index_bytes(max(module.in_features, nnz))
+    bias = module.out_features * element if module.bias is not None else 0
+    return nnz * (element + index) + (module.out_features + 1) * index + bias
+
+
+def _walk(module: nn.Module, leaf_params, leaf_bytes, dense_linear: bool) -> tuple[int, int]:
+    """Sum (params, bytes) over ``module``: compressed layers via the callbacks, everything else by numel."""
+    if isinstance(module, COMPRESSED_LAYERS):
+        if dense_linear:
+            n = module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)
+            element = next(module.parameters()).element_size()
+            return n, n * element
+        return leaf_params(module), leaf_bytes(module)
+    params = sum(p.numel() for p in module.parameters(recurse=False))
+    nbytes = sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+    for child in module.children():
+        p, b = _walk(child, leaf_params, leaf_bytes, dense_linear)
+        params, nbytes = params + p, nbytes + b
+    return params, nbytes
+
+
+def _stored_layer_bytes(module: nn.Module) -> int:
+    if isinstance(module, PrunedLinear | SparseVDLinear):
+        bias = module.out_features if module.bias is not None else 0
+        return _sparse_layer_bytes(module, module.num_stored_params() - bias)
+    element = next(module.parameters()).element_size()
+    return module.num_stored_params() * element
+
+
+def _stored_layer_params(module: nn.Module) -> int:
+    return module.num_stored_params()
+
+
+@torch.no_grad()
+def stored_params(module: nn.Module) -> int:
+    """Parameters ``module`` stores for inference (see the module docstring for the conventions)."""
+    return _walk(module, _stored_layer_params, _stored_layer_bytes, dense_linear=False)[0]
+
+
+@torch.no_grad()
+def stored_bytes(module: nn.Module) -> int:
+    """Bytes ``module`` stores for inference, CSR index cost of sparse layers included."""
+    return _walk(module, _stored_layer_params, _stored_layer_bytes, dense_linear=False)[1]
+
+
+@torch.no_grad()
+def dense_params(module: nn.Module) -> int:
+    """Parameters of ``module`` with every compressed layer counted as the ``nn.Linear`` it replaces."""
+    return _walk(module, _stored_layer_params, _stored_layer_bytes, dense_linear=True)[0]
+
+
+@torch.no_grad()
+def dense_bytes(module: nn.Module) -> int:
+    """Bytes of ``module`` with every compressed layer counted as the dense ``nn.Linear`` it replaces."""
+    return _walk(module, _stored_layer_params, _stored_layer_bytes, dense_linear=True)[1]
+
+
+def compression_ratio(module: nn.Module, *, by: str = "params") -> float:
+    """``dense size / stored size`` of ``module``, by ``"params"`` (the seed's measure) or ``"bytes"``.
+
+    Raises:
+        ValueError: for any other ``by``.
+    """
+    if by == "params":
+        return dense_params(module) / max(stored_params(module), 1)
+    if by == "bytes":
+        return dense_bytes(module) / max(stored_bytes(module), 1)
+    raise ValueError(f"by must be 'params' or 'bytes', got {by!r}")
