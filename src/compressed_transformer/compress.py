@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .functional.tt import resolve_tt_ranks, tt_matrix_from_dense, tt_matrix_params, tt_matrix_to_dense
+from .functional.tt import max_tt_ranks, resolve_tt_ranks, tt_matrix_from_dense, tt_matrix_params, tt_matrix_to_dense
 from .functional.tucker import hosvd, resolve_tucker_ranks, tucker_params, tucker_to_dense
 from .layers import METHODS, LowRankLinear, PrunedLinear, SparseVDLinear, TTLinear, TuckerLinear
 from .layers._common import resolve_modes
@@ -245,23 +245,61 @@ def _relative(weight: torch.Tensor, approx: torch.Tensor) -> float:
 
 
 def _allocate_tt(linears, ratio: float, options: dict[str, Any]) -> list[dict[str, Any]]:
+    """One relative error bound ``eps`` for every layer (t3f's ``to_tt_matrix`` semantics), found by bisection:
+    the smallest ``eps`` whose TT-SVD ranks fit the budget. Ranks adapt per bond and per layer, and the worst
+    layer's relative error is as small as the budget allows."""
+    budget = _budget(linears, ratio) - sum(_bias(m) for _, m in linears)
     modes = [
         resolve_modes(m.in_features, m.out_features, options.get("in_modes"), options.get("out_modes"), 4)
         for _, m in linears
     ]
+    weights = [m.weight.detach().double() for _, m in linears]
+
+    def ranks_at(eps: float) -> list[list[int]]:
+        out = []
+        for weight, (im, om) in zip(weights, modes, strict=True):
+            cores = tt_matrix_from_dense(weight, om, im, eps=eps)
+            out.append([1] + [c.shape[-1] for c in cores])
+        return out
+
+    def size(all_ranks: list[list[int]]) -> int:
+        return sum(tt_matrix_params(om, im, r) for (im, om), r in zip(modes, all_ranks, strict=True))
+
+    smallest = [[1] * (len(im) + 1) for im, _ in modes]
+    if size(smallest) > budget:
+        raise _too_small(ratio, size(smallest) + sum(_bias(m) for _, m in linears), budget)
+    lo, hi, by_eps = 0.0, 1.0, smallest
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        ranks = ranks_at(mid)
+        if size(ranks) <= budget:
+            hi, by_eps = mid, ranks
+        else:
+            lo = mid
+        if hi - lo < 1e-4:
+            break
+    # The eps split of TT-SVD is conservative and can undershoot the budget badly (nearly incompressible
+    # weights); a uniform rank cap is the other candidate, and the one with the smaller error wins.
     shapes = [[o * i for o, i in zip(om, im, strict=True)] for im, om in modes]
 
-    def params_of(i: int, r: int) -> int:
-        im, om = modes[i]
-        return tt_matrix_params(om, im, resolve_tt_ranks(r, shapes[i]))
+    def uniform(r: int) -> list[list[int]]:
+        return [resolve_tt_ranks(r, shape) for shape in shapes]
 
-    def error_of(i: int, r: int) -> float:
-        weight = linears[i][1].weight.detach().double()
-        im, om = modes[i]
-        return _relative(weight, tt_matrix_to_dense(tt_matrix_from_dense(weight, om, im, ranks=r)))
+    lo_r, hi_r = 1, max(max(max_tt_ranks(shape)) for shape in shapes)
+    while lo_r < hi_r:
+        mid = (lo_r + hi_r + 1) // 2
+        lo_r, hi_r = (mid, hi_r) if size(uniform(mid)) <= budget else (lo_r, mid - 1)
+    by_rank = uniform(lo_r)
 
-    ranks = _greedy_ranks(linears, ratio, params_of, error_of, lambda i: max(shapes[i]) ** 2)
-    return [{"ranks": r} for r in ranks]
+    def total_error(all_ranks: list[list[int]]) -> float:
+        total = 0.0
+        for weight, (im, om), r in zip(weights, modes, all_ranks, strict=True):
+            approx = tt_matrix_to_dense(tt_matrix_from_dense(weight, om, im, ranks=r))
+            total += _relative(weight, approx) ** 2
+        return total
+
+    best = min((by_eps, by_rank), key=total_error)
+    return [{"ranks": r} for r in best]
 
 
 def _allocate_tucker(linears, ratio: float, options: dict[str, Any]) -> list[dict[str, Any]]:
