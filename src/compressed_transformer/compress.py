@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .functional.sparsity import global_magnitude_threshold
 from .functional.tt import max_tt_ranks, resolve_tt_ranks, tt_matrix_from_dense, tt_matrix_params, tt_matrix_to_dense
 from .functional.tucker import hosvd, resolve_tucker_ranks, tucker_params, tucker_to_dense
 from .layers import METHODS, LowRankLinear, PrunedLinear, SparseVDLinear, TTLinear, TuckerLinear
@@ -25,7 +26,7 @@ _SIZE_OPTIONS = {
     "tt": {"ranks", "eps"},
     "tucker": {"ranks"},
     "svd": {"rank", "energy"},
-    "prune": {"sparsity", "threshold"},
+    "prune": {"sparsity", "threshold", "global_sparsity"},
     "svd-o": set(),
 }
 
@@ -359,7 +360,9 @@ def compress_(
             callable ``(name, module) -> bool``.
         ratio: target compression ratio of the selected layers together (``>= 1``), instead of size options.
         **options: forwarded to ``from_linear`` (e.g. ``ranks=``, ``eps=``, ``rank=``, ``energy=``,
-            ``sparsity=``, ``threshold=``, ``in_modes=``, ``out_modes=``, ``n_iter=``).
+            ``sparsity=``, ``threshold=``, ``in_modes=``, ``out_modes=``, ``n_iter=``). For ``prune``,
+            ``global_sparsity=s`` prunes the fraction ``s`` of all selected weights with one global magnitude
+            threshold (instead of ``sparsity=s`` in every layer).
 
     Returns:
         a :class:`CompressionReport` with one row per replaced layer.
@@ -376,7 +379,11 @@ def compress_(
             f"use {METHODS[method].__name__}.from_linear(linear, ...) instead"
         )
     with torch.no_grad():
-        if ratio is None:
+        if ratio is None and method == "prune" and "global_sparsity" in options:
+            rest = {k: v for k, v in options.items() if k != "global_sparsity"}
+            threshold = global_magnitude_threshold([m.weight for _, m in linears], options["global_sparsity"])
+            per_layer = [rest | {"threshold": threshold} for _ in linears]
+        elif ratio is None:
             per_layer = [dict(options) for _ in linears]
         elif method == "prune":
             per_layer = _allocate_prune(linears, ratio)
