@@ -170,16 +170,29 @@ def _too_small(ratio: float, smallest: int, budget: int) -> ValueError:
 
 
 def _allocate_prune(linears, ratio: float) -> list[dict[str, Any]]:
-    """One global magnitude threshold keeping the largest weights that fit the budget."""
+    """Keep the weights with the largest magnitude relative to their layer's Frobenius norm, across all layers.
+
+    Ranking by ``|w| / ||W||_F`` removes the least total relative squared error (the criterion of the other
+    allocators) and, unlike one raw magnitude threshold, never empties a layer just because its weights live on
+    a smaller scale than another layer's.
+    """
     budget = _budget(linears, ratio)
     keep = budget - sum(_bias(m) for _, m in linears)
-    magnitudes = torch.cat([m.weight.detach().abs().flatten().float().cpu() for _, m in linears])
     if keep < 1:
         raise _too_small(ratio, sum(_bias(m) for _, m in linears) + 1, budget)
-    if keep >= magnitudes.numel():
+    magnitudes = [m.weight.detach().abs().flatten().double().cpu() for _, m in linears]
+    scores = torch.cat([a / torch.linalg.vector_norm(a).clamp_min(1e-300) for a in magnitudes])
+    if keep >= scores.numel():
         return [{"threshold": -1.0} for _ in linears]
-    threshold = float(torch.kthvalue(magnitudes, magnitudes.numel() - keep).values)
-    return [{"threshold": threshold} for _ in linears]
+    cut = torch.kthvalue(scores, scores.numel() - keep).values
+    options, start = [], 0
+    for a in magnitudes:
+        kept = int((scores[start : start + a.numel()] > cut).sum())
+        start += a.numel()
+        # The layer's own threshold in weight units: keeps exactly its `kept` largest magnitudes (fewer on ties).
+        threshold = -1.0 if kept == a.numel() else float(torch.kthvalue(a, a.numel() - kept).values)
+        options.append({"threshold": threshold})
+    return options
 
 
 def _allocate_svd(linears, ratio: float) -> list[dict[str, Any]]:
@@ -400,6 +413,9 @@ def compress_(
                 new_layers.append(cls.from_linear(linear, **layer_options))
             except TypeError as error:
                 raise ValueError(f"invalid options for method {method!r} on layer {name!r}: {error}") from None
+        aliases: dict[int, list[str]] = {}
+        for qualified, module in model.named_modules(remove_duplicate=False):
+            aliases.setdefault(id(module), []).append(qualified)
         report = CompressionReport(method)
         for (name, linear), layer in zip(linears, new_layers, strict=True):
             weight = linear.weight.detach()
@@ -415,6 +431,7 @@ def compress_(
                     rel_error=_relative(weight.double(), layer.to_dense().detach().double()),
                 )
             )
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, layer)
+            for alias in aliases[id(linear)]:  # a module shared by several parents is replaced everywhere
+                parent_name, _, child = alias.rpartition(".")
+                setattr(model.get_submodule(parent_name), child, layer)
     return report

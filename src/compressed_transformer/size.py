@@ -32,18 +32,32 @@ def _sparse_layer_bytes(module: nn.Module, nnz: int) -> int:
     return nnz * (element + index) + (module.out_features + 1) * index + bias
 
 
-def _walk(module: nn.Module, leaf_params, leaf_bytes, dense_linear: bool) -> tuple[int, int]:
-    """Sum (params, bytes) over ``module``: compressed layers via the callbacks, everything else by numel."""
+def _walk(
+    module: nn.Module, leaf_params, leaf_bytes, dense_linear: bool, seen: set[int] | None = None
+) -> tuple[int, int]:
+    """Sum (params, bytes) over ``module``: compressed layers via the callbacks, everything else by numel.
+
+    A module or parameter reachable by several paths (shared blocks, tied weights) counts once, as in
+    ``sum(p.numel() for p in model.parameters())``.
+    """
+    seen = set() if seen is None else seen
+    if id(module) in seen:
+        return 0, 0
+    seen.add(id(module))
     if isinstance(module, COMPRESSED_LAYERS):
+        seen.update(id(p) for p in module.parameters())
         if dense_linear:
             n = module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)
             element = next(module.parameters()).element_size()
             return n, n * element
         return leaf_params(module), leaf_bytes(module)
-    params = sum(p.numel() for p in module.parameters(recurse=False))
-    nbytes = sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+    params = nbytes = 0
+    for p in module.parameters(recurse=False):
+        if id(p) not in seen:
+            seen.add(id(p))
+            params, nbytes = params + p.numel(), nbytes + p.numel() * p.element_size()
     for child in module.children():
-        p, b = _walk(child, leaf_params, leaf_bytes, dense_linear)
+        p, b = _walk(child, leaf_params, leaf_bytes, dense_linear, seen)
         params, nbytes = params + p, nbytes + b
     return params, nbytes
 

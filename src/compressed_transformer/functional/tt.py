@@ -247,14 +247,15 @@ def tt_matrix_apply(x: torch.Tensor, cores: Sequence[torch.Tensor]) -> torch.Ten
     """
     lead = x.shape[:-1]
     n = math.prod(lead)
-    t = x.reshape(n, 1, 1, x.shape[-1])  # (N, O_done=1, r_0=1, I_rest)
+    rest = x.shape[-1]  # explicit sizes, not -1: an empty batch (N = 0) leaves -1 ambiguous
+    t = x.reshape(n, 1, 1, rest)  # (N, O_done=1, r_0=1, I_rest)
     for core in cores:
         r, o, i, s = core.shape
-        big_o = t.shape[1]
-        t = t.reshape(n, big_o, r, i, -1)  # (N, O, r, i_k, I_rest)
+        big_o, rest = t.shape[1], rest // i
+        t = t.reshape(n, big_o, r, i, rest)  # (N, O, r, i_k, I_rest)
         t = torch.einsum("bxrjz,rojs->bxosz", t, core)  # (N, O, o_k, r_k, I_rest)
-        t = t.reshape(n, big_o * o, s, -1)
-    return t.reshape(*lead, -1)
+        t = t.reshape(n, big_o * o, s, rest)
+    return t.reshape(*lead, t.shape[1])
 
 
 def tt_matrix_params(out_modes: Sequence[int], in_modes: Sequence[int], ranks: Sequence[int]) -> int:

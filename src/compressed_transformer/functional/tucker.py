@@ -146,12 +146,12 @@ def tucker_linear_apply(
     for k, u in enumerate(in_factors):
         t = mode_product(t, u.T, k + 1)  # i_k -> s_k
     d = len(out_factors)
-    r_out = math.prod(core.shape[:d])
-    t = t.reshape(n, -1) @ core.reshape(r_out, -1).T  # (N, prod r)
+    r_out, r_in = math.prod(core.shape[:d]), math.prod(core.shape[d:])  # explicit sizes: N may be 0
+    t = t.reshape(n, r_in) @ core.reshape(r_out, r_in).T  # (N, prod r)
     t = t.reshape(n, *core.shape[:d])
     for k, u in enumerate(out_factors):
         t = mode_product(t, u, k + 1)  # r_k -> o_k
-    return t.reshape(*lead, -1)
+    return t.reshape(*lead, math.prod([u.shape[0] for u in out_factors]))
 
 
 def tucker_params(shape: Sequence[int], ranks: Sequence[int]) -> int:

@@ -1,0 +1,580 @@
+"""The five compressed layers against ``nn.Linear``: parity, both forward paths, gradients, counts, state dicts,
+``from_linear`` hygiene, input validation, Sparse VD's KL term and sparsification, and ``torch.compile``."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.testing import assert_close
+
+from compressed_transformer.layers import (
+    METHODS,
+    LowRankLinear,
+    PrunedLinear,
+    SparseVDLinear,
+    TTLinear,
+    TuckerLinear,
+    build_linear,
+    model_kl,
+)
+
+IN, OUT = 12, 8
+ALL = list(METHODS)  # tt, tucker, svd, prune, svd-o
+FACTORIZED = ["tt", "tucker", "svd"]  # the layers with a dense / factorised forward switch
+LEADS = [(), (5,), (2, 3), (0,)]
+
+# Small configurations; every option is given so that a fresh layer can be rebuilt from them.
+OPTIONS = {
+    "tt": {"in_modes": (2, 3, 2), "out_modes": (2, 2, 2), "ranks": [1, 3, 2, 1]},
+    "tucker": {"in_modes": (3, 4), "out_modes": (2, 4), "ranks": [2, 3, 2, 3]},
+    "svd": {"rank": 3},
+    "prune": {},
+    "svd-o": {"threshold": 3.0},
+}
+
+# from_linear at full rank / zero sparsity: the layer must reproduce the source exactly. Sparse VD starts with
+# log sigma^2 = -20, so log alpha <= -20 - log(theta^2 + 1e-8) < 3 keeps every weight at eval.
+FULL = {
+    "tt": lambda linear: TTLinear.from_linear(linear, ranks=10**6),  # an int cap: every bond at its maximum
+    "tucker": lambda linear: TuckerLinear.from_linear(linear, ranks=10**6),
+    "svd": lambda linear: LowRankLinear.from_linear(linear, rank=min(linear.in_features, linear.out_features)),
+    "prune": lambda linear: PrunedLinear.from_linear(linear, sparsity=0.0),
+    "svd-o": lambda linear: SparseVDLinear.from_linear(linear, log_sigma2_init=-20.0),
+}
+
+# from_linear with real compression.
+COMPRESS = {
+    "tt": lambda linear: TTLinear.from_linear(linear, ranks=2),
+    "tucker": lambda linear: TuckerLinear.from_linear(linear, ranks=2),
+    "svd": lambda linear: LowRankLinear.from_linear(linear, rank=2),
+    "prune": lambda linear: PrunedLinear.from_linear(linear, sparsity=0.5),
+    "svd-o": lambda linear: SparseVDLinear.from_linear(linear),
+}
+
+
+def make(method: str, bias: bool = True, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A randomly initialised layer; pruned and Sparse VD layers get a nontrivial mask."""
+    layer = METHODS[method](IN, OUT, bias, **OPTIONS[method], dtype=dtype)
+    with torch.no_grad():
+        if method == "prune":
+            layer.set_mask_(torch.rand(OUT, IN) > 0.5)
+        if method == "svd-o":
+            layer.log_sigma2.uniform_(-8.0, 0.0)  # some weights have log alpha > 3
+    return layer
+
+
+def closed_form_params(layer: nn.Module, method: str) -> int:
+    bias = OUT if layer.bias is not None else 0
+    if method == "tt":
+        r, o, i = layer.ranks, layer.out_modes, layer.in_modes
+        return sum(r[k] * o[k] * i[k] * r[k + 1] for k in range(len(o))) + bias
+    if method == "tucker":
+        modes = [*layer.out_modes, *layer.in_modes]
+        return math.prod(layer.ranks) + sum(n * r for n, r in zip(modes, layer.ranks, strict=True)) + bias
+    if method == "svd":
+        return layer.rank * (IN + OUT) + bias
+    if method == "prune":
+        return int(layer.mask.sum()) + bias
+    return int((layer.log_alpha() <= layer.threshold).sum()) + bias
+
+
+def force_path(monkeypatch: pytest.MonkeyPatch, layer: nn.Module, factorized: bool) -> list[int]:
+    """Make ``layer`` take the given forward path; returns the token counts it was asked about."""
+    calls: list[int] = []
+
+    def use_factorized(tokens: int) -> bool:
+        calls.append(tokens)
+        return factorized
+
+    monkeypatch.setattr(layer, "use_factorized", use_factorized)
+    return calls
+
+
+# --- parity with nn.Linear ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("method", ALL)
+def test_full_rank_layer_reproduces_linear(method: str, bias: bool, dtype: torch.dtype) -> None:
+    linear = nn.Linear(IN, OUT, bias, dtype=dtype)
+    layer = FULL[method](linear).eval()
+    x = torch.randn(2, 5, IN, dtype=dtype)
+    with torch.no_grad():
+        assert_close(layer.to_dense(), linear.weight)
+        assert_close(layer(x), linear(x))
+
+
+@pytest.mark.parametrize("method", ["tt", "tucker"])
+def test_full_rank_with_default_modes_reproduces_linear(method: str) -> None:
+    linear = nn.Linear(784, 256)  # the seed's MNIST layer, balanced modes chosen by the layer
+    layer = FULL[method](linear)
+    x = torch.randn(4, 784)
+    with torch.no_grad():
+        assert_close(layer(x), linear(x), atol=1e-4, rtol=1e-4)
+
+
+def test_sparse_vd_train_mode_adds_only_tiny_noise_at_log_sigma2_minus_20() -> None:
+    linear = nn.Linear(IN, OUT)
+    layer = FULL["svd-o"](linear).train()
+    x = torch.randn(5, IN)
+    with torch.no_grad():
+        # The sampled pre-activation has std sqrt(x^2 e^-20 + 1e-8) ~ 1e-4.
+        assert_close(layer(x), linear(x), atol=1e-3, rtol=0)
+
+
+# --- forward ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("lead", LEADS)
+@pytest.mark.parametrize("method", ALL)
+def test_forward_equals_dense_weight_product(method: str, lead, bias: bool) -> None:
+    layer = make(method, bias).eval()
+    x = torch.randn(*lead, IN)
+    y = layer(x)
+    assert y.shape == (*lead, OUT)
+    expected = x @ layer.to_dense().T + (layer.bias if bias else 0)
+    assert_close(y, expected)
+
+
+@pytest.mark.parametrize("factorized", [True, False], ids=["factorized", "dense"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("lead", LEADS)
+@pytest.mark.parametrize("method", FACTORIZED)
+def test_both_forward_paths_equal_dense_weight_product(
+    monkeypatch: pytest.MonkeyPatch, method: str, lead, bias: bool, factorized: bool
+) -> None:
+    layer = make(method, bias)
+    calls = force_path(monkeypatch, layer, factorized)
+    x = torch.randn(*lead, IN)
+    y = layer(x)
+    assert calls == [math.prod(lead)], "the forward no longer asks use_factorized(tokens); update this test"
+    assert y.shape == (*lead, OUT)
+    assert_close(y, x @ layer.to_dense().T + (layer.bias if bias else 0))
+
+
+@pytest.mark.parametrize("factorized", [True, False], ids=["factorized", "dense"])
+@pytest.mark.parametrize("in_features, out_features", [(7, 5), (1, 4), (12, 1), (13, 26)])
+@pytest.mark.parametrize("method", ["tt", "tucker"])
+def test_default_modes_for_awkward_sizes(
+    monkeypatch: pytest.MonkeyPatch, method: str, in_features: int, out_features: int, factorized: bool
+) -> None:
+    linear = nn.Linear(in_features, out_features)
+    layer = FULL[method](linear)
+    assert math.prod(layer.in_modes) == in_features and math.prod(layer.out_modes) == out_features
+    force_path(monkeypatch, layer, factorized)
+    x = torch.randn(3, in_features)
+    with torch.no_grad():
+        assert_close(layer(x), linear(x))
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_weight_property_is_the_dense_weight(method: str) -> None:
+    layer = make(method)
+    effective = layer.weight * layer.mask if method == "prune" else layer.weight
+    assert_close(effective, layer.to_dense())
+    assert layer.to_dense().shape == (OUT, IN)
+
+
+def test_sparse_vd_eval_drops_weights_above_threshold() -> None:
+    layer = make("svd-o").eval()
+    keep = layer.log_alpha() <= 3.0
+    assert 0 < int(keep.sum()) < keep.numel()
+    assert_close(layer.to_dense(), layer.theta * keep)
+    assert layer.sparsity == pytest.approx(1 - float(keep.float().mean()))
+
+
+def test_sparse_vd_train_mode_samples_the_local_reparameterisation() -> None:
+    layer = make("svd-o", dtype=torch.float64).train()
+    x = torch.randn(IN, dtype=torch.float64)
+    with torch.no_grad():
+        samples = layer(x.expand(40000, IN))  # (40000, OUT): independent draws for one input
+        mean = x @ layer.theta.T + layer.bias
+        var = (x * x) @ layer.log_sigma2.exp().T
+    assert_close(samples.mean(0), mean, atol=4 * float(var.max().sqrt()) / 200, rtol=0)
+    assert_close(samples.var(0), var + 1e-8, rtol=0.05, atol=0)
+
+
+# --- gradients ----------------------------------------------------------------------------------------------------
+
+
+def gradcheck_layer(layer: nn.Module, x: torch.Tensor, reseed: bool = False) -> None:
+    """gradcheck with respect to the input and every parameter of ``layer``."""
+    names = [name for name, _ in layer.named_parameters()]
+    values = [p.detach().clone().requires_grad_() for _, p in layer.named_parameters()]
+
+    def run(x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        if reseed:  # the same noise on every call makes a stochastic forward a deterministic function
+            torch.manual_seed(1)
+        return functional_call(layer, dict(zip(names, params, strict=True)), (x,))
+
+    assert torch.autograd.gradcheck(run, (x.requires_grad_(), *values))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("method", ALL)
+def test_gradcheck(method: str, bias: bool) -> None:
+    layer = make(method, bias, dtype=torch.float64).eval()  # Sparse VD at eval: deterministic
+    gradcheck_layer(layer, torch.randn(2, 3, IN, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("factorized", [True, False], ids=["factorized", "dense"])
+@pytest.mark.parametrize("method", FACTORIZED)
+def test_gradcheck_both_paths(monkeypatch: pytest.MonkeyPatch, method: str, factorized: bool) -> None:
+    layer = make(method, dtype=torch.float64)
+    force_path(monkeypatch, layer, factorized)
+    gradcheck_layer(layer, torch.randn(3, IN, dtype=torch.float64))
+
+
+def test_gradcheck_sparse_vd_train_mode() -> None:
+    layer = make("svd-o", dtype=torch.float64).train()
+    gradcheck_layer(layer, torch.randn(3, IN, dtype=torch.float64), reseed=True)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_gradients_reach_every_parameter(method: str) -> None:
+    layer = make(method).train()
+    loss = layer(torch.randn(6, IN)).pow(2).sum() + (layer.kl() if method == "svd-o" else 0)
+    loss.backward()
+    for name, param in layer.named_parameters():
+        assert param.grad is not None, name
+        assert torch.isfinite(param.grad).all(), name
+        assert param.grad.abs().sum() > 0, name
+    if method == "prune":
+        assert (layer.weight.grad[~layer.mask] == 0).all()
+
+
+# --- parameter counts ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("method", ALL)
+def test_num_stored_params_matches_closed_form(method: str, bias: bool) -> None:
+    layer = make(method, bias)
+    assert layer.num_stored_params() == closed_form_params(layer, method)
+    if method in FACTORIZED:  # factorised layers store exactly their parameters
+        assert layer.num_stored_params() == sum(p.numel() for p in layer.parameters())
+
+
+def test_seed_mnist_tt_layer_stores_748_weights() -> None:
+    kwargs = {"in_modes": (7, 4, 7, 4), "out_modes": (2, 8, 8, 2), "ranks": [1, 2, 4, 2, 1]}
+    layer = TTLinear(784, 256, **kwargs)
+    assert [tuple(c.shape) for c in layer.cores] == [(1, 2, 7, 2), (2, 8, 4, 4), (4, 8, 7, 2), (2, 2, 4, 1)]
+    assert layer.num_stored_params() == 748 + 256
+    assert TTLinear(784, 256, bias=False, **kwargs).num_stored_params() == 748
+    assert layer(torch.randn(3, 784)).shape == (3, 256)
+
+
+@pytest.mark.parametrize("method", FACTORIZED)
+def test_init_matches_linear_weight_variance(method: str) -> None:
+    options = {"tt": {"ranks": 4}, "tucker": {"ranks": 4}, "svd": {"rank": 16}}[method]
+    variances = [float(METHODS[method](256, 128, **options).to_dense().detach().var()) for _ in range(5)]
+    target = 1.0 / (3 * 256)  # nn.Linear's default: U(-1/sqrt(in), 1/sqrt(in))
+    assert 0.5 * target < sum(variances) / len(variances) < 2.0 * target
+
+
+# --- pruning through training -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        lambda params: torch.optim.Adam(params, lr=0.05),
+        lambda params: torch.optim.Adam(params, lr=0.05, weight_decay=0.1),
+        lambda params: torch.optim.AdamW(params, lr=0.05, weight_decay=0.1),
+        lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.1),
+        lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1),
+    ],
+    ids=["adam", "adam-l2", "adamw", "sgd-momentum-wd", "sgd-nesterov-wd"],
+)
+def test_pruned_weights_stay_zero_through_training(optimizer) -> None:
+    layer = PrunedLinear.from_linear(nn.Linear(IN, OUT), sparsity=0.6)
+    mask = layer.mask.clone()
+    kept_before = layer.weight.detach()[mask].clone()
+    opt = optimizer(layer.parameters())
+    x, target = torch.randn(32, IN), torch.randn(32, OUT)
+    for _ in range(10):
+        opt.zero_grad()
+        nn.functional.mse_loss(layer(x), target).backward()
+        opt.step()
+    assert torch.equal(layer.mask, mask)
+    assert (layer.weight[~mask] == 0).all()  # stored
+    assert (layer.to_dense()[~mask] == 0).all()  # effective
+    assert not torch.equal(layer.weight.detach()[mask], kept_before)  # the kept weights did train
+    assert layer.num_stored_params() == int(mask.sum()) + OUT
+
+
+def test_set_mask_zeroes_newly_pruned_weights() -> None:
+    layer = PrunedLinear(IN, OUT)
+    mask = torch.rand(OUT, IN) > 0.3
+    layer.set_mask_(mask)
+    assert (layer.weight[~mask] == 0).all()
+    assert layer.sparsity == pytest.approx(1 - float(mask.float().mean()))
+    with pytest.raises(ValueError, match=r"mask must have shape \(8, 12\)"):
+        layer.set_mask_(torch.ones(IN, OUT, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.25, 0.9])
+def test_pruned_from_linear_keeps_the_largest_weights(sparsity: float) -> None:
+    linear = nn.Linear(IN, OUT)
+    layer = PrunedLinear.from_linear(linear, sparsity=sparsity)
+    assert int((~layer.mask).sum()) == round(sparsity * IN * OUT)
+    assert_close(layer.to_dense(), linear.weight * layer.mask)
+    if sparsity:
+        assert linear.weight[layer.mask].abs().min() > linear.weight[~layer.mask].abs().max()
+
+
+# --- Sparse VD ----------------------------------------------------------------------------------------------------
+
+
+def test_sparse_vd_kl_matches_formula() -> None:
+    layer = make("svd-o", dtype=torch.float64)
+    with torch.no_grad():
+        layer.theta.mul_(torch.rand_like(layer.theta) * 3)
+    k1, k2, k3 = 0.63576, 1.87320, 1.48695
+    la = (layer.log_sigma2 - torch.log(layer.theta**2 + 1e-8)).clamp(-10, 10)
+    expected = -(k1 / (1 + torch.exp(-k2 - k3 * la)) - 0.5 * torch.log1p(torch.exp(-la)) - k1).sum()
+    assert_close(layer.kl(), expected)
+
+
+def test_model_kl_sums_sparse_vd_layers() -> None:
+    model = nn.Sequential(make("svd-o"), nn.ReLU(), nn.Linear(OUT, OUT), SparseVDLinear(OUT, 4))
+    assert_close(model_kl(model), model[0].kl() + model[3].kl())
+    empty = model_kl(nn.Sequential(nn.Linear(3, 3)))
+    assert empty.shape == () and float(empty) == 0.0
+
+
+def test_sparse_vd_learns_sparsity_on_a_toy_regression() -> None:
+    """Linear regression where only three of twenty inputs matter: the ELBO drives the rest to log alpha > 3."""
+    n, relevant = 256, [0, 5, 11]
+    x = torch.randn(n, 20)
+    w = torch.zeros(20)
+    w[relevant] = torch.tensor([2.0, -3.0, 1.5])
+    y = x @ w + 0.1 * torch.randn(n)
+    layer = SparseVDLinear(20, 1)
+    steps = 500
+    opt = torch.optim.Adam(layer.parameters(), lr=0.05)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)
+    for _ in range(steps):
+        nll = 0.5 * (layer(x).squeeze(-1) - y).pow(2).sum()  # Gaussian likelihood, unit variance
+        loss = (nll + layer.kl()) / n  # negative ELBO per example
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        schedule.step()
+    log_alpha = layer.log_alpha().detach()[0]
+    irrelevant = torch.ones(20, dtype=torch.bool)
+    irrelevant[relevant] = False
+    assert (log_alpha[irrelevant] > 3).float().mean() >= 0.8
+    assert (log_alpha[~irrelevant] < 3).all()
+    layer.eval()
+    with torch.no_grad():
+        assert nn.functional.mse_loss(layer(x).squeeze(-1), y) < 0.05  # the noise variance is 0.01
+    assert layer.sparsity >= 0.6
+    pruned = layer.to_pruned()
+    assert_close(pruned(x), layer(x))
+    assert pruned.num_stored_params() == layer.num_stored_params()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_sparse_vd_to_pruned_gives_the_same_eval_output(bias: bool) -> None:
+    layer = make("svd-o", bias).eval()
+    pruned = layer.to_pruned()
+    assert isinstance(pruned, PrunedLinear)
+    x = torch.randn(2, 5, IN)
+    assert_close(pruned(x), layer(x))
+    assert torch.equal(pruned.mask, layer.mask())
+    assert pruned.num_stored_params() == layer.num_stored_params()
+    assert pruned.sparsity == pytest.approx(layer.sparsity)
+
+
+# --- state dicts --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("method", ALL)
+def test_state_dict_round_trip(tmp_path, method: str, bias: bool) -> None:
+    layer = make(method, bias).eval()
+    path = tmp_path / "layer.pt"
+    torch.save(layer.state_dict(), path)
+    fresh = METHODS[method](IN, OUT, bias, **OPTIONS[method]).eval()
+    x = torch.randn(4, IN)
+    assert not torch.allclose(fresh(x), layer(x))
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    assert_close(fresh(x), layer(x))
+    assert fresh.num_stored_params() == layer.num_stored_params()
+
+
+# --- from_linear --------------------------------------------------------------------------------------------------
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method", ALL)
+def test_from_linear_leaves_source_alone_and_copies_device_and_dtype(
+    method: str, dtype: torch.dtype, device: str
+) -> None:
+    linear = nn.Linear(IN, OUT, dtype=dtype, device=device)
+    before = copy.deepcopy(linear.state_dict())
+    layer = COMPRESS[method](linear)
+    for name, tensor in linear.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    assert all(p.requires_grad and p.grad is None for p in linear.parameters())
+    for name, param in layer.named_parameters():
+        assert param.dtype == dtype and param.device == linear.weight.device, name
+        assert param.requires_grad, name
+    assert all(buffer.device == linear.weight.device for buffer in layer.buffers())
+    with torch.no_grad():  # the new layer does not alias the source's storage
+        for param in layer.parameters():
+            param.add_(1.0)
+    for name, tensor in linear.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    y = layer(torch.randn(3, IN, dtype=dtype, device=device))
+    assert y.dtype == dtype and y.device == linear.weight.device
+
+
+@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize(
+    "module", [nn.Conv1d(IN, OUT, 1), nn.Embedding(IN, OUT), nn.Bilinear(IN, IN, OUT)], ids=lambda m: type(m).__name__
+)
+def test_from_linear_rejects_non_linear_modules(method: str, module: nn.Module) -> None:
+    with pytest.raises(ValueError, match=r"from_linear expects an nn.Linear, got " + type(module).__name__):
+        COMPRESS[method](module)
+
+
+def test_tt_from_linear_with_eps_meets_the_bound() -> None:
+    linear = nn.Linear(64, 32)
+    weight = linear.weight.detach()
+    for eps in (0.2, 0.5, 0.8):
+        approx = TTLinear.from_linear(linear, eps=eps).to_dense().detach()
+        assert float(torch.linalg.matrix_norm(weight - approx) / torch.linalg.matrix_norm(weight)) <= eps + 1e-5
+
+
+def test_from_linear_rank_options() -> None:
+    linear = nn.Linear(IN, OUT)
+    tt = TTLinear.from_linear(linear, ranks=[1, 2, 3, 1], in_modes=(2, 3, 2), out_modes=(2, 2, 2))
+    assert tt.ranks == [1, 2, 3, 1]
+    assert TuckerLinear.from_linear(linear, ranks=[1, 2, 3, 2], out_modes=(2, 4), in_modes=(3, 4)).ranks == [1, 2, 3, 2]
+    assert LowRankLinear.from_linear(linear, energy=1.0).rank == OUT
+    threshold = float(linear.weight.detach().abs().median())
+    pruned = PrunedLinear.from_linear(linear, threshold=threshold)
+    assert torch.equal(pruned.mask, linear.weight.abs() > threshold)
+
+
+def test_tucker_hooi_is_no_worse_than_hosvd() -> None:
+    linear = nn.Linear(IN, OUT)
+    weight = linear.weight.detach()
+    errors = [
+        float(
+            torch.linalg.matrix_norm(weight - TuckerLinear.from_linear(linear, ranks=2, n_iter=n).to_dense().detach())
+        )
+        for n in (0, 10)
+    ]
+    assert errors[1] <= errors[0] + 1e-6
+
+
+# --- bad input ----------------------------------------------------------------------------------------------------
+
+
+BAD_CONSTRUCTORS = [
+    (lambda: TTLinear(IN, OUT, in_modes=(2, 3, 3), out_modes=(2, 2, 2)), r"in_modes=\[2, 3, 3\] multiply to 18"),
+    (lambda: TTLinear(IN, OUT, in_modes=(2, 3, 2), out_modes=(2, 2, 3)), r"out_modes=\[2, 2, 3\] multiply to 12"),
+    (lambda: TTLinear(IN, OUT, in_modes=(3, 4), out_modes=(2, 2, 2)), "same length"),
+    (lambda: TTLinear(IN, OUT, in_modes=(0, 12), out_modes=(2, 4)), "must be positive ints"),
+    (lambda: TTLinear(IN, OUT, ranks=0), "ranks must be >= 1"),
+    (lambda: TTLinear(IN, OUT, in_modes=(2, 3, 2), out_modes=(2, 2, 2), ranks=[1, 0, 2, 1]), r"ranks\[1\]=0"),
+    (lambda: TTLinear(IN, OUT, in_modes=(2, 3, 2), out_modes=(2, 2, 2), ranks=[1, 5, 2, 1]), "maximal TT-rank"),
+    (lambda: TTLinear(IN, OUT, in_modes=(2, 3, 2), out_modes=(2, 2, 2), ranks=[1, 2, 1]), "must have 4 entries"),
+    (lambda: TuckerLinear(IN, OUT, in_modes=(3, 3), out_modes=(2, 4)), r"in_modes=\[3, 3\] multiply to 9"),
+    (lambda: TuckerLinear(IN, OUT, ranks=0), "ranks must be >= 1"),
+    (lambda: TuckerLinear(IN, OUT, in_modes=(3, 4), out_modes=(2, 4), ranks=[3, 3, 2, 3]), r"outside \[1, 2\]"),
+    (lambda: TuckerLinear(IN, OUT, in_modes=(3, 4), out_modes=(2, 4), ranks=[2, 2]), "one rank per mode"),
+    (lambda: LowRankLinear(IN, OUT, rank=0), r"rank must be an int in \[1, 8\]"),
+    (lambda: LowRankLinear(IN, OUT, rank=9), r"rank must be an int in \[1, 8\]"),
+    (lambda: PrunedLinear(0, OUT), "in_features must be a positive int"),
+    (lambda: SparseVDLinear(IN, -1), "out_features must be a positive int"),
+    (lambda: LowRankLinear(IN, 8.0, rank=2), "out_features must be a positive int"),
+]
+
+
+@pytest.mark.parametrize("build, match", BAD_CONSTRUCTORS)
+def test_constructors_reject_bad_input(build, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+BAD_FROM_LINEAR = [
+    (lambda lin: TTLinear.from_linear(lin), "needs ranks="),
+    (lambda lin: TTLinear.from_linear(lin, eps=0.0), r"eps must be in \(0, 1\)"),
+    (lambda lin: TTLinear.from_linear(lin, eps=1.0), r"eps must be in \(0, 1\)"),
+    (lambda lin: TTLinear.from_linear(lin, ranks=-1), "ranks must be >= 1"),
+    (lambda lin: TTLinear.from_linear(lin, in_modes=(2, 2, 2), out_modes=(2, 2, 2), ranks=2), "multiply to 8"),
+    (
+        lambda lin: TTLinear.from_linear(lin, in_modes=(2, 3, 2), out_modes=(2, 2, 2), ranks=[1, 4, 5, 1]),
+        "maximal TT-rank",
+    ),  # never silently clipped
+    (lambda lin: TuckerLinear.from_linear(lin, ranks=[2, 5, 2, 2], out_modes=(2, 4), in_modes=(3, 4)), "outside"),
+    (lambda lin: TuckerLinear.from_linear(lin, ranks=2, n_iter=-1), "n_iter must be >= 0"),
+    (lambda lin: LowRankLinear.from_linear(lin), "exactly one of rank= or energy="),
+    (lambda lin: LowRankLinear.from_linear(lin, rank=9), r"rank must be in \[1, 8\]"),
+    (lambda lin: LowRankLinear.from_linear(lin, energy=1.5), r"energy must be in \(0, 1\]"),
+    (lambda lin: PrunedLinear.from_linear(lin), "exactly one of sparsity= or threshold="),
+    (lambda lin: PrunedLinear.from_linear(lin, sparsity=0.5, threshold=0.1), "exactly one of sparsity="),
+    (lambda lin: PrunedLinear.from_linear(lin, sparsity=1.0), r"sparsity must be in \[0, 1\)"),
+    (lambda lin: PrunedLinear.from_linear(lin, sparsity=-0.1), r"sparsity must be in \[0, 1\)"),
+]
+
+
+@pytest.mark.parametrize("convert, match", BAD_FROM_LINEAR)
+def test_from_linear_rejects_bad_options(convert, match: str) -> None:
+    linear = nn.Linear(IN, OUT)
+    with pytest.raises(ValueError, match=match):
+        convert(linear)
+
+
+def test_build_linear() -> None:
+    assert type(build_linear("dense", IN, OUT)) is nn.Linear
+    for method in ALL:
+        layer = build_linear(method, IN, OUT, bias=False, dtype=torch.float64, **OPTIONS[method])
+        assert isinstance(layer, METHODS[method]) and layer.bias is None
+        assert layer(torch.randn(2, IN, dtype=torch.float64)).shape == (2, OUT)
+    assert build_linear("prune", IN, OUT, sparsity=0.5).sparsity == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="unknown method 'cp'; choose one of"):
+        build_linear("cp", IN, OUT)
+    with pytest.raises(ValueError, match="invalid options for method 'svd'"):
+        build_linear("svd", IN, OUT, ranks=2)
+    with pytest.raises(ValueError, match="method 'dense' takes no options"):
+        build_linear("dense", IN, OUT, rank=2)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_extra_repr_describes_the_layer(method: str) -> None:
+    text = repr(make(method))
+    assert text.startswith(METHODS[method].__name__)
+    assert "in_features=12, out_features=8, bias=True" in text
+
+
+# --- torch.compile ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ALL)
+def test_torch_compile(method: str) -> None:
+    """Dynamo traces each forward into one graph (``fullgraph``) and AOT autograd differentiates it; the
+    ``aot_eager`` backend keeps this fast on CPU (no C++ code generation)."""
+    layer = make(method).eval()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(5, IN)
+    assert_close(compiled(x), layer(x))
+    layer.train()
+    compiled(x).sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())

@@ -1,0 +1,296 @@
+"""``compress_``: swapping by name, Transformer FFNs, ratio targets, filters, the report, and every bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from compressed_transformer.compress import CompressionReport, compress_, select_linears
+from compressed_transformer.layers import METHODS, PrunedLinear
+from compressed_transformer.size import compression_ratio, stored_params
+
+ALL = list(METHODS)
+RATIO_METHODS = ["prune", "svd", "tt", "tucker"]
+OPTIONS = {"tt": {"ranks": 2}, "tucker": {"ranks": 2}, "svd": {"rank": 3}, "prune": {"sparsity": 0.5}, "svd-o": {}}
+SIZE_OPTIONS = [
+    ("tt", {"ranks": 2}),
+    ("tt", {"eps": 0.5}),
+    ("tucker", {"ranks": 2}),
+    ("svd", {"rank": 2}),
+    ("svd", {"energy": 0.5}),
+    ("prune", {"sparsity": 0.5}),
+    ("prune", {"threshold": 0.1}),
+    ("prune", {"global_sparsity": 0.5}),
+]
+
+
+def mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def wide_mlp() -> nn.Sequential:
+    """Large enough for rank-1 factorisations to fit a budget of 1/10."""
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def encoder_layer() -> nn.TransformerEncoderLayer:
+    return nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+
+
+def linears_of(model: nn.Module) -> dict[str, nn.Linear]:
+    return {name: module for name, module in model.named_modules() if type(module) is nn.Linear}
+
+
+def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
+    weight, approx = weight.detach().double(), approx.detach().double()
+    return float(torch.linalg.matrix_norm(weight - approx) / torch.linalg.matrix_norm(weight))
+
+
+def dense_reference(original: nn.Module, compressed: nn.Module, names: list[str]) -> nn.Module:
+    """``original`` with the named linears' weights replaced by what the compressed layers represent (at eval)."""
+    reference = copy.deepcopy(original)
+    with torch.no_grad():
+        for name in names:
+            reference.get_submodule(name).weight.copy_(compressed.get_submodule(name).to_dense())
+    return reference
+
+
+# --- whole models ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_compress_sequential(method: str) -> None:
+    model = mlp()
+    original = copy.deepcopy(model)
+    weights = {name: m.weight.detach().clone() for name, m in linears_of(model).items()}
+    report = compress_(model, method, **OPTIONS[method])
+    assert isinstance(report, CompressionReport) and report.method == method
+    assert [row.name for row in report.rows] == ["0", "2", "4"]
+    assert not linears_of(model)
+    for row in report.rows:
+        layer = model.get_submodule(row.name)
+        assert isinstance(layer, METHODS[method])
+        assert (row.in_features, row.out_features) == (layer.in_features, layer.out_features)
+        assert row.params_before == layer.in_features * layer.out_features + layer.out_features
+        assert row.params_after == layer.num_stored_params()
+        assert row.rel_error == pytest.approx(relative_error(weights[row.name], layer.to_dense()), abs=1e-9)
+        assert row.ratio == pytest.approx(row.params_before / row.params_after)
+    assert report.params_before == (16 * 32 + 32) + (32 * 16 + 16) + (16 * 4 + 4)
+    assert report.params_after == sum(model.get_submodule(r.name).num_stored_params() for r in report.rows)
+    assert report.params_after == stored_params(model)  # the ReLUs store nothing
+    assert report.ratio == pytest.approx(compression_ratio(model))
+    model.eval()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        assert_close(model(x), dense_reference(original, model, ["0", "2", "4"])(x))
+
+
+def test_report_errors_match_independent_computations() -> None:
+    model = mlp()
+    weights = {name: m.weight.detach().double().clone() for name, m in linears_of(model).items()}
+    report = compress_(model, "svd", rank=3)
+    for row in report.rows:
+        s = torch.linalg.svdvals(weights[row.name])
+        assert row.rel_error == pytest.approx(float(s[3:].norm() / s.norm()), rel=1e-6)  # Eckart-Young tail
+    model = mlp()
+    weights = {name: m.weight.detach().double().clone() for name, m in linears_of(model).items()}
+    report = compress_(model, "prune", sparsity=0.75)
+    for row in report.rows:
+        mask = model.get_submodule(row.name).mask
+        assert row.rel_error == pytest.approx(float(weights[row.name][~mask].norm() / weights[row.name].norm()))
+        assert row.options == {"sparsity": pytest.approx(0.75, abs=1e-3)}
+
+
+def test_report_renders_and_serialises() -> None:
+    report = compress_(mlp(), "tt", ranks=2)
+    text = str(report)
+    assert text.count("\n") == len(report.rows) + 2
+    assert "| **total** | tt |" in text and "16→32" in text
+    data = report.to_dict()
+    assert data["params_before"] == report.params_before and data["ratio"] == pytest.approx(report.ratio)
+    assert [layer["name"] for layer in data["layers"]] == ["0", "2", "4"]
+    assert data["layers"][0]["options"]["ranks"] == report.rows[0].options["ranks"]
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_compress_transformer_encoder_ffn(method: str) -> None:
+    layer = encoder_layer()
+    original = copy.deepcopy(layer)
+    out_proj = layer.self_attn.out_proj
+    report = compress_(layer, method, filter="linear", **OPTIONS[method])
+    assert [row.name for row in report.rows] == ["linear1", "linear2"]
+    assert isinstance(layer.linear1, METHODS[method]) and isinstance(layer.linear2, METHODS[method])
+    assert layer.self_attn.out_proj is out_proj  # the attention projection is left alone
+    assert_close(out_proj.weight, original.self_attn.out_proj.weight)
+    x = torch.randn(2, 5, 16)
+    layer.train()
+    y = layer(x)
+    assert y.shape == x.shape
+    y.pow(2).sum().backward()
+    assert all(p.grad is not None for p in layer.linear1.parameters())
+    layer.eval()
+    reference = dense_reference(original, layer, ["linear1", "linear2"]).eval()
+    padding = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    with torch.no_grad():  # eval + no_grad: PyTorch may take its fused fast path
+        assert_close(layer(x), reference(x))
+        assert_close(layer(x, src_key_padding_mask=padding), reference(x, src_key_padding_mask=padding))
+
+
+@pytest.mark.parametrize("method", RATIO_METHODS)
+def test_ratio_on_transformer_ffn_leaves_attention_alone(method: str) -> None:
+    layer = encoder_layer()
+    report = compress_(layer, method, filter=r"linear[12]", ratio=4)
+    assert report.ratio >= 4
+    assert type(layer.self_attn.out_proj) is not METHODS[method]
+    with torch.no_grad():
+        assert layer.eval()(torch.randn(2, 5, 16)).shape == (2, 5, 16)
+
+
+@pytest.mark.parametrize("ratio", [2, 5, 10])
+@pytest.mark.parametrize("method", RATIO_METHODS)
+def test_ratio_reaches_its_target(method: str, ratio: float) -> None:
+    model = wide_mlp()
+    report = compress_(model, method, ratio=ratio)
+    assert report.ratio >= ratio
+    # Pruning moves one weight at a time; a singular component costs in + out parameters (11% of this budget at
+    # ratio 10); TT / Tucker ranks move in coarser steps still.
+    slack = {"prune": 1.01, "svd": 1.2, "tt": 1.5, "tucker": 1.5}[method]
+    assert report.ratio <= slack * ratio, report
+    assert report.params_after <= report.params_before / ratio
+    assert compression_ratio(model) == pytest.approx(report.ratio)
+
+
+@pytest.mark.parametrize("method", RATIO_METHODS)
+def test_a_higher_ratio_costs_accuracy(method: str) -> None:
+    errors = []
+    for ratio in (2, 8):
+        report = compress_(wide_mlp(), method, ratio=ratio)
+        errors.append(sum(r.rel_error**2 for r in report.rows))
+    assert errors[0] < errors[1]
+
+
+def test_global_sparsity_uses_one_threshold() -> None:
+    model = mlp()
+    weights = {name: m.weight.detach().clone() for name, m in linears_of(model).items()}
+    compress_(model, "prune", global_sparsity=0.7)
+    layers = {name: model.get_submodule(name) for name in weights}
+    total = sum(w.numel() for w in weights.values())
+    assert sum(int((~layer.mask).sum()) for layer in layers.values()) == round(0.7 * total)
+    kept = torch.cat([weights[n][layer.mask].abs() for n, layer in layers.items()])
+    dropped = torch.cat([weights[n][~layer.mask].abs() for n, layer in layers.items()])
+    assert kept.min() > dropped.max()
+
+
+def test_prune_ratio_ranks_weights_relative_to_their_layer() -> None:
+    # Layers on very different scales: a raw global threshold would empty the small-scale layer.
+    model = wide_mlp()
+    with torch.no_grad():
+        model[2].weight.mul_(1e-3)
+    weights = {name: m.weight.detach().clone() for name, m in linears_of(model).items()}
+    report = compress_(model, "prune", ratio=8)
+    assert report.ratio >= 8
+    layers = {name: model.get_submodule(name) for name in weights}
+    assert all(layer.mask.any() for layer in layers.values())
+    scores = {n: weights[n].abs() / weights[n].norm() for n in weights}
+    kept = torch.cat([scores[n][layer.mask] for n, layer in layers.items()])
+    dropped = torch.cat([scores[n][~layer.mask] for n, layer in layers.items()])
+    assert kept.min() >= dropped.max()
+
+
+def test_a_shared_linear_is_replaced_everywhere() -> None:
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(shared, nn.ReLU(), nn.Sequential(shared))
+    report = compress_(model, "svd", rank=2)
+    assert [row.name for row in report.rows] == ["0"]
+    assert model[0] is model[2][0] and isinstance(model[0], METHODS["svd"])
+
+
+# --- filters --------------------------------------------------------------------------------------------------------
+
+
+def test_callable_filter() -> None:
+    model = mlp()
+    seen = []
+
+    def wide_outputs(name: str, module: nn.Module) -> bool:
+        seen.append((name, type(module)))
+        return module.out_features == 16
+
+    report = compress_(model, "svd", filter=wide_outputs, rank=2)
+    assert seen == [("0", nn.Linear), ("2", nn.Linear), ("4", nn.Linear)]
+    assert [row.name for row in report.rows] == ["2"]
+    assert type(model[0]) is nn.Linear and type(model[4]) is nn.Linear
+
+
+def test_regex_filter_on_nested_names() -> None:
+    model = nn.Sequential(nn.ModuleDict({"ffn": mlp(), "head": nn.Linear(4, 2)}))
+    report = compress_(model, "prune", filter=r"ffn\.[02]$", sparsity=0.5)
+    assert [row.name for row in report.rows] == ["0.ffn.0", "0.ffn.2"]
+    assert isinstance(model[0]["ffn"][2], PrunedLinear) and type(model[0]["ffn"][4]) is nn.Linear
+    assert [name for name, _ in select_linears(model, "head")] == ["0.head"]
+
+
+# --- bad input --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "model, kwargs, match",
+    [
+        (mlp(), {"method": "cp"}, r"unknown method 'cp'; choose one of \['tt', 'tucker', 'svd', 'prune', 'svd-o'\]"),
+        (mlp(), {"method": "svd", "filter": "attn", "rank": 2}, r"filter 'attn' selects no nn.Linear.*are: 0, 2, 4"),
+        (encoder_layer(), {"method": "svd", "filter": "norm", "rank": 2}, r"not nn.Linear: norm1 \(LayerNorm\)"),
+        (encoder_layer(), {"method": "svd", "filter": "out_proj", "rank": 2}, "NonDynamicallyQuantizableLinear"),
+        (mlp(), {"method": "svd", "filter": "(", "rank": 2}, "not a valid regular expression"),
+        (mlp(), {"method": "svd", "filter": 3, "rank": 2}, "filter must be None, a regex string or a callable"),
+        (mlp(), {"method": "svd", "filter": lambda n, m: False, "rank": 2}, "selects no nn.Linear"),
+        (nn.Sequential(nn.ReLU(), nn.Conv1d(3, 3, 1)), {"method": "svd", "rank": 1}, "has no nn.Linear"),
+        (nn.Linear(4, 4), {"method": "svd", "rank": 1}, r"the model itself is an nn.Linear; use LowRankLinear"),
+        (mlp(), {"method": "svd", "ranks": 2}, "invalid options for method 'svd' on layer '0'"),
+        (mlp(), {"method": "svd"}, "exactly one of rank= or energy="),
+        (mlp(), {"method": "svd", "rank": 5}, r"rank must be in \[1, 4\]"),
+        (mlp(), {"method": "tt", "eps": 1.0}, r"eps must be in \(0, 1\)"),
+        (mlp(), {"method": "tt", "ranks": 0}, "ranks must be >= 1"),
+        (mlp(), {"method": "tt", "ranks": [1, 99, 1]}, "must have"),
+        (mlp(), {"method": "tt", "ranks": 2, "in_modes": (4, 5)}, r"in_modes=\[4, 5\] multiply to 20"),
+        (mlp(), {"method": "tucker", "ranks": [2, 2, 2, 9], "in_modes": (4, 4), "out_modes": (4, 8)}, "outside"),
+        (mlp(), {"method": "prune", "sparsity": 1.0}, r"sparsity must be in \[0, 1\)"),
+        (mlp(), {"method": "prune", "global_sparsity": -0.1}, r"sparsity must be in \[0, 1\)"),
+        (mlp(), {"method": "svd-o", "ratio": 4}, "ratio= is not available for 'svd-o'"),
+        (mlp(), {"method": "svd", "ratio": 0.5}, "ratio must be a finite number >= 1"),
+        (mlp(), {"method": "svd", "ratio": float("inf")}, "ratio must be a finite number >= 1"),
+        (mlp(), {"method": "svd", "ratio": float("nan")}, "ratio must be a finite number >= 1"),
+    ],
+)
+def test_bad_input_raises(model: nn.Module, kwargs, match: str) -> None:
+    kwargs = dict(kwargs)
+    method = kwargs.pop("method")
+    with pytest.raises(ValueError, match=match):
+        compress_(model, method, **kwargs)
+
+
+@pytest.mark.parametrize("method, options", SIZE_OPTIONS, ids=lambda v: str(v))
+def test_ratio_with_size_options_raises(method: str, options) -> None:
+    with pytest.raises(ValueError, match=rf"give either ratio= or \['{next(iter(options))}'\]"):
+        compress_(mlp(), method, ratio=2, **options)
+
+
+@pytest.mark.parametrize("method", RATIO_METHODS)
+def test_unreachable_ratio_raises(method: str) -> None:
+    with pytest.raises(ValueError, match=r"ratio=1000000 is out of reach: .* above the budget"):
+        compress_(mlp(), method, ratio=1_000_000)
+
+
+@pytest.mark.parametrize("method, options", [("svd", {"rank": 5}), ("tt", {"ranks": [1, 2, 1]}), ("cp", {})])
+def test_a_failure_leaves_the_model_untouched(method: str, options) -> None:
+    model = mlp()
+    before = dict(model.named_modules())
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError):  # "svd" fails on the last layer (16 -> 4 has rank 4), after the first two
+        compress_(model, method, **options)
+    assert dict(model.named_modules()) == before
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state[name])
