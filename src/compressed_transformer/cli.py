@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # (module, ...) each with ``register(subparsers)``; imported when the parser is built, never at package import.
-SUBCOMMAND_MODULES = ("compressed_transformer.studies.mnist",)
+SUBCOMMAND_MODULES = ("compressed_transformer.studies.mnist", "compressed_transformer.translate")
 
 
 def build_parser() -> argparse.ArgumentParser:

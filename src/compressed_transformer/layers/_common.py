@@ -41,6 +41,7 @@ def resolve_modes(
         ValueError: if a product differs from the features, the lengths differ, or a mode is below 1.
     """
     if in_modes is None and out_modes is None:
+        # At most as many modes as prime factors, so that no mode is 1 unless d is forced by the caller.
         d = max(1, min(default_d, len(_prime_factors(in_features)), len(_prime_factors(out_features))))
     else:
         d = len(in_modes if in_modes is not None else out_modes)

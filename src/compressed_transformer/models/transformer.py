@@ -31,6 +31,7 @@ __all__ = [
     "MultiHeadAttention",
     "Transformer",
     "TransformerConfig",
+    "fc2_options",
     "ffn_module_names",
     "parameter_report",
     "preset",
@@ -201,7 +202,7 @@ PRESETS: dict[str, TransformerConfig] = {
     "iwslt": TransformerConfig(d_model=512, heads=4, enc_layers=6, dec_layers=6, d_ff=1024, dropout=0.3),
     # Multi30k on a 2-core CPU in about an hour.
     "small": TransformerConfig(
-        d_model=256, heads=4, enc_layers=3, dec_layers=3, d_ff=1024, dropout=0.1, norm_first=True
+        d_model=256, heads=4, enc_layers=3, dec_layers=3, d_ff=512, dropout=0.1, norm_first=True
     ),
     # Unit tests.
     "tiny": TransformerConfig(
@@ -235,6 +236,16 @@ def _build_linear(method: str, in_features: int, out_features: int, options: Map
         ) from error
 
 
+def fc2_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """FFN options for ``fc2`` (``d_ff -> d_model``): ``in_modes`` and ``out_modes``, given for ``fc1``, swapped."""
+    out = {k: v for k, v in options.items() if k not in ("in_modes", "out_modes")}
+    if "out_modes" in options:
+        out["in_modes"] = options["out_modes"]
+    if "in_modes" in options:
+        out["out_modes"] = options["in_modes"]
+    return out
+
+
 class FeedForward(nn.Module):
     """Position-wise feed-forward block ``fc2(dropout(relu(fc1(x))))``; ``fc1`` and ``fc2`` may be compressed.
 
@@ -243,7 +254,8 @@ class FeedForward(nn.Module):
         d_ff: hidden width.
         dropout: dropout on the hidden activation.
         method: compression method of both linears (see :data:`FFN_METHODS`).
-        options: keyword options for the method's layer.
+        options: keyword options for the method's layer. ``in_modes`` / ``out_modes`` describe ``fc1``
+            (``d_model -> d_ff``); ``fc2`` gets them swapped.
 
     Raises:
         ValueError: if the method or its options do not fit ``d_model`` / ``d_ff``.
@@ -263,7 +275,7 @@ class FeedForward(nn.Module):
         options = dict(options or {})
         self.method = method
         self.fc1 = _build_linear(method, d_model, d_ff, options, device)
-        self.fc2 = _build_linear(method, d_ff, d_model, options, device)
+        self.fc2 = _build_linear(method, d_ff, d_model, fc2_options(options), device)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,96 @@
+"""Atomic checkpoints that carry everything needed to rebuild the model and resume the run.
+
+A checkpoint is a ``torch.save`` dict with ``model_config`` (a :class:`TransformerConfig` as a dict, FFN spec included),
+``model`` (state dict of the unwrapped model), ``tokenizer`` (sentencepiece model bytes), and, for training
+checkpoints, ``train_config``, ``optimizer``, ``scheduler``, ``rng`` and ``position`` (epoch, step in epoch, global
+step) plus ``best_bleu``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compressed_transformer.models.transformer import Transformer, TransformerConfig
+
+__all__ = [
+    "capture_rng",
+    "check_same_config",
+    "load_checkpoint",
+    "load_model",
+    "restore_rng",
+    "save_checkpoint",
+]
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, fsync, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint`.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: if the file is not a checkpoint of this package.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:  # torch raises many types for corrupt files
+        raise ValueError(f"cannot read checkpoint {path}: {error}") from error
+    if not isinstance(state, dict) or "model_config" not in state or "model" not in state:
+        raise ValueError(f"{path} is not a compressed_transformer translation checkpoint")
+    return state
+
+
+def load_model(state: dict[str, Any], device: str | torch.device = "cpu") -> Transformer:
+    """Rebuild the model a checkpoint describes and load its weights.
+
+    Raises:
+        ValueError: if the weights do not fit the stored config.
+    """
+    config = TransformerConfig.from_dict(state["model_config"])
+    model = Transformer(config)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise ValueError(f"checkpoint weights do not match its model config: {error}") from error
+    return model.to(device)
+
+
+def check_same_config(saved: dict[str, Any], current: dict[str, Any], what: str, ignore: tuple[str, ...] = ()) -> None:
+    """Raise ``ValueError`` listing the keys whose values differ between ``saved`` and ``current``."""
+    keys = sorted((set(saved) | set(current)) - set(ignore))
+    diff = [f"{k}: {saved.get(k)!r} != {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+    if diff:
+        raise ValueError(f"{what} differs ({'; '.join(diff)})")
+
+
+def capture_rng() -> dict[str, Any]:
+    """RNG states of Python, torch CPU and (when present) CUDA."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,77 @@
+"""DDP set-up from torchrun's environment variables only (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``).
+
+Without those variables the process runs alone, exactly as it would without this module. NCCL is used on CUDA,
+gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistContext", "cleanup", "resolve_device", "setup"]
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits in the run."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
+    """``auto`` (or ``None``) picks ``cuda:<local_rank>`` when CUDA is available, else ``cpu``.
+
+    Raises:
+        ValueError: if CUDA is asked for but not available.
+    """
+    name = name or "auto"
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda asked for, but CUDA is not available; use --device cpu")
+        device = torch.device("cuda", local_rank if device.index is None else device.index)
+    return device
+
+
+def setup(device: str | None = None) -> DistContext:
+    """Initialise the process group if torchrun launched us; pick the device; set CPU threads per process.
+
+    Raises:
+        ValueError: for an unavailable device.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    resolved = resolve_device(device, local_rank)
+    if resolved.type == "cpu" and world_size > 1:
+        # Processes sharing a machine split its cores; a lone process keeps torch's own thread setting.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if world_size > 1 and not dist.is_initialized():
+        if resolved.type == "cuda":
+            torch.cuda.set_device(resolved)
+        dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
+    return DistContext(rank, local_rank, world_size, resolved)
+
+
+def cleanup() -> None:
+    """Destroy the process group if one was created."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,301 @@
+"""``compressed-transformer translate train|eval|translate``: the translation engine's command line.
+
+Examples::
+
+    compressed-transformer translate train --config configs/translation/multi30k_small.toml \\
+        --data-dir /work/shared/data/multi30k --out runs/m30k-small-dense
+    compressed-transformer translate train --preset small --ffn tt --ffn-opt ranks=1,2,2,2,2,1 --ffn-blocks 1/2 ...
+    compressed-transformer translate eval --checkpoint runs/m30k-small-dense/checkpoint_best.pt \\
+        --src test_2016_flickr.de.gz --ref test_2016_flickr.en.gz --beam 5
+    echo "Ein Hund läuft." | compressed-transformer translate translate --checkpoint CKPT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_configs", "parse_option", "register"]
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """Parse ``key=value``; the value as JSON when possible, ``a,b,c`` as a list, else a string.
+
+    Raises:
+        ValueError: if there is no ``=``.
+    """
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"expected KEY=VALUE, got {text!r}")
+
+    def one(value: str) -> Any:
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+
+    raw = raw.strip()
+    value = (
+        [one(v.strip()) for v in raw.split(",") if v.strip()] if "," in raw and not raw.startswith("[") else one(raw)
+    )
+    return key.strip().replace("-", "_"), value
+
+
+def build_configs(args: argparse.Namespace):
+    """Resolve preset < ``--config`` file < command-line flags into ``(TransformerConfig, TrainConfig)``.
+
+    With ``--resume``, the run folder's ``config.json`` is the base instead of the preset.
+
+    Raises:
+        ValueError: for unknown keys, presets or bad values.
+    """
+    from compressed_transformer.models.transformer import FFNSpec, TransformerConfig, preset
+    from compressed_transformer.train.trainer import TrainConfig
+
+    file: dict[str, Any] = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        try:
+            file = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"{path} is not valid TOML: {error}") from error
+        unknown = set(file) - {"preset", "model", "ffn", "train"}
+        if unknown:
+            raise ValueError(f"{path}: unknown sections/keys {sorted(unknown)}; use preset, [model], [ffn], [train]")
+    saved = None
+    if getattr(args, "resume", False) and args.out and (Path(args.out) / "config.json").is_file():
+        # Resuming: the run folder's resolved config is the base, so only what changes needs repeating.
+        saved = json.loads((Path(args.out) / "config.json").read_text())
+    preset_name = args.preset or file.get("preset")
+    if saved is None:
+        base = preset(preset_name or "small").to_dict()
+    else:  # a named preset still applies (so a conflicting one is reported), but not its FFN or vocabulary
+        named = {} if preset_name is None else preset(preset_name).to_dict()
+        named = {k: v for k, v in named.items() if k not in ("ffn", "vocab_size")}
+        base = {**saved["model"], **named}
+    model_changes = dict(file.get("model", {}))
+    for text in args.model or []:
+        key, value = parse_option(text)
+        model_changes[key] = value
+    if args.vocab_size:
+        model_changes["vocab_size"] = args.vocab_size
+    ffn = dict(base.pop("ffn"))
+    if "ffn" in file:
+        ffn = {"method": "dense", "options": {}, "blocks": "all", **file["ffn"]}
+    ffn["options"] = dict(ffn.get("options", {}))
+    if args.ffn:
+        if args.ffn != ffn.get("method"):
+            ffn["options"] = {}
+        ffn["method"] = args.ffn
+    for text in args.ffn_opt or []:
+        key, value = parse_option(text)
+        ffn["options"][key] = value
+    if args.ffn_blocks:
+        ffn["blocks"] = args.ffn_blocks
+    known_model = set(TransformerConfig.__dataclass_fields__) - {"ffn"}
+    unknown = set(model_changes) - known_model
+    if unknown:
+        raise ValueError(f"unknown model settings {sorted(unknown)}; known: {sorted(known_model)}")
+    model_config = TransformerConfig(**{**base, **model_changes, "ffn": FFNSpec(**ffn)})
+
+    train = {**(saved["train"] if saved is not None else {}), **file.get("train", {})}
+    flags = {
+        "dataset": args.dataset,
+        "data_dir": args.data_dir,
+        "out_dir": args.out,
+        "max_steps": args.max_steps,
+        "max_epochs": args.max_epochs,
+        "max_minutes": args.max_minutes,
+        "device": args.device,
+        "max_tokens": args.max_tokens,
+        "accum_steps": args.accum_steps,
+        "lr": args.lr,
+        "warmup_steps": args.warmup,
+        "seed": args.seed,
+        "eval_every": args.eval_every,
+        "save_every": args.save_every,
+        "log_every": args.log_every,
+        "init_from": args.init_from,
+        "kl_weight": args.kl_weight,
+        "spm_type": args.spm_type,
+    }
+    train.update({k: v for k, v in flags.items() if v is not None})
+    if args.download:
+        train["download"] = True
+    if args.no_progress:
+        train["progress"] = False
+    known_train = set(TrainConfig.__dataclass_fields__)
+    unknown = set(train) - known_train
+    if unknown:
+        raise ValueError(f"unknown training settings {sorted(unknown)}; known: {sorted(known_train)}")
+    return model_config, TrainConfig(**train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from compressed_transformer.train.trainer import TrainingDiverged, train
+
+    model_config, train_config = build_configs(args)
+    try:
+        summary = train(model_config, train_config, resume=args.resume)
+    except TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if summary:
+        print(json.dumps(summary))
+    return 0
+
+
+def _load(args: argparse.Namespace):
+    from compressed_transformer.data.tokenizer import Tokenizer
+    from compressed_transformer.train.checkpoint import load_checkpoint, load_model
+    from compressed_transformer.train.distributed import resolve_device
+
+    device = resolve_device(args.device)
+    state = load_checkpoint(args.checkpoint)
+    model = load_model(state, device).eval()
+    return model, Tokenizer(state["tokenizer"]), device
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from compressed_transformer.data.parallel import load_dataset, read_lines
+    from compressed_transformer.evaluate.bleu import sacre_bleu, seed_bleu, tokenized_bleu
+    from compressed_transformer.evaluate.decoding import translate
+    from compressed_transformer.models.transformer import parameter_report
+    from compressed_transformer.train.trainer import compression_ratio
+
+    if args.src and args.ref:
+        src, ref = read_lines(args.src), read_lines(args.ref)
+        if len(src) != len(ref):
+            raise ValueError(f"{args.src} has {len(src)} lines but {args.ref} has {len(ref)}; they must be aligned")
+    elif args.dataset and args.data_dir:
+        corpus = load_dataset(args.dataset, args.data_dir, args.split)
+        src, ref = corpus.src, corpus.tgt
+    else:
+        raise ValueError("give --src FILE --ref FILE, or --dataset NAME --data-dir DIR [--split test]")
+    model, tokenizer, device = _load(args)
+    start = time.perf_counter()
+    hyps, seconds = translate(
+        model,
+        tokenizer,
+        src,
+        beam=args.beam,
+        length_penalty=args.length_penalty,
+        max_tokens=args.max_tokens,
+        device=device,
+    )
+    if args.output:
+        Path(args.output).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    bleu, signature = sacre_bleu(hyps, ref)
+    tok_bleu, tok_signature = tokenized_bleu(hyps, ref, pretokenized=args.tokenized_ref)
+    result = {
+        "bleu": round(bleu, 2),
+        "bleu_signature": signature,
+        "bleu_seed": round(seed_bleu(hyps, ref), 4),
+        "bleu_tok_lc": round(tok_bleu, 2),
+        "bleu_tok_lc_signature": tok_signature,
+        "sentences": len(src),
+        "seconds": round(seconds, 2),
+        "sentences_per_s": round(len(src) / max(seconds, 1e-9), 2),
+        "wall_seconds": round(time.perf_counter() - start, 2),
+        "beam": args.beam,
+        "checkpoint": str(args.checkpoint),
+        "parameters": parameter_report(model),
+        "compression_ratio": compression_ratio(model.config, model),
+        "ffn": model.config.ffn.to_dict(),
+    }
+    print(json.dumps(result))
+    return 0
+
+
+def _translate(args: argparse.Namespace) -> int:
+    from compressed_transformer.data.parallel import read_lines
+    from compressed_transformer.evaluate.decoding import translate
+
+    lines = sys.stdin.read().splitlines() if args.input in (None, "-") else read_lines(args.input)
+    model, tokenizer, device = _load(args)
+    hyps, _ = translate(
+        model,
+        tokenizer,
+        lines,
+        beam=args.beam,
+        length_penalty=args.length_penalty,
+        max_tokens=args.max_tokens,
+        device=device,
+    )
+    text = "".join(h + "\n" for h in hyps)
+    if args.output in (None, "-"):
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text, encoding="utf-8")
+    return 0
+
+
+def _decoding_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="checkpoint_best.pt / checkpoint_last.pt of a run")
+    parser.add_argument("--beam", type=int, default=5, help="beam size (1 = greedy; default 5)")
+    parser.add_argument("--length-penalty", type=float, default=1.0, help="score / length**penalty (default 1.0)")
+    parser.add_argument("--max-tokens", type=int, default=4000, help="source tokens per decoding batch")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``translate`` subcommand (with ``train``, ``eval``, ``translate``) to the main parser."""
+    parser = subparsers.add_parser("translate", help="train / evaluate / run the German-English Transformer")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    train = actions.add_parser("train", help="train a model (torchrun --nproc_per_node=N for DDP)")
+    train.add_argument("--config", help="TOML file with preset, [model], [ffn], [train] (flags override it)")
+    train.add_argument("--dataset", help="multi30k, iwslt14 or plain (train/valid/test.{de,en} files)")
+    train.add_argument("--data-dir", help="folder holding the dataset's files")
+    train.add_argument("--preset", help="base, small, iwslt or tiny (default small)")
+    train.add_argument("--model", action="append", metavar="KEY=VALUE", help="override a model setting, e.g. d_ff=512")
+    train.add_argument("--vocab-size", type=int, help="sentencepiece vocabulary size (upper bound)")
+    train.add_argument("--spm-type", choices=("bpe", "unigram"), help="sentencepiece model type (default bpe)")
+    train.add_argument("--ffn", help="FFN method: dense, tt, tucker, svd, prune, svd-o")
+    train.add_argument("--ffn-opt", action="append", metavar="KEY=VALUE", help="FFN option, e.g. ranks=1,2,2,2,2,1")
+    train.add_argument("--ffn-blocks", help="all, none, encoder, decoder, 1/2, 'enc:0,1;dec:2' or '0,1,7'")
+    train.add_argument("--out", help="run folder (config, metrics, checkpoints)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoint_last.pt")
+    train.add_argument("--init-from", help="trained dense checkpoint to compress and fine-tune")
+    train.add_argument("--max-steps", type=int)
+    train.add_argument("--max-epochs", type=int)
+    train.add_argument("--max-minutes", type=float, help="stop after this much training time (counts across resumes)")
+    train.add_argument("--max-tokens", type=int, help="tokens per micro-batch per process")
+    train.add_argument("--accum-steps", type=int, help="gradient accumulation steps")
+    train.add_argument("--lr", type=float, help="peak learning rate")
+    train.add_argument("--warmup", type=int, help="warm-up steps")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--kl-weight", type=float, help="Sparse VD KL weight (svd-o)")
+    train.add_argument("--eval-every", type=int, help="validate every N steps (0 = each epoch)")
+    train.add_argument("--save-every", type=int)
+    train.add_argument("--log-every", type=int)
+    train.add_argument("--device", help="auto, cpu, cuda")
+    train.add_argument("--download", action="store_true", help="download missing data files (needs internet)")
+    train.add_argument("--no-progress", action="store_true", help="print JSON log lines instead of a tqdm bar")
+    train.set_defaults(func=_train)
+
+    evaluate = actions.add_parser("eval", help="score a checkpoint on a test pair; prints one JSON object")
+    _decoding_flags(evaluate)
+    evaluate.add_argument("--src", help="source file (plain text or .gz)")
+    evaluate.add_argument("--ref", help="reference file (plain text or .gz)")
+    evaluate.add_argument("--dataset", help="instead of --src/--ref: multi30k, iwslt14 or plain")
+    evaluate.add_argument("--data-dir")
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--output", help="write the hypotheses here")
+    evaluate.add_argument(
+        "--tokenized-ref", action="store_true", help="references are already tokenised (fairseq's text)"
+    )
+    evaluate.set_defaults(func=_eval)
+
+    run = actions.add_parser("translate", help="translate a file or stdin, one sentence per line")
+    _decoding_flags(run)
+    run.add_argument("--input", default="-", help="input file (default stdin)")
+    run.add_argument("--output", default="-", help="output file (default stdout)")
+    run.set_defaults(func=_translate)

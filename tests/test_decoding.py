@@ -1,0 +1,113 @@
+"""Greedy and beam search, and the BLEU helpers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compressed_transformer.evaluate.bleu import sacre_bleu, seed_bleu, tokenized_bleu
+from compressed_transformer.evaluate.decoding import beam_search, greedy_decode
+from compressed_transformer.models.transformer import Transformer, preset
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and much faster than two on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def model() -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", norm_first=True))
+    # A few steps on a copy task, so that decodes end with EOS at varied lengths (an untrained model never stops).
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        src = torch.randint(4, 64, (16, 6), generator=generator)
+        src[:8, 3:] = 0
+        eos = torch.full((16, 1), 3)
+        tgt_out = torch.cat([src, eos], dim=1)
+        tgt_out[:8, 3] = 3
+        tgt_out[:8, 4:] = 0
+        tgt_in = torch.cat([torch.full((16, 1), 2), src], dim=1)
+        loss = model.loss(model(src, tgt_in), tgt_out) / 100
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def sources() -> torch.Tensor:
+    src = torch.randint(4, 64, (5, 7), generator=torch.Generator().manual_seed(1))
+    src[1, 5:] = 0
+    src[3, 2:] = 0
+    return src
+
+
+def naive_greedy(model: Transformer, src: torch.Tensor, limit: int) -> list[int]:
+    """Greedy decoding by re-running the whole decoder each step (no cache), one sentence."""
+    out = [model.config.bos_id]
+    memory, mask = model.encode(src[None])
+    for _ in range(limit):
+        token = int(model.decode(torch.tensor([out]), memory, mask)[0, -1].argmax())
+        if token == model.config.eos_id:
+            break
+        out.append(token)
+    return out[1:]
+
+
+def test_greedy_matches_uncached_greedy(model: Transformer) -> None:
+    src = sources()
+    hyps = greedy_decode(model, src, max_len_a=1.0, max_len_b=3)
+    for row, hyp in zip(src, hyps, strict=True):
+        real = row[row != 0]
+        assert hyp == naive_greedy(model, real, len(real) + 3)
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_beam_one_equals_greedy(model: Transformer, length_penalty: float) -> None:
+    src = sources()
+    assert beam_search(model, src, beam=1, length_penalty=length_penalty) == greedy_decode(model, src)
+
+
+def test_beam_search_scores_at_least_greedy(model: Transformer) -> None:
+    src = sources()
+
+    @torch.no_grad()
+    def score(row: torch.Tensor, hyp: list[int]) -> float:
+        memory, mask = model.encode(row[None])
+        tokens = torch.tensor([[model.config.bos_id, *hyp]])
+        logp = torch.log_softmax(model.decode(tokens, memory, mask)[0], dim=-1)
+        target = [*hyp, model.config.eos_id]
+        return float(logp[torch.arange(len(target)), target].sum())
+
+    greedy = greedy_decode(model, src, max_len_a=3.0, max_len_b=20)
+    beam = beam_search(model, src, beam=5, length_penalty=0.0, max_len_a=3.0, max_len_b=20)
+    assert len(beam) == len(src)
+    for row, g, b in zip(src, greedy, beam, strict=True):
+        row = row[row != 0]
+        assert score(row, b) >= score(row, g) - 1e-4
+    with pytest.raises(ValueError, match="beam size"):
+        beam_search(model, src, beam=0)
+
+
+def test_batched_beam_equals_one_by_one(model: Transformer) -> None:
+    src = sources()
+    batched = beam_search(model, src, beam=3)
+    for row, hyp in zip(src, batched, strict=True):
+        assert beam_search(model, row[row != 0][None], beam=3)[0] == hyp
+
+
+def test_bleu_helpers() -> None:
+    refs = ["The cat sat on the mat.", "A dog runs in the park."]
+    score, signature = sacre_bleu(refs, refs)
+    assert score == pytest.approx(100.0) and "nrefs:1" in signature and "case:mixed" in signature
+    assert seed_bleu([r.lower() for r in refs], refs) == pytest.approx(1.0)
+    assert sacre_bleu([r.lower() for r in refs], refs)[0] < 100.0
+    assert tokenized_bleu(["the cat sat ."], ["the cat sat ."], pretokenized=True)[0] == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="line-aligned"):
+        sacre_bleu(["a"], ["a", "b"])

@@ -1,0 +1,233 @@
+"""Corpus readers (fixtures in both IWSLT'14 layouts, Multi30k, corrupt files), tokenizer and token batching."""
+
+from __future__ import annotations
+
+import gzip
+import urllib.error
+from pathlib import Path
+
+import pytest
+
+from compressed_transformer.data import parallel
+from compressed_transformer.data.batching import TokenBatcher, collate, encode_pairs
+from compressed_transformer.data.parallel import (
+    download,
+    load_dataset,
+    read_lines,
+    read_pair,
+    read_ted_tags,
+    read_xml_segments,
+)
+from compressed_transformer.data.tokenizer import Tokenizer, load_or_train_tokenizer, train_tokenizer
+
+SHARED = Path("/work/shared/data")
+needs_multi30k = pytest.mark.skipif(not (SHARED / "multi30k/train.de.gz").exists(), reason="Multi30k not present")
+needs_iwslt = pytest.mark.skipif(not (SHARED / "iwslt14/raw").exists(), reason="IWSLT'14 dev/test not present")
+
+TED_DE = """<url>http://www.ted.com/talks/lang/de/x.html</url>
+<keywords>talks, culture</keywords>
+<speaker>Jane Doe</speaker>
+<talkid>1</talkid>
+<title>Ein Titel</title>
+<description>Eine Beschreibung.</description>
+Erster Satz.
+Zweiter Satz.
+<reviewer></reviewer>
+<translator></translator>
+Dritter Satz.
+"""
+TED_EN = """<url>http://www.ted.com/talks/x.html</url>
+<keywords>talks, culture</keywords>
+<speaker>Jane Doe</speaker>
+<talkid>1</talkid>
+<title>A title</title>
+<description>A description.</description>
+First sentence.
+Second sentence.
+<reviewer></reviewer>
+<translator></translator>
+Third sentence.
+"""
+XML = """<?xml version="1.0" encoding="UTF-8"?>
+<mteval>
+<srcset setid="iwslt2014-dev2010" srclang="german">
+<doc docid="69" genre="lectures">
+<url>http://www.ted.com/talks/x.html</url>
+<title>Titel</title>
+<seg id="1"> Erster &amp; Satz. </seg>
+<seg id="2"> Zweiter Satz. </seg>
+</doc>
+</srcset>
+</mteval>
+"""
+
+
+def write(path: Path, text: str | bytes, compress: bool = False) -> Path:
+    data = text.encode() if isinstance(text, str) else text
+    if compress:
+        path = path.with_name(path.name + ".gz")
+        data = gzip.compress(data)
+    path.write_bytes(data)
+    return path
+
+
+def test_read_lines_plain_and_gzip(tmp_path: Path) -> None:
+    assert read_lines(write(tmp_path / "a.txt", "x\r\ny\n")) == ["x", "y"]
+    assert read_lines(write(tmp_path / "b.txt", "\ufeffä\nö", compress=True)) == ["ä", "ö"]
+
+
+def test_read_lines_rejects_corrupt_files(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"not UTF-8.*line 2"):
+        read_lines(write(tmp_path / "latin1.txt", b"ok\n" + "Grüße\n".encode("latin-1")))
+    with pytest.raises(ValueError, match="not a valid gzip"):
+        read_lines(write(tmp_path / "bad.gz", b"not gzip at all"))
+    with pytest.raises(FileNotFoundError):
+        read_lines(tmp_path / "missing.txt")
+
+
+def test_read_pair_checks_counts_and_counts_empty_pairs(tmp_path: Path) -> None:
+    src = write(tmp_path / "s.de", "a\n\nc\nd\n")
+    tgt = write(tmp_path / "s.en", "A\nB\nC\n \n")
+    corpus = read_pair(src, tgt)
+    assert corpus.src == ["a", "c"] and corpus.skipped == {"empty": 2}
+    assert "skipped 2 empty" in corpus.describe()
+    with pytest.raises(ValueError, match="line-aligned"):
+        read_pair(src, write(tmp_path / "short.en", "A\n"))
+
+
+def test_ted_tags_and_xml_readers(tmp_path: Path) -> None:
+    assert read_ted_tags(write(tmp_path / "train.tags.de-en.de", TED_DE)) == [
+        "Ein Titel",
+        "Eine Beschreibung.",
+        "Erster Satz.",
+        "Zweiter Satz.",
+        "Dritter Satz.",
+    ]
+    assert read_xml_segments(write(tmp_path / "x.xml", XML)) == ["Erster & Satz.", "Zweiter Satz."]
+    with pytest.raises(ValueError, match="no <seg>"):
+        read_xml_segments(write(tmp_path / "y.xml", "<mteval></mteval>\n"))
+
+
+def test_iwslt_raw_layout_fixture(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    # 30 segments so that fairseq's every-23rd-line validation split is not empty.
+    write(raw / "train.tags.de-en.de", TED_DE + "".join(f"Satz {i}.\n" for i in range(25)), compress=True)
+    write(raw / "train.tags.de-en.en", TED_EN + "".join(f"Sentence {i}.\n" for i in range(25)), compress=True)
+    train = load_dataset("iwslt14", tmp_path, "train")
+    valid = load_dataset("iwslt14", tmp_path, "valid")
+    assert len(train) + len(valid) == 30 and len(valid) == 1
+    assert valid.src == ["Satz 17."] and train.tgt[0] == "A title"
+
+
+def test_iwslt_fairseq_layout_fixture(tmp_path: Path) -> None:
+    folder = tmp_path / "fairseq_tok"
+    folder.mkdir()
+    for split in ("train", "valid", "test"):
+        write(folder / f"{split}.de", "ein sat@@ z .\nnoch einer .\n")
+        write(folder / f"{split}.en", "a sent@@ ence .\none more .\n")
+    train = load_dataset("iwslt14", tmp_path, "train")
+    assert train.src == ["ein satz .", "noch einer ."] and train.tgt[0] == "a sentence ."
+    write(folder / "train.en", "only one line\n")
+    with pytest.raises(ValueError, match="line-aligned"):
+        load_dataset("iwslt14", tmp_path, "train")
+
+
+def test_missing_files_say_where_to_put_them(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"Multi30k files missing.*--download"):
+        load_dataset("multi30k", tmp_path, "train")
+    with pytest.raises(FileNotFoundError, match="no IWSLT'14"):
+        load_dataset("iwslt14", tmp_path, "train")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_dataset("wmt", tmp_path, "train")
+
+
+def test_download_fails_clearly_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(parallel.urllib.request, "urlopen", offline)
+    with pytest.raises(FileNotFoundError, match=r"could not download .*multi30k"):
+        download("multi30k", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"could not download .*de-en.tgz"):
+        download("iwslt14", tmp_path)
+
+
+@needs_multi30k
+def test_real_multi30k_loads_and_verifies(tmp_path: Path) -> None:
+    test = load_dataset("multi30k", SHARED / "multi30k", "test")
+    assert len(test) == 1000 and test.src[0]
+    # A truncated copy fails the line-count check from SOURCES.md.
+    lines = read_lines(SHARED / "multi30k/val.de.gz")
+    write(tmp_path / "val.de", "\n".join(lines[:-1]) + "\n")
+    write(tmp_path / "val.en", "\n".join(read_lines(SHARED / "multi30k/val.en.gz")[:-1]) + "\n")
+    with pytest.raises(ValueError, match="expected 1014"):
+        load_dataset("multi30k", tmp_path, "valid")
+
+
+@needs_iwslt
+def test_real_iwslt_dev_test_files() -> None:
+    raw_test = load_dataset("iwslt14", SHARED / "iwslt14/raw", "test")
+    assert len(raw_test) == 6750
+    tok_test = load_dataset("iwslt14", SHARED / "iwslt14", "test")
+    assert len(tok_test) == 6750 and tok_test.src[0] == tok_test.src[0].lower()
+    assert len(load_dataset("iwslt14", SHARED / "iwslt14", "valid")) == 7283
+    bpe_valid = load_dataset("iwslt14", SHARED / "iwslt14/fairseq_bpe", "valid")
+    assert not any("@@" in line for line in bpe_valid.src[:200])
+    with pytest.raises(FileNotFoundError, match="train"):
+        load_dataset("iwslt14", SHARED / "iwslt14", "train")
+
+
+CORPUS = [f"ein hund {w} läuft über die wiese" for w in ("rot", "blau", "grün")] + ["a dog runs", "two cats sleep"]
+
+
+def test_tokenizer_round_trip_and_cache(tmp_path: Path) -> None:
+    tokenizer = train_tokenizer(CORPUS * 4, vocab_size=60)
+    assert tokenizer.vocab_size <= 60
+    ids = tokenizer.encode("ein hund läuft")
+    assert all(i > 3 for i in ids) and tokenizer.decode([2, *ids, 3, 0]) == "ein hund läuft"
+    cached = load_or_train_tokenizer(tmp_path, CORPUS * 4, 60)
+    assert (tmp_path / "spm.model").exists()
+    again = load_or_train_tokenizer(tmp_path, CORPUS * 4, 60)
+    assert again.model_proto == cached.model_proto
+    assert Tokenizer.load(tmp_path / "spm.model").encode("a dog") == cached.encode("a dog")
+    with pytest.raises(ValueError, match="bpe"):
+        train_tokenizer(CORPUS, model_type="word-ish")
+
+
+def make_pairs(n: int) -> list[tuple[list[int], list[int]]]:
+    return [([4 + i % 7] * (1 + i % 9), [5 + i % 5] * (1 + (i * 3) % 11)) for i in range(n)]
+
+
+def test_batches_respect_budget_cover_everything_and_are_deterministic() -> None:
+    pairs = make_pairs(200)
+    batcher = TokenBatcher(pairs, max_tokens=40, seed=3)
+    batches = batcher.batches(epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    for b in batches:
+        assert len(b) * max(batcher.lengths[i] for i in b) <= 40
+    assert TokenBatcher(pairs, max_tokens=40, seed=3).batches(0) == batches
+    assert batcher.batches(1) != batches
+    assert TokenBatcher(pairs, max_tokens=40, seed=4).batches(0) != batches
+
+
+def test_rank_sharding_gives_the_same_global_batch() -> None:
+    batcher = TokenBatcher(make_pairs(120), max_tokens=30, seed=1)
+    one = batcher.step_batches(0, 2, rank=0, world_size=1, accum=2)
+    two = [batcher.step_batches(0, 2, rank=r, world_size=2, accum=1)[0] for r in range(2)]
+    assert one == two
+    assert batcher.global_tokens(0, 2, 1, 2) == batcher.global_tokens(0, 2, 2, 1)
+    assert batcher.steps_per_epoch(2, 1) == len(batcher.batches(0)) // 2
+
+
+def test_collate_and_over_long_pairs() -> None:
+    batch = collate([([5, 6], [7]), ([8], [9, 10, 11])], pad_id=0, bos_id=2, eos_id=3)
+    assert batch.src.tolist() == [[5, 6, 3], [8, 3, 0]]
+    assert batch.tgt_in.tolist() == [[2, 7, 0, 0], [2, 9, 10, 11]]
+    assert batch.tgt_out.tolist() == [[7, 3, 0, 0], [9, 10, 11, 3]]
+    assert batch.tokens == 6
+    tokenizer = train_tokenizer(CORPUS * 4, vocab_size=60)
+    pairs, dropped = encode_pairs(tokenizer, ["ein hund", "ein hund " * 30], ["a dog", "a dog"], max_len=20)
+    assert len(pairs) == 1 and dropped == 1
+    with pytest.raises(ValueError, match="longest pair"):
+        TokenBatcher(make_pairs(20), max_tokens=5)

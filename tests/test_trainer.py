@@ -1,0 +1,214 @@
+"""The training loop: overfitting, resume, NaN handling, run-folder checks, every FFN method, the conversion route."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from compressed_transformer.data.tokenizer import Tokenizer
+from compressed_transformer.evaluate.bleu import sacre_bleu
+from compressed_transformer.evaluate.decoding import translate
+from compressed_transformer.models.transformer import FFNSpec, Transformer, preset
+from compressed_transformer.train.checkpoint import load_checkpoint, load_model, save_checkpoint
+from compressed_transformer.train.schedule import InverseSqrtSchedule, inverse_sqrt_lr
+from compressed_transformer.train.trainer import TrainConfig, TrainingDiverged, train
+
+DE = ["ein", "zwei", "drei", "vier", "fünf", "hund", "katze", "maus", "haus", "baum"]
+EN = ["one", "two", "three", "four", "five", "dog", "cat", "mouse", "house", "tree"]
+METHOD_OPTIONS = {
+    "dense": {},
+    "tt": {"ranks": 2},
+    "tucker": {"ranks": 2},
+    "svd": {"rank": 4},
+    "prune": {"sparsity": 0.5},
+    "svd-o": {},
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and much faster than two on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_corpus(folder: Path, pairs: int = 48, seed: int = 0) -> Path:
+    """A word-for-word toy corpus in the ``plain`` layout (train = valid = test)."""
+    rng = random.Random(seed)
+    src, tgt = [], []
+    for _ in range(pairs):
+        words = [rng.randrange(len(DE)) for _ in range(rng.randint(2, 5))]
+        src.append(" ".join(DE[i] for i in words))
+        tgt.append(" ".join(EN[i] for i in words))
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "valid", "test"):
+        (folder / f"{split}.de").write_text("\n".join(src) + "\n")
+        (folder / f"{split}.en").write_text("\n".join(tgt) + "\n")
+    return folder
+
+
+def config(data: Path, out: Path, **changes) -> TrainConfig:
+    settings = {
+        "dataset": "plain",
+        "data_dir": str(data),
+        "out_dir": str(out),
+        "max_tokens": 128,
+        "lr": 3e-3,
+        "warmup_steps": 10,
+        "eval_every": 1000,
+        "save_every": 1000,
+        "log_every": 2,
+        "progress": False,
+        "device": "cpu",
+        "seed": 5,
+    }
+    settings.update(changes)
+    return TrainConfig(**settings)
+
+
+def model_config(**changes):
+    return preset("tiny", vocab_size=48, **changes)
+
+
+def test_schedule() -> None:
+    assert inverse_sqrt_lr(5, 1.0, 10) == pytest.approx(0.5)
+    assert inverse_sqrt_lr(10, 1.0, 10) == pytest.approx(1.0)
+    assert inverse_sqrt_lr(40, 1.0, 10) == pytest.approx(0.5)
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
+    schedule = InverseSqrtSchedule(optimizer, 1.0, 10)
+    for _ in range(3):
+        schedule.step()
+    restored = InverseSqrtSchedule(optimizer, 2.0, 1)
+    restored.load_state_dict(schedule.state_dict())
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.4)
+    with pytest.raises(ValueError):
+        InverseSqrtSchedule(optimizer, 0.0, 10)
+
+
+def test_train_config_needs_a_stopping_rule() -> None:
+    with pytest.raises(ValueError, match="training ends"):
+        TrainConfig()
+
+
+def test_tiny_model_overfits_tiny_corpus(tmp_path: Path) -> None:
+    data = write_corpus(tmp_path / "data")
+    summary = train(model_config(label_smoothing=0.0), config(data, tmp_path / "run", max_tokens=1024, max_steps=150))
+    state = load_checkpoint(tmp_path / "run" / "checkpoint_last.pt")
+    model, tokenizer = load_model(state), Tokenizer(state["tokenizer"])
+    src = (data / "test.de").read_text().splitlines()
+    refs = (data / "test.en").read_text().splitlines()
+    hyps, _ = translate(model, tokenizer, src, beam=1)
+    assert sacre_bleu(hyps, refs)[0] > 90.0
+    assert summary["best_valid_bleu"] > 90.0
+    run = tmp_path / "run"
+    for name in ("config.json", "command.txt", "git_rev.txt", "metrics.jsonl", "summary.json", "spm.model"):
+        assert (run / name).exists(), name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "lr", "tokens_per_s", "wall"} <= set(records[0])
+    assert any("valid_bleu" in r for r in records)
+
+
+def test_resume_gives_the_same_parameters(tmp_path: Path) -> None:
+    data = write_corpus(tmp_path / "data")
+    model = model_config(dropout=0.1)
+    train(model, config(data, tmp_path / "straight", max_steps=8))
+    train(model, config(data, tmp_path / "split", max_steps=3))  # "killed" after its step-3 checkpoint
+    train(model, config(data, tmp_path / "split", max_steps=8), resume=True)
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoint_last.pt")
+    resumed = load_checkpoint(tmp_path / "split" / "checkpoint_last.pt")
+    assert straight["position"] == resumed["position"]
+    assert straight["position"]["epoch"] >= 1  # the runs cross an epoch boundary
+    for name, value in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][name], value, msg=name)
+
+
+def test_run_folder_checks(tmp_path: Path) -> None:
+    data = write_corpus(tmp_path / "data")
+    train(model_config(), config(data, tmp_path / "run", max_steps=2))
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(model_config(), config(data, tmp_path / "run", max_steps=2))
+    with pytest.raises(ValueError, match=r"different run.*d_ff"):
+        train(model_config(d_ff=48), config(data, tmp_path / "run", max_steps=4), resume=True)
+    with pytest.raises(ValueError, match=r"different run.*lr"):
+        train(model_config(), config(data, tmp_path / "run", max_steps=4, lr=1e-4), resume=True)
+    with pytest.raises(ValueError, match=r"nothing to resume|no checkpoint_last"):
+        train(model_config(), config(data, tmp_path / "empty", max_steps=4), resume=True)
+
+
+def test_checkpoint_from_another_config_is_rejected(tmp_path: Path) -> None:
+    data = write_corpus(tmp_path / "data")
+    train(model_config(), config(data, tmp_path / "run", max_steps=1))
+    state = load_checkpoint(tmp_path / "run" / "checkpoint_last.pt")
+    state["model_config"] = {**state["model_config"], "d_ff": 128}
+    with pytest.raises(ValueError, match="do not match"):
+        load_model(state)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_checkpoint(tmp_path / "junk.pt")
+    save_checkpoint(tmp_path / "other.pt", {"weights": 1})
+    with pytest.raises(ValueError, match="not a compressed_transformer"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_bad_ffn_spec_fails_before_work(tmp_path: Path) -> None:
+    bad = model_config(ffn=FFNSpec("tt", {"ranks": [1, 2, 1], "in_modes": [3, 11]}))
+    with pytest.raises(ValueError, match="does not fit"):
+        train(bad, config(tmp_path / "no-data-needed", tmp_path / "run", max_steps=1))
+    assert not (tmp_path / "run").exists()
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = write_corpus(tmp_path / "data")
+    calls = {"n": 0}
+    original = Transformer.loss
+
+    def poisoned(self, logits, target, reduction="sum"):
+        calls["n"] += 1
+        loss = original(self, logits, target, reduction)
+        return loss * float("nan") if calls["n"] > 4 else loss
+
+    monkeypatch.setattr(Transformer, "loss", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss.*checkpoint_last.pt"):
+        train(model_config(), config(data, tmp_path / "run", max_steps=10, save_every=2))
+    kept = load_checkpoint(tmp_path / "run" / "checkpoint_last.pt")
+    assert kept["position"]["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("method", list(METHOD_OPTIONS))
+def test_every_ffn_method_trains_a_few_steps(tmp_path: Path, method: str) -> None:
+    data = write_corpus(tmp_path / "data", pairs=16)
+    spec = FFNSpec(method, METHOD_OPTIONS[method], "1/2")
+    summary = train(model_config(ffn=spec), config(data, tmp_path / "run", max_steps=3, kl_weight=0.1))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if "loss" in r)
+    assert ("kl" in records[0]) == (method == "svd-o")
+    if method in ("tt", "tucker", "svd"):
+        assert summary["compression_ratio"]["ffn"] > 1.0
+    state = load_checkpoint(tmp_path / "run" / "checkpoint_last.pt")
+    assert state["model_config"]["ffn"]["method"] == method
+    load_model(state)  # the checkpoint rebuilds its compressed model
+
+
+def test_convert_dense_checkpoint_then_fine_tune(tmp_path: Path) -> None:
+    data = write_corpus(tmp_path / "data", pairs=16)
+    train(model_config(), config(data, tmp_path / "dense", max_steps=3))
+    dense = str(tmp_path / "dense" / "checkpoint_last.pt")
+    spec = FFNSpec("svd", {"rank": 4}, "encoder")
+    summary = train(model_config(ffn=spec), config(data, tmp_path / "svd", max_steps=2, init_from=dense))
+    assert summary["compression_ratio"]["ffn"] > 1.0
+    model = load_model(load_checkpoint(tmp_path / "svd" / "checkpoint_last.pt"))
+    assert type(model.encoder[0].ffn.fc1).__name__ == "LowRankLinear"
+    assert type(model.decoder[0].ffn.fc1) is torch.nn.Linear
+    tt = FFNSpec("tt", {"ranks": [1, 2, 2, 1], "in_modes": [4, 4, 2], "out_modes": [4, 4, 4]}, "dec:1")
+    train(model_config(ffn=tt), config(data, tmp_path / "tt", max_steps=1, init_from=dense))
+    model = load_model(load_checkpoint(tmp_path / "tt" / "checkpoint_last.pt"))  # rebuilt from config alone
+    assert type(model.decoder[1].ffn.fc2).__name__ == "TTLinear"
+    with pytest.raises(ValueError, match="does not fit this model"):
+        train(model_config(d_model=16, ffn=spec), config(data, tmp_path / "bad", max_steps=1, init_from=dense))

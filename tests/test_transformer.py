@@ -1,0 +1,182 @@
+"""The encoder-decoder Transformer: config, FFN block selection, shapes, masks, caching, every FFN method."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compressed_transformer.models.transformer import (
+    FFN_METHODS,
+    FFNSpec,
+    Transformer,
+    TransformerConfig,
+    ffn_module_names,
+    parameter_report,
+    preset,
+    resolve_blocks,
+)
+
+METHOD_OPTIONS = {
+    "dense": {},
+    "tt": {"ranks": 2},
+    "tucker": {"ranks": 2},
+    "svd": {"rank": 4},
+    "prune": {"sparsity": 0.5},
+    "svd-o": {},
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and much faster than two on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def seed() -> None:
+    torch.manual_seed(0)
+
+
+def tiny(**changes) -> TransformerConfig:
+    return preset("tiny", **changes)
+
+
+def test_presets() -> None:
+    base, iwslt, small = preset("base"), preset("iwslt"), preset("small")
+    assert (base.d_model, base.d_ff, base.heads, base.enc_layers, base.dec_layers) == (512, 2048, 8, 6, 6)
+    assert (iwslt.d_model, iwslt.d_ff, iwslt.heads, iwslt.enc_layers) == (512, 1024, 4, 6)
+    assert small.d_model == 256 and small.enc_layers == 3
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("huge")
+
+
+@pytest.mark.parametrize(
+    ("blocks", "expected"),
+    [
+        ("all", ((0, 1, 2, 3), (0, 1, 2, 3))),
+        ("none", ((), ())),
+        ("encoder", ((0, 1, 2, 3), ())),
+        ("decoder", ((), (0, 1, 2, 3))),
+        ("1/2", ((0, 1), (0, 1))),
+        ("0.25", ((0,), (0,))),
+        ("3/4", ((0, 1, 2), (0, 1, 2))),
+        ("enc:0,3;dec:1", ((0, 3), (1,))),
+        ("dec:2", ((), (2,))),
+        ("0,1,7", ((0, 1), (3,))),
+    ],
+)
+def test_resolve_blocks(blocks: str, expected) -> None:
+    assert resolve_blocks(blocks, 4, 4) == expected
+
+
+@pytest.mark.parametrize("blocks", ["enc:9", "12", "half", "5/4", "enc:x"])
+def test_resolve_blocks_rejects(blocks: str) -> None:
+    with pytest.raises(ValueError):
+        resolve_blocks(blocks, 4, 4)
+
+
+def test_config_validation_and_round_trip() -> None:
+    with pytest.raises(ValueError, match="divisible"):
+        TransformerConfig(d_model=30, heads=4)
+    with pytest.raises(ValueError, match="unknown FFN method"):
+        FFNSpec("quantum")
+    config = tiny(ffn=FFNSpec("tt", {"ranks": 2}, "1/2"))
+    assert TransformerConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown keys"):
+        TransformerConfig.from_dict({**config.to_dict(), "flux": 1})
+
+
+def test_ffn_spec_that_does_not_fit_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="does not fit"):
+        Transformer(tiny(ffn=FFNSpec("tt", {"ranks": 2, "in_modes": [5, 7]})))
+
+
+def test_shapes_and_ffn_selection() -> None:
+    config = tiny(ffn=FFNSpec("svd", {"rank": 4}, "enc:1;dec:0"))
+    model = Transformer(config)
+    src, tgt = torch.randint(4, 64, (3, 7)), torch.randint(4, 64, (3, 5))
+    assert model(src, tgt).shape == (3, 5, 64)
+    assert ffn_module_names(config) == [
+        "encoder.1.ffn.fc1",
+        "encoder.1.ffn.fc2",
+        "decoder.0.ffn.fc1",
+        "decoder.0.ffn.fc2",
+    ]
+    assert type(model.encoder[0].ffn.fc1) is torch.nn.Linear
+    assert type(model.encoder[1].ffn.fc1) is not torch.nn.Linear
+    report = parameter_report(model)
+    assert report["total"] == report["ffn"] + report["embeddings"] + report["other"]
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_no_attention_to_padding(norm_first: bool) -> None:
+    model = Transformer(tiny(norm_first=norm_first)).eval()
+    src = torch.randint(4, 64, (2, 6))
+    src[0, 4:] = 0  # padding
+    tgt = torch.randint(4, 64, (2, 5))
+    batched = model(src, tgt)
+    alone = model(src[:1, :4], tgt[:1])  # the same sentence without its padding
+    torch.testing.assert_close(batched[:1], alone, atol=1e-5, rtol=1e-5)
+    _, mask = model.encode(src)
+    assert mask[0, 0, 0].tolist() == [True] * 4 + [False] * 2
+
+
+def test_no_attention_to_the_future() -> None:
+    model = Transformer(tiny()).eval()
+    src, tgt = torch.randint(4, 64, (2, 6)), torch.randint(4, 64, (2, 5))
+    out = model(src, tgt)
+    changed = tgt.clone()
+    changed[:, 3:] = torch.randint(4, 64, (2, 2))
+    torch.testing.assert_close(model(src, changed)[:, :3], out[:, :3])
+    assert not torch.allclose(model(src, changed)[:, 3:], out[:, 3:])
+
+
+def test_incremental_decoding_matches_teacher_forcing() -> None:
+    model = Transformer(tiny(norm_first=True)).eval()
+    src, tgt = torch.randint(4, 64, (2, 6)), torch.randint(4, 64, (2, 5))
+    src[1, 4:] = 0
+    full = torch.log_softmax(model(src, tgt), dim=-1)
+    memory, mask = model.encode(src)
+    cache = None
+    for step in range(tgt.shape[1]):
+        logp, cache = model.decode_step(tgt[:, step], memory, mask, cache, step)
+        torch.testing.assert_close(logp, full[:, step], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", FFN_METHODS)
+def test_every_ffn_method_trains(method: str) -> None:
+    model = Transformer(tiny(ffn=FFNSpec(method, METHOD_OPTIONS[method], "all")))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    src, tgt = torch.randint(4, 64, (4, 6)), torch.randint(4, 64, (4, 6))
+    losses = []
+    for _ in range(5):
+        loss = model.loss(model(src, tgt[:, :-1]), tgt[:, 1:]) / tgt[:, 1:].numel()
+        if method == "svd-o":
+            from compressed_transformer.layers import model_kl
+
+            loss = loss + 1e-6 * model_kl(model)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+
+
+def test_mode_options_describe_fc1_and_are_swapped_for_fc2() -> None:
+    options = {"ranks": [1, 2, 2, 1], "in_modes": [4, 4, 2], "out_modes": [4, 4, 4]}
+    model = Transformer(tiny(ffn=FFNSpec("tt", options, "enc:0")))
+    fc1, fc2 = model.encoder[0].ffn.fc1, model.encoder[0].ffn.fc2
+    assert (fc1.in_features, fc1.out_features, fc2.in_features, fc2.out_features) == (32, 64, 64, 32)
+    assert "in_modes=[4, 4, 4]" in fc2.extra_repr()
+
+
+def test_tied_and_untied_embeddings() -> None:
+    tied = Transformer(tiny())
+    assert tied.src_embed is tied.tgt_embed and tied.output is None
+    untied = Transformer(tiny(share_embeddings=False, tie_output=False))
+    assert untied.src_embed is not untied.tgt_embed and untied.output is not None
+    assert parameter_report(untied)["embeddings"] == 2 * parameter_report(tied)["embeddings"]

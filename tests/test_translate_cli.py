@@ -1,0 +1,188 @@
+"""``compressed-transformer translate train|eval|translate`` end to end on a toy corpus, and its bad-input errors."""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from compressed_transformer import cli, translate
+from compressed_transformer.translate import build_configs, parse_option
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def parser() -> argparse.ArgumentParser:
+    main = argparse.ArgumentParser(prog="compressed-transformer")
+    translate.register(main.add_subparsers(dest="command", required=True))
+    return main
+
+
+def run(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+def write_corpus(folder: Path) -> Path:
+    pairs = [("ein hund", "a dog"), ("eine katze", "a cat"), ("ein haus", "a house"), ("ein baum", "a tree")]
+    folder.mkdir()
+    for split in ("train", "valid", "test"):
+        (folder / f"{split}.de").write_text("".join(f"{de}\n" for de, _ in pairs * 3))
+        (folder / f"{split}.en").write_text("".join(f"{en}\n" for _, en in pairs * 3))
+    return folder
+
+
+TRAIN = ["translate", "train", "--dataset", "plain", "--preset", "tiny", "--vocab-size", "40", "--max-tokens", "64"]
+
+
+def test_translate_is_a_cli_subcommand() -> None:
+    assert "compressed_transformer.translate" in cli.SUBCOMMAND_MODULES
+
+
+def test_parse_option() -> None:
+    assert parse_option("ranks=1,2,2,1") == ("ranks", [1, 2, 2, 1])
+    assert parse_option("rank=64") == ("rank", 64)
+    assert parse_option("sparsity=0.9") == ("sparsity", 0.9)
+    assert parse_option("in-modes=[4, 8]") == ("in_modes", [4, 8])
+    assert parse_option("name=abc") == ("name", "abc")
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_option("ranks")
+
+
+def test_config_file_and_flags(tmp_path: Path) -> None:
+    toml = tmp_path / "exp.toml"
+    toml.write_text(
+        'preset = "tiny"\n[model]\nd_ff = 48\n[ffn]\nmethod = "tucker"\nblocks = "decoder"\n[ffn.options]\nranks = 2\n'
+        "[train]\nlr = 0.002\nmax_steps = 7\n"
+    )
+    args = parser().parse_args(["translate", "train", "--config", str(toml), "--lr", "0.003", "--model", "heads=4"])
+    model, train = build_configs(args)
+    assert (model.d_ff, model.heads, model.ffn.method, model.ffn.blocks) == (48, 4, "tucker", "decoder")
+    assert model.ffn.options == {"ranks": 2}
+    assert (train.lr, train.max_steps) == (0.003, 7)
+    args = parser().parse_args(["translate", "train", "--config", str(toml), "--ffn", "svd", "--ffn-opt", "rank=3"])
+    assert build_configs(args)[0].ffn.options == {"rank": 3}
+    toml.write_text("[model]\nwidth = 3\n")
+    with pytest.raises(ValueError, match="unknown model settings"):
+        build_configs(parser().parse_args(["translate", "train", "--config", str(toml), "--max-steps", "1"]))
+
+
+def test_train_eval_translate_end_to_end(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = write_corpus(tmp_path / "data")
+    out = tmp_path / "run"
+    argv = [*TRAIN, "--data-dir", str(data), "--out", str(out), "--max-steps", "4", "--no-progress"]
+    assert run([*argv, "--ffn", "svd", "--ffn-opt", "rank=2", "--ffn-blocks", "encoder", "--lr", "3e-3"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 4 and summary["ffn"]["method"] == "svd"
+    assert (out / "command.txt").read_text().strip()
+    assert run([*argv[:-3], "--max-steps", "6", "--no-progress", "--resume"]) == 0  # flags may change on resume
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 6
+
+    src = tmp_path / "src.de.gz"
+    src.write_bytes(gzip.compress(b"ein hund\neine katze\n"))
+    ref = tmp_path / "ref.en"
+    ref.write_text("a dog\na cat\n")
+    checkpoint = str(out / "checkpoint_last.pt")
+    assert (
+        run(["translate", "eval", "--checkpoint", checkpoint, "--src", str(src), "--ref", str(ref), "--beam", "2"]) == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert {"bleu", "bleu_seed", "sentences", "seconds", "bleu_signature", "parameters", "compression_ratio"} <= set(
+        result
+    )
+    assert result["sentences"] == 2 and 0.0 <= result["bleu_seed"] <= 1.0
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("ein hund\nein baum\n"))
+    assert run(["translate", "translate", "--checkpoint", checkpoint, "--beam", "1"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+def test_bad_input_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = write_corpus(tmp_path / "data")
+    (tmp_path / "a.de").write_text("eins\nzwei\n")
+    (tmp_path / "b.en").write_text("one\n")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run(
+            [
+                "translate",
+                "eval",
+                "--checkpoint",
+                str(tmp_path / "none.pt"),
+                "--src",
+                str(tmp_path / "a.de"),
+                "--ref",
+                str(tmp_path / "a.de"),
+            ]
+        )
+    with pytest.raises(ValueError, match="aligned"):
+        run(
+            [
+                "translate",
+                "eval",
+                "--checkpoint",
+                "x.pt",
+                "--src",
+                str(tmp_path / "a.de"),
+                "--ref",
+                str(tmp_path / "b.en"),
+            ]
+        )
+    with pytest.raises(ValueError, match="does not fit"):
+        run(
+            [
+                *TRAIN,
+                "--data-dir",
+                str(data),
+                "--out",
+                str(tmp_path / "r"),
+                "--max-steps",
+                "1",
+                "--ffn",
+                "tt",
+                "--ffn-opt",
+                "in_modes=5,7",
+                "--ffn-opt",
+                "ranks=2",
+            ]
+        )
+    with pytest.raises(ValueError, match="unknown FFN method"):
+        run([*TRAIN, "--data-dir", str(data), "--out", str(tmp_path / "r"), "--max-steps", "1", "--ffn", "fft"])
+    with pytest.raises(ValueError, match="FFN blocks"):
+        run(
+            [*TRAIN, "--data-dir", str(data), "--out", str(tmp_path / "r"), "--max-steps", "1", "--ffn-blocks", "enc:9"]
+        )
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)  # as on a machine without internet
+    with pytest.raises(FileNotFoundError, match="could not download"):
+        run(
+            [
+                *TRAIN,
+                "--dataset",
+                "multi30k",
+                "--data-dir",
+                str(tmp_path / "m30k"),
+                "--out",
+                str(tmp_path / "r"),
+                "--max-steps",
+                "1",
+                "--download",
+            ]
+        )
