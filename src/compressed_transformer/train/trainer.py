@@ -18,6 +18,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -260,13 +261,23 @@ def _validate(
     }
 
 
-def train(model_config: TransformerConfig, cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
+def train(
+    model_config: TransformerConfig,
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    prepare: Callable[[Transformer], None] | None = None,
+) -> dict[str, Any]:
     """Train a translation model; returns the run summary (also written to ``summary.json``).
 
     Args:
         model_config: the model to train (its ``vocab_size`` is an upper bound for the trained tokenizer's).
         cfg: the run's :class:`TrainConfig`.
         resume: continue the run in ``cfg.out_dir`` from its ``checkpoint_last.pt``.
+        prepare: changes the model in place once it is built (or converted from ``cfg.init_from``), before a resumed
+            state is loaded and before training: for compressions ``model_config`` cannot describe, e.g.
+            ``compress_`` on the attention projections. Its checkpoints then rebuild only through the same
+            ``prepare``; describe it in ``cfg.extra`` so that the run folder records it.
 
     Raises:
         ValueError: for bad configs, data, or a resume folder from another run (before any training).
@@ -276,12 +287,18 @@ def train(model_config: TransformerConfig, cfg: TrainConfig, *, resume: bool = F
     # ---- setup -------------------------------------------------------------------------------------------------
     ctx = distributed.setup(cfg.device)
     try:
-        return _train(model_config, cfg, ctx, resume)
+        return _train(model_config, cfg, ctx, resume, prepare)
     finally:
         distributed.cleanup()
 
 
-def _train(model_config: TransformerConfig, cfg: TrainConfig, ctx: distributed.DistContext, resume: bool):
+def _train(
+    model_config: TransformerConfig,
+    cfg: TrainConfig,
+    ctx: distributed.DistContext,
+    resume: bool,
+    prepare: Callable[[Transformer], None] | None,
+):
     out = Path(cfg.out_dir)
     if model_config.ffn.method != "dense":  # a bad FFN spec fails here, before any data is read
         FeedForward(model_config.d_model, model_config.d_ff, 0.0, model_config.ffn.method, model_config.ffn.options)
@@ -331,6 +348,8 @@ def _train(model_config: TransformerConfig, cfg: TrainConfig, ctx: distributed.D
 
     torch.manual_seed(cfg.seed + ctx.rank)
     model = Transformer(model_config) if init_state is None else _convert_from_dense(model_config, init_state)
+    if prepare is not None:
+        prepare(model)
     model.to(ctx.device)
     train_model: nn.Module = model
     if ctx.distributed:

@@ -1,0 +1,211 @@
+"""``compressed-transformer study``: tiny end-to-end runs on a toy corpus, skipping, accounting and bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from compressed_transformer import cli
+from compressed_transformer.models.transformer import Transformer, parameter_report, preset
+from compressed_transformer.studies import translation
+from compressed_transformer.studies.translation import (
+    ROW_NAMES,
+    LowRankEmbedding,
+    StudyConfig,
+    describe_blocks,
+    load_row_model,
+    row_model_config,
+    rows_for,
+)
+
+DE = ["ein", "zwei", "drei", "vier", "fünf", "hund", "katze", "maus", "haus", "baum"]
+EN = ["one", "two", "three", "four", "five", "dog", "cat", "mouse", "house", "tree"]
+
+
+def write_corpus(folder: Path, pairs: int = 32, seed: int = 0) -> Path:
+    """A word-for-word toy corpus in the ``plain`` layout (train = valid = test)."""
+    rng = random.Random(seed)
+    src, tgt = [], []
+    for _ in range(pairs):
+        words = [rng.randrange(len(DE)) for _ in range(rng.randint(2, 5))]
+        src.append(" ".join(DE[i] for i in words))
+        tgt.append(" ".join(EN[i] for i in words))
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "valid", "test"):
+        (folder / f"{split}.de").write_text("\n".join(src) + "\n")
+        (folder / f"{split}.en").write_text("\n".join(tgt) + "\n")
+    return folder
+
+
+def parser() -> argparse.ArgumentParser:
+    main = argparse.ArgumentParser(prog="compressed-transformer")
+    translation.register(main.add_subparsers(dest="command", required=True))
+    return main
+
+
+def run(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+def study_argv(data: Path, out: Path, rows: str) -> list[str]:
+    return ["study", "plain", "--budget", "tiny", "--data-dir", str(data), "--out", str(out), "--rows", rows]
+
+
+def test_study_is_a_cli_subcommand() -> None:
+    assert "compressed_transformer.studies.translation" in cli.SUBCOMMAND_MODULES
+
+
+def test_rows_and_blocks_of_each_budget() -> None:
+    small = preset("small")
+    rows = rows_for("multi30k", small)
+    assert tuple(rows) == ROW_NAMES["multi30k"]
+    blocks = {name: describe_blocks(row_model_config(rows[name], small)) for name in ("tt-3/4", "tt-1/2", "tt-1/4")}
+    assert blocks == {
+        "tt-3/4": "enc 0-1, dec 0-1 of 3+3",
+        "tt-1/2": "enc 0-1, dec 0-1 of 3+3",
+        "tt-1/4": "enc 0, dec 0 of 3+3",
+    }
+    base = preset("base")
+    rows = rows_for("multi30k", base)
+    assert describe_blocks(row_model_config(rows["tt-3/4"], base)) == "enc 0-3, dec 0-3 of 6+6"  # round(4.5) == 4
+    assert describe_blocks(row_model_config(rows["tt-1/4"], base)) == "enc 0-1, dec 0-1 of 6+6"
+    small_row = row_model_config(rows["small"], base)
+    assert (small_row.enc_layers, small_row.dec_layers) == (3, 3)  # the seed's 3+3 baseline
+    assert tuple(rows_for("iwslt14", preset("iwslt"))) == ("original", "tt-all", "tt-1/2", "tucker-all")
+
+
+def test_low_rank_embedding_matches_truncated_svd() -> None:
+    embedding = nn.Embedding(20, 8, padding_idx=0)
+    with torch.no_grad():
+        embedding.weight[0].zero_()
+    full = LowRankEmbedding.from_embedding(embedding, rank=8)
+    torch.testing.assert_close(full.weight, embedding.weight, atol=1e-5, rtol=1e-5)
+    ids = torch.tensor([[0, 3, 19], [5, 5, 1]])
+    torch.testing.assert_close(full(ids), embedding(ids), atol=1e-5, rtol=1e-5)
+    low = LowRankEmbedding.from_embedding(embedding, rank=2)
+    assert sum(p.numel() for p in low.parameters()) == 2 * (20 + 8)
+    assert low(ids).shape == (2, 3, 8)
+    assert torch.count_nonzero(low.weight[0]) == 0  # the padding row stays zero
+    with pytest.raises(ValueError, match="rank"):
+        LowRankEmbedding(20, 8, rank=9)
+
+
+def test_tiny_study_end_to_end_then_skips_finished_rows(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = write_corpus(tmp_path / "data")
+    out = tmp_path / "study"
+    # tt-all-convert needs the original (run first, automatically); tt-3/4 of a 2+2 model is tt-all (round(1.5)==2)
+    assert run(study_argv(data, out, "tt-all-convert,tt-3/4,tt-all+attn+emb")) == 0
+    for name in ("table.md", "results.json", "bleu_vs_ratio.png", "study.json"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    assert {"rows", "seed", "config", "command", "git_revision", "environment"} <= set(results)
+    rows = {r["name"]: r for r in results["rows"]}
+    assert list(rows) == ["original", "tt-all", "tt-3/4", "tt-all-convert", "tt-all+attn+emb"]
+    for r in rows.values():
+        assert {"bleu", "bleu_seed", "params", "ratio", "ratio_ffn", "train_seconds", "infer_seconds"} <= set(r)
+        assert 0.0 <= r["bleu_seed"] <= 1.0 and r["infer_seconds"] > 0 and r["sentences_per_s"] > 0
+
+    original = rows["original"]
+    assert original["ratio"] == 1.0 and original["ratio_ffn"] == 1.0 and original["route"] == "scratch"
+    assert original["seed"]["bleu"] == 0.442  # the seed's figure, for comparison
+    assert rows["tt-all"]["ratio"] > 1.0 and rows["tt-all"]["ratio_ffn"] > 1.0
+    assert rows["tt-all-convert"]["route"] == "convert"
+    assert rows["tt-all-convert"]["params"] == rows["tt-all"]["params"]
+    assert rows["tt-3/4"]["same_as"] == "tt-all" and rows["tt-3/4"]["bleu"] == rows["tt-all"]["bleu"]
+    assert not (out / "rows" / "tt-3_4" / "checkpoint_last.pt").exists()  # not trained twice
+    emb = rows["tt-all+attn+emb"]
+    assert emb["ratio"] > rows["tt-all"]["ratio"]
+    assert emb["params_embeddings"] < original["params_embeddings"]
+    assert emb["params_attention"] < original["params_attention"]
+
+    # parameters agree with parameter_report of the checkpoints' models (and the dense total with the original)
+    study = StudyConfig("plain", str(out), str(data), "tiny")
+    for name in ("tt-all", "tt-all+attn+emb"):
+        model, _ = load_row_model(study, name)
+        assert parameter_report(model)["total"] == rows[name]["params"]
+    assert original["params"] / rows["tt-all"]["params"] == pytest.approx(rows["tt-all"]["ratio"])
+    with torch.device("meta"):
+        dense = Transformer(preset("tiny", vocab_size=model.config.vocab_size))
+    assert parameter_report(dense)["total"] == original["params"]
+
+    table = (out / "table.md").read_text()
+    assert "| tt-3/4 (= tt-all) |" in table and "all 2+2" in table and "seed BLEU" in table
+
+    # a second invocation trains nothing: finished rows are read back, their files untouched
+    watched = [out / "rows" / name / "result.json" for name in ("original", "tt-all")]
+    watched.append(out / "rows" / "original" / "checkpoint_last.pt")
+    before = {path: path.stat().st_mtime_ns for path in watched}
+    capsys.readouterr()
+    assert run(study_argv(data, out, "tt-all,original")) == 0
+    assert "finished earlier, skipped" in capsys.readouterr().out
+    assert {path: path.stat().st_mtime_ns for path in watched} == before
+    again = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in again["rows"]] == list(rows)  # the table keeps every finished row
+
+    with pytest.raises(ValueError, match="budget 'tiny'"):
+        run([*study_argv(data, out, "original")[:3], "small", *study_argv(data, out, "original")[4:]])
+    stored = out / "rows" / "tt-all" / "result.json"
+    stored.write_text(json.dumps({**rows["tt-all"], "train": {**rows["tt-all"]["train"], "lr": 0.5}}))
+    with pytest.raises(ValueError, match=r"different training config.*lr"):
+        run(study_argv(data, out, "tt-all"))
+
+
+def test_interrupted_row_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = write_corpus(tmp_path / "data", pairs=16)
+    out = tmp_path / "study"
+    calls: list[bool] = []
+    real_train = translation.train
+
+    def interrupted(model, cfg, *, resume=False, prepare=None):
+        calls.append(resume)
+        if not resume:  # stop after a checkpoint, as if the process were killed
+            cfg = type(cfg).from_dict({**cfg.to_dict(), "max_steps": 2})
+            real_train(model, cfg, prepare=prepare)
+            (Path(cfg.out_dir) / "summary.json").unlink()
+            raise KeyboardInterrupt
+        return real_train(model, cfg, resume=True, prepare=prepare)
+
+    monkeypatch.setattr(translation, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(study_argv(data, out, "original"))
+    assert run(study_argv(data, out, "original")) == 0
+    assert calls == [False, True]
+    result = json.loads((out / "rows" / "original" / "result.json").read_text())
+    assert result["steps"] == 4  # the tiny budget's max_steps, reached across the resume
+
+
+def test_unknown_rows_fail_before_any_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = write_corpus(tmp_path / "data", pairs=8)
+    monkeypatch.setattr(translation, "train", lambda *a, **k: pytest.fail("trained despite bad input"))
+    with pytest.raises(ValueError, match=r"unknown row\(s\) \['tt-all-tucker'\] for plain; choose from original"):
+        run(study_argv(data, tmp_path / "out", "original,tt-all-tucker"))
+    with pytest.raises(ValueError, match=r"unknown row\(s\) \['small'\] for iwslt14"):
+        run(["study", "iwslt14", "--rows", "small", "--data-dir", str(data), "--out", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match="needs --data-dir"):
+        run(["study", "plain", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_iwslt_without_training_text_fails_early(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # fairseq's prepared layout with the valid/test sets only, as in /work/shared/data/iwslt14
+    prepared = tmp_path / "iwslt14" / "fairseq_tok"
+    prepared.mkdir(parents=True)
+    for split in ("valid", "test"):
+        for lang in ("de", "en"):
+            (prepared / f"{split}.{lang}").write_text("hallo welt\n")
+    monkeypatch.setattr(translation, "train", lambda *a, **k: pytest.fail("trained without training data"))
+    out = tmp_path / "out"
+    argv = ["study", "iwslt14", "--budget", "tiny", "--data-dir", str(tmp_path / "iwslt14"), "--out", str(out)]
+    assert cli.main(argv) == 2
+    error = capsys.readouterr().err
+    assert "IWSLT'14 files missing" in error and "train.de" in error
+    assert not out.exists()
