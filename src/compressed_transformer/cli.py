@@ -11,7 +11,12 @@ import importlib
 import sys
 
 # (module, ...) each with ``register(subparsers)``; imported when the parser is built, never at package import.
-SUBCOMMAND_MODULES = ("compressed_transformer.studies.mnist", "compressed_transformer.translate")
+SUBCOMMAND_MODULES = (
+    "compressed_transformer.studies.mnist",
+    "compressed_transformer.translate",
+    "compressed_transformer.studies.translation",
+    "compressed_transformer.bench",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

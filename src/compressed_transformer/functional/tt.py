@@ -13,20 +13,34 @@ Conventions (as in Oseledets 2011 and Novikov et al. 2015, "Tensorizing Neural N
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
+from .costs import CPU_COSTS, CostModel
+
 __all__ = [
+    "TTPlan",
     "factorize",
     "max_tt_ranks",
     "resolve_tt_ranks",
+    "tt_apply_matrices",
     "tt_matrix_apply",
     "tt_matrix_from_dense",
     "tt_matrix_macs",
+    "tt_matrix_merge",
     "tt_matrix_params",
+    "tt_matrix_plan",
+    "tt_matrix_rebuild",
     "tt_matrix_to_dense",
+    "tt_plan_chunk",
+    "tt_plan_macs",
+    "tt_plan_matrices",
+    "tt_plan_shapes",
+    "tt_plan_steps",
     "tt_svd",
     "tt_to_dense",
 ]
@@ -231,31 +245,399 @@ def tt_matrix_to_dense(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     return full[..., 0]
 
 
-def tt_matrix_apply(x: torch.Tensor, cores: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Compute ``x @ W.T`` for a TT-matrix ``W`` without building ``W``.
+@dataclass(frozen=True)
+class TTPlan:
+    """How :func:`tt_matrix_apply` contracts a batch of vectors with TT-matrix cores.
 
-    Cores are contracted left to right; at step ``k`` the running tensor has shape
-    ``(N, o_1..o_{k-1}, r_{k-1}, i_k, i_{k+1}..i_d)`` and the core consumes ``(r_{k-1}, i_k)`` and produces
-    ``(o_k, r_k)``.
+    Runs of consecutive cores are first merged into one core each (``groups`` gives the run lengths), then the
+    merged cores are swept over the input in one direction, each step one matmul with no transposes in between:
+
+    * ``"ltr"``: the running tensor is ``(N, O_done, r_{k-1}, I_k, I_rest)``; step ``k`` is a batched matmul of
+      the ``(O_k r_k, r_{k-1} I_k)`` matrix of merged core ``k`` with ``N * O_done`` matrices
+      ``(r_{k-1} I_k, I_rest)``; the last step is one GEMM.
+    * ``"rtl"``: the mirror image, ``(N, I_left, I_k, r_k, O_done)``, consuming input modes from the last core.
+
+    ``groups=(d,)`` merges every core, i.e. rebuilds ``W`` and runs one GEMM; ``groups=(1,) * d`` contracts core
+    by core (fewest multiply-adds, most and smallest steps). ``chunk`` splits the tokens into blocks of that many
+    rows so that the intermediates stay in cache; the result does not depend on it.
+
+    Args:
+        groups: run lengths of merged cores; positive, summing to the number of cores.
+        direction: ``"ltr"`` or ``"rtl"``.
+        chunk: tokens per block, or ``None`` for all at once.
+
+    Raises:
+        ValueError: for an unknown direction, a non-positive group or chunk.
+    """
+
+    groups: tuple[int, ...]
+    direction: str = "ltr"
+    chunk: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "groups", tuple(int(g) for g in self.groups))
+        if self.direction not in ("ltr", "rtl"):
+            raise ValueError(f"direction must be 'ltr' or 'rtl', got {self.direction!r}")
+        if not self.groups or any(g < 1 for g in self.groups):
+            raise ValueError(f"groups must be positive run lengths of cores, got {self.groups}")
+        if self.chunk is not None and self.chunk < 1:
+            raise ValueError(f"chunk must be >= 1 or None, got {self.chunk}")
+
+
+def _check_plan(plan: TTPlan, d: int) -> None:
+    if sum(plan.groups) != d:
+        raise ValueError(f"plan groups {plan.groups} must sum to the number of cores, {d}")
+
+
+def tt_plan_shapes(
+    out_modes: Sequence[int], in_modes: Sequence[int], ranks: Sequence[int], groups: Sequence[int]
+) -> list[tuple[int, int, int, int]]:
+    """Shapes ``(r, O, I, s)`` of the merged cores of ``groups`` (see :class:`TTPlan`)."""
+    shapes, k = [], 0
+    for g in groups:
+        shapes.append((ranks[k], math.prod(out_modes[k : k + g]), math.prod(in_modes[k : k + g]), ranks[k + g]))
+        k += g
+    return shapes
+
+
+def _features(shapes: tuple[tuple[int, int, int, int], ...]) -> tuple[int, int]:
+    """``(in_features, out_features)`` of merged core shapes."""
+    return math.prod([c[2] for c in shapes]), math.prod([c[1] for c in shapes])
+
+
+def _steps(shapes: Sequence[tuple[int, int, int, int]], direction: str, tokens: int) -> list[tuple[int, int, int, int]]:
+    steps = []
+    if direction == "ltr":
+        done, rest = 1, math.prod([s[2] for s in shapes])
+        for r, o, i, s in shapes:
+            rest //= i
+            steps.append((tokens * done, o * s, r * i, rest))
+            done *= o
+    else:
+        done, rest = 1, math.prod([s[2] for s in shapes])
+        for r, o, i, s in reversed(shapes):
+            rest //= i
+            steps.append((tokens * rest, r * o, i * s, done))
+            done *= o
+    return steps
+
+
+def tt_plan_steps(
+    out_modes: Sequence[int], in_modes: Sequence[int], ranks: Sequence[int], plan: TTPlan, tokens: int
+) -> list[tuple[int, int, int, int]]:
+    """The matmuls of ``plan`` for ``tokens`` vectors (ignoring ``plan.chunk``), each ``(batch, m, k, n)``:
+    ``batch`` matrices ``(m, k) @ (k, n)``, or for ``n == 1`` one GEMM ``(batch, k) @ (k, m)``.
+
+    Merging the cores of a group costs ``O(params)`` and is not counted.
+    """
+    _check_plan(plan, len(out_modes))
+    return _steps(tt_plan_shapes(out_modes, in_modes, ranks, plan.groups), plan.direction, tokens)
+
+
+def tt_plan_macs(out_modes: Sequence[int], in_modes: Sequence[int], ranks: Sequence[int], plan: TTPlan) -> int:
+    """Multiply-adds per input vector of ``plan``."""
+    return sum(b * m * k * n for b, m, k, n in tt_plan_steps(out_modes, in_modes, ranks, plan, 1))
+
+
+def tt_matrix_merge(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Merge consecutive TT-matrix cores ``(r_{k-1}, o_k, i_k, r_k)`` into one core ``(r_a, prod o, prod i, r_b)``.
+
+    The merged core represents the same operator: ``tt_matrix_to_dense`` of a list with the run replaced by its
+    merge is unchanged.
+    """
+    merged = cores[0]
+    for core in cores[1:]:
+        r, big_o, big_i, _ = merged.shape
+        _, o, i, s = core.shape
+        merged = torch.einsum("aOIr,rois->aOoIis", merged, core).reshape(r, big_o * o, big_i * i, s)
+    return merged
+
+
+def tt_matrix_rebuild(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``W`` of shape ``(prod out_modes, prod in_modes)``, as :func:`tt_matrix_to_dense`, built the fast way.
+
+    The cores are merged into two halves ``A`` ``(1, O_1, I_1, r)`` and ``B`` ``(r, O_2, I_2, 1)``; ``W`` is one
+    GEMM ``(O_1 I_1, r) @ (r, O_2 I_2)`` and one transpose to ``(O_1 O_2, I_1 I_2)``. Under autograd this costs
+    about half of the core-by-core rebuild (fewer weight-sized intermediates to write and differentiate).
+    """
+    if len(cores) == 1:
+        return cores[0].reshape(cores[0].shape[1], cores[0].shape[2])
+    half = len(cores) // 2
+    a, b = tt_matrix_merge(cores[:half]), tt_matrix_merge(cores[half:])
+    _, o1, i1, r = a.shape
+    _, o2, i2, _ = b.shape
+    w = (a.reshape(o1 * i1, r) @ b.reshape(r, o2 * i2)).reshape(o1, i1, o2, i2)
+    return w.permute(0, 2, 1, 3).reshape(o1 * o2, i1 * i2)
+
+
+def tt_plan_matrices(cores: Sequence[torch.Tensor], plan: TTPlan) -> list[torch.Tensor]:
+    """The 2-D matrices :func:`tt_apply_matrices` multiplies with, one per group of ``plan``, in sweep order.
+
+    ``"ltr"``: merged core ``(r, O, I, s)`` as ``(O s, r I)``; ``"rtl"``: as ``(r O, I s)``, last group first.
+    They are cheap to build (``O(params)`` work) and differentiable; a layer may cache them in eval mode.
+    """
+    _check_plan(plan, len(cores))
+    merged, k = [], 0
+    for g in plan.groups:
+        merged.append(tt_matrix_merge(cores[k : k + g]) if g > 1 else cores[k])
+        k += g
+    if plan.direction == "ltr":
+        return [c.permute(1, 3, 0, 2).reshape(c.shape[1] * c.shape[3], c.shape[0] * c.shape[2]) for c in merged]
+    return [c.reshape(c.shape[0] * c.shape[1], c.shape[2] * c.shape[3]) for c in reversed(merged)]
+
+
+class _SharedMatrixBmm(torch.autograd.Function):
+    """``matrix @ t[b]`` for every ``b``: ``torch.bmm`` with ``matrix`` broadcast over the batch.
+
+    Autograd's own backward of ``bmm(matrix.expand(B, m, k), t)`` materialises a ``(B, m, k)`` gradient and sums
+    it, which for many small matrices (large ``B``, ``k > n``) costs far more than the forward; here the gradient
+    of ``matrix`` is one GEMM over the whole batch instead.
+    """
+
+    @staticmethod
+    def forward(ctx, matrix: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(matrix, t)
+        return torch.bmm(matrix.expand(t.shape[0], *matrix.shape), t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        matrix, t = ctx.saved_tensors
+        grad_matrix = grad_t = None
+        if ctx.needs_input_grad[0]:
+            batch, m, n = grad.shape
+            k = t.shape[1]
+            # sum_b grad[b] @ t[b]^T as one (m, B n) x (B n, k) GEMM
+            grad_matrix = grad.transpose(0, 1).reshape(m, batch * n) @ t.transpose(1, 2).reshape(batch * n, k)
+        if ctx.needs_input_grad[1]:
+            grad_t = torch.bmm(matrix.t().expand(grad.shape[0], matrix.shape[1], matrix.shape[0]), grad)
+        return grad_matrix, grad_t
+
+
+def _shared_bmm(matrix: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and (matrix.requires_grad or t.requires_grad):
+        return _SharedMatrixBmm.apply(matrix, t)
+    return torch.bmm(matrix.expand(t.shape[0], *matrix.shape), t)
+
+
+def _sweep(
+    x: torch.Tensor,
+    matrices: Sequence[torch.Tensor],
+    shapes: Sequence[tuple[int, int, int, int]],
+    direction: str,
+    bias: torch.Tensor | None,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """``x`` ``(n, in)`` -> ``(n, out)``; writes into ``out`` (no autograd) when given."""
+    n = x.shape[0]
+    out_features = _features(shapes)[1]
+    t = x
+    steps = _steps(shapes, direction, n)
+    last = len(steps) - 1
+    for index, (matrix, (batch, m, k, cols)) in enumerate(zip(matrices, steps, strict=True)):
+        final = index == last
+        if cols == 1:  # one GEMM (batch, k) @ (k, m)
+            a = t.reshape(batch, k)
+            if final and bias is not None and m == out_features:
+                if out is not None:
+                    return torch.addmm(bias, a, matrix.t(), out=out)
+                return torch.addmm(bias, a, matrix.t())
+            if final and out is not None:
+                torch.mm(a, matrix.t(), out=out.view(batch, m))
+                if bias is not None:
+                    out.add_(bias)
+                return out
+            t = a @ matrix.t()  # (batch, m)
+        else:
+            b = t.reshape(batch, k, cols)
+            expanded = matrix.expand(batch, m, k)
+            if final and bias is not None:  # rtl: the output is (n, o_1, O_rest) and the bias broadcasts over n
+                lhs = bias.view(1, m, cols)
+                if out is not None:
+                    return torch.baddbmm(lhs, expanded, b, out=out.view(batch, m, cols)).view(n, out_features)
+                if torch.is_grad_enabled() and (matrix.requires_grad or b.requires_grad or bias.requires_grad):
+                    t = _SharedMatrixBmm.apply(matrix, b) + lhs
+                else:
+                    t = torch.baddbmm(lhs, expanded, b)
+                return t.reshape(n, out_features)
+            if final and out is not None:
+                torch.bmm(expanded, b, out=out.view(batch, m, cols))
+                return out
+            t = _shared_bmm(matrix, b) if out is None else torch.bmm(expanded, b)  # (batch, m, cols)
+    y = t.reshape(n, out_features)
+    return y + bias if bias is not None else y
+
+
+def tt_apply_matrices(
+    x: torch.Tensor,
+    matrices: Sequence[torch.Tensor],
+    shapes: Sequence[tuple[int, int, int, int]],
+    plan: TTPlan,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` from the matrices of :func:`tt_plan_matrices` (the sweep of :class:`TTPlan`).
+
+    Args:
+        x: ``(..., in_features)``, any strides.
+        matrices: ``tt_plan_matrices(cores, plan)``.
+        shapes: ``tt_plan_shapes(out_modes, in_modes, ranks, plan.groups)``.
+        plan: the plan the matrices were built for.
+        bias: ``(out_features,)`` or ``None``.
+
+    Returns:
+        ``(..., out_features)``, contiguous.
+    """
+    shapes = tuple(shapes)
+    in_features, out_features = _features(shapes)
+    lead = x.shape[:-1]
+    n = math.prod(lead)
+    flat = x.reshape(n, in_features)
+    chunk = plan.chunk
+    if chunk is None or chunk >= n:
+        y = _sweep(flat, matrices, shapes, plan.direction, bias, None)
+    elif torch.is_grad_enabled() and (
+        flat.requires_grad or any(m.requires_grad for m in matrices) or (bias is not None and bias.requires_grad)
+    ):
+        # one split (its backward is one cat), not n / chunk slices (each slice's backward fills a full-size zero
+        # gradient: quadratic in the number of chunks)
+        parts = [_sweep(part, matrices, shapes, plan.direction, bias, None) for part in flat.split(chunk)]
+        y = torch.cat(parts)
+    else:
+        y = flat.new_empty(n, out_features)
+        for s in range(0, n, chunk):
+            _sweep(flat[s : s + chunk], matrices, shapes, plan.direction, bias, y[s : s + chunk])
+    return y.reshape(*lead, out_features)
+
+
+def tt_matrix_apply(
+    x: torch.Tensor,
+    cores: Sequence[torch.Tensor],
+    *,
+    bias: torch.Tensor | None = None,
+    plan: TTPlan | None = None,
+) -> torch.Tensor:
+    """Compute ``x @ W.T (+ bias)`` for a TT-matrix ``W`` (without building ``W`` unless ``plan`` says so).
+
+    With the default plan the cores are contracted one by one, left to right: at step ``k`` the running tensor
+    has shape ``(N, o_1..o_{k-1}, r_{k-1}, i_k, i_{k+1}..i_d)`` and the core consumes ``(r_{k-1}, i_k)`` and
+    produces ``(o_k, r_k)``. Any :class:`TTPlan` gives the same result up to rounding; see :func:`tt_matrix_plan`
+    for choosing one by cost.
 
     Args:
         x: ``(..., in_features)``.
         cores: TT-matrix cores of shapes ``(r_{k-1}, o_k, i_k, r_k)``.
+        bias: ``(out_features,)`` added to the result, or ``None``.
+        plan: how to contract; ``TTPlan((1,) * d, "ltr")`` when omitted.
 
     Returns:
         ``(..., out_features)``.
+
+    Raises:
+        ValueError: if ``plan`` does not fit the number of cores.
     """
-    lead = x.shape[:-1]
-    n = math.prod(lead)
-    rest = x.shape[-1]  # explicit sizes, not -1: an empty batch (N = 0) leaves -1 ambiguous
-    t = x.reshape(n, 1, 1, rest)  # (N, O_done=1, r_0=1, I_rest)
-    for core in cores:
-        r, o, i, s = core.shape
-        big_o, rest = t.shape[1], rest // i
-        t = t.reshape(n, big_o, r, i, rest)  # (N, O, r, i_k, I_rest)
-        t = torch.einsum("bxrjz,rojs->bxosz", t, core)  # (N, O, o_k, r_k, I_rest)
-        t = t.reshape(n, big_o * o, s, rest)
-    return t.reshape(*lead, t.shape[1])
+    plan = plan if plan is not None else TTPlan((1,) * len(cores), "ltr")
+    shapes = tt_plan_shapes(
+        [c.shape[1] for c in cores], [c.shape[2] for c in cores], [1] + [c.shape[3] for c in cores], plan.groups
+    )
+    return tt_apply_matrices(x, tt_plan_matrices(cores, plan), shapes, plan, bias)
+
+
+def _groupings(d: int) -> list[tuple[int, ...]]:
+    out = []
+    for cuts in range(1 << (d - 1)):
+        groups, run = [], 1
+        for k in range(d - 1):
+            if cuts >> k & 1:
+                groups.append(run)
+                run = 1
+            else:
+                run += 1
+        out.append((*groups, run))
+    return out
+
+
+def tt_plan_chunk(
+    out_modes: Sequence[int],
+    in_modes: Sequence[int],
+    ranks: Sequence[int],
+    plan: TTPlan,
+    tokens: int,
+    *,
+    chunk_bytes: int | None,
+    element_size: int = 4,
+) -> int | None:
+    """Tokens per chunk so that the largest intermediate of ``plan`` fits ``chunk_bytes`` (at least 32 tokens);
+    ``None`` when everything fits or ``chunk_bytes`` is ``None``."""
+    if chunk_bytes is None:
+        return None
+    per_token = max(max(b * m * n, b * k * n) for b, m, k, n in tt_plan_steps(out_modes, in_modes, ranks, plan, 1))
+    chunk = max(32, chunk_bytes // (per_token * element_size))
+    return None if chunk >= tokens else chunk
+
+
+@functools.lru_cache(maxsize=4096)
+def _best_plan(
+    out_modes: tuple[int, ...],
+    in_modes: tuple[int, ...],
+    ranks: tuple[int, ...],
+    tokens: int,
+    train: bool,
+    threads: int,
+    costs: CostModel,
+    element_size: int,
+) -> tuple[TTPlan, float]:
+    best: tuple[float, TTPlan] | None = None
+    d = len(out_modes)
+    for groups in _groupings(d):
+        if len(groups) == 1 and d > 1:
+            continue  # rebuilding W is the dense path, which the caller prices itself
+        for direction in ("ltr", "rtl") if len(groups) > 1 else ("ltr",):
+            plan = TTPlan(groups, direction)
+            chunk = tt_plan_chunk(
+                out_modes, in_modes, ranks, plan, tokens, chunk_bytes=costs.chunk_bytes, element_size=element_size
+            )
+            rows = min(tokens, chunk) if chunk else tokens
+            blocks = -(-tokens // rows) if tokens else 1
+            steps = tt_plan_steps(out_modes, in_modes, ranks, plan, max(rows, 1))
+            seconds = blocks * (
+                costs.steps_seconds(steps, train=train, threads=threads) + (costs.forward.op_s if chunk else 0)
+            )
+            if best is None or seconds < best[0]:
+                best = (seconds, TTPlan(groups, direction, chunk))
+    assert best is not None
+    return best[1], best[0]
+
+
+def tt_matrix_plan(
+    out_modes: Sequence[int],
+    in_modes: Sequence[int],
+    ranks: Sequence[int],
+    tokens: int,
+    *,
+    train: bool = False,
+    threads: int = 1,
+    costs: CostModel = CPU_COSTS,
+    element_size: int = 4,
+) -> tuple[TTPlan, float]:
+    """The cheapest factorised :class:`TTPlan` (at least two groups) for ``tokens`` vectors, by ``costs``.
+
+    Every contiguous grouping of the cores and both sweep directions are priced (``2^d`` candidates), and the
+    chunk size is chosen by :func:`tt_plan_chunk`. Rebuilding ``W`` (one group) is left out: the dense path is
+    priced by the caller, who knows whether ``W`` is cached.
+
+    Args:
+        out_modes, in_modes, ranks: the TT-matrix structure.
+        tokens: number of input vectors.
+        train: price a forward+backward pass instead of a forward pass.
+        threads: intra-op threads.
+        costs: the :class:`~compressed_transformer.functional.costs.CostModel`.
+        element_size: bytes per element (for the chunk size).
+
+    Returns:
+        ``(plan, predicted seconds)``.
+    """
+    return _best_plan(
+        tuple(out_modes), tuple(in_modes), tuple(ranks), int(tokens), bool(train), int(threads), costs, element_size
+    )
 
 
 def tt_matrix_params(out_modes: Sequence[int], in_modes: Sequence[int], ranks: Sequence[int]) -> int:

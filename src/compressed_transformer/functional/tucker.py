@@ -9,6 +9,7 @@ For a linear layer the weight ``W`` of shape ``(out_features, in_features)`` is 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -20,7 +21,9 @@ __all__ = [
     "mode_product",
     "resolve_tucker_ranks",
     "tucker_linear_apply",
+    "tucker_linear_factors",
     "tucker_linear_macs",
+    "tucker_linear_rank",
     "tucker_params",
     "tucker_to_dense",
 ]
@@ -152,6 +155,34 @@ def tucker_linear_apply(
     for k, u in enumerate(out_factors):
         t = mode_product(t, u, k + 1)  # r_k -> o_k
     return t.reshape(*lead, math.prod([u.shape[0] for u in out_factors]))
+
+
+def tucker_linear_factors(
+    core: torch.Tensor, out_factors: Sequence[torch.Tensor], in_factors: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``W = left @ right`` for the Tucker weight of :func:`tucker_linear_apply`, as a rank-``R`` product.
+
+    With ``U = U_1 ⊗ ... ⊗ U_d`` (``(out, prod r)``), ``V = V_1 ⊗ ... ⊗ V_e`` (``(in, prod s)``) and the core
+    as a ``(prod r, prod s)`` matrix ``G``, ``W = U G V^T``. The core is folded into the smaller side, so
+    ``R = min(prod r, prod s)`` and ``x @ W.T = (x @ right.T) @ left.T`` costs ``R (in + out)`` multiply-adds per
+    vector: two GEMMs, no transposes. Building the Kronecker products costs ``O(R (in + out))``.
+
+    Returns:
+        ``(left, right)`` of shapes ``(out_features, R)`` and ``(R, in_features)``.
+    """
+    d = len(out_factors)
+    r_out = math.prod(core.shape[:d])
+    g = core.reshape(r_out, -1)  # (prod r, prod s)
+    u = functools.reduce(torch.kron, out_factors)  # (out, prod r)
+    v = functools.reduce(torch.kron, in_factors)  # (in, prod s)
+    if g.shape[1] <= g.shape[0]:
+        return u @ g, v.T
+    return u, g @ v.T
+
+
+def tucker_linear_rank(ranks: Sequence[int], d: int) -> int:
+    """Inner rank ``R = min(prod ranks[:d], prod ranks[d:])`` of :func:`tucker_linear_factors`."""
+    return min(math.prod(ranks[:d]), math.prod(ranks[d:]))
 
 
 def tucker_params(shape: Sequence[int], ranks: Sequence[int]) -> int:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..functional.svd import truncated_svd
 from ._common import check_features, check_linear, copy_bias, product_init_std, reset_bias
+from ._fast import device_key, layer_cache, low_rank_is_faster, prepare_forward, resolve_mode, tokens_of
 
 __all__ = ["LowRankLinear"]
 
@@ -18,7 +17,9 @@ class LowRankLinear(nn.Module):
     """A linear layer with a rank-``r`` weight ``W = left @ right`` (``(out, r) @ (r, in)``), ``y = x W^T + b``.
 
     Computed as two thin GEMMs, ``(x right^T) left^T``, which needs ``r (in + out)`` multiply-adds per vector
-    instead of ``in out``; when the rank is so high that this is not cheaper, one GEMM with ``W`` is used.
+    instead of ``in out``; when the cost model (:class:`~compressed_transformer.functional.costs.CostModel`)
+    predicts that this is not faster, one GEMM with ``W`` is used, and in eval mode without autograd that ``W`` is
+    cached until a parameter changes (see :mod:`compressed_transformer.layers._fast`).
 
     Args:
         in_features: size of each input sample.
@@ -94,9 +95,24 @@ class LowRankLinear(nn.Module):
     def factorized_macs(self) -> int:
         return self.rank * (self.in_features + self.out_features)
 
-    def use_factorized(self, tokens: int) -> bool:
-        dense = self.rank * self.in_features * self.out_features + tokens * self.in_features * self.out_features
-        return tokens * self.factorized_macs() < dense
+    def use_factorized(self, tokens: int, *, train: bool | None = None, cached: bool | None = None) -> bool:
+        """Whether the forward runs two thin GEMMs (rather than one with ``W``) for ``tokens`` input vectors.
+
+        Args:
+            tokens: number of input vectors.
+            train: price a forward+backward pass rather than inference; default: whether a forward now would
+                differentiate the parameters.
+            cached: whether ``W`` would come from the eval cache; default: as a forward now.
+        """
+        train, cached = resolve_mode(self, [self.left, self.right, self.bias], train, cached)
+        return low_rank_is_faster(
+            device_key(self.left), tokens, self.in_features, self.out_features, self.rank, train, cached
+        )
+
+    def forward_path(self, tokens: int, *, train: bool | None = None) -> str:
+        """``"low-rank"`` or ``"dense"``: the path taken for ``tokens`` vectors."""
+        factorized = self.use_factorized(tokens, train=train, cached=None if train is None else not train)
+        return "low-rank" if factorized else "dense"
 
     def to_dense(self) -> torch.Tensor:
         """The represented weight, ``(out_features, in_features)``."""
@@ -111,9 +127,11 @@ class LowRankLinear(nn.Module):
         return self.rank * (self.in_features + self.out_features) + bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_factorized(math.prod(x.shape[:-1])):
+        cached = prepare_forward(self, [self.left, self.right, self.bias])
+        if self.use_factorized(tokens_of(x, self.in_features)):
             return F.linear(F.linear(x, self.right), self.left, self.bias)
-        return F.linear(x, self.to_dense(), self.bias)
+        weight = layer_cache(self).get("dense", [self.left, self.right], self.to_dense) if cached else self.to_dense()
+        return F.linear(x, weight, self.bias)
 
     def extra_repr(self) -> str:
         return (

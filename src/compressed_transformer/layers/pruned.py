@@ -10,6 +10,20 @@ from torch import nn
 
 from ..functional.sparsity import magnitude_mask, magnitude_threshold
 from ._common import check_features, check_linear, copy_bias
+from ._fast import (
+    csr_linear,
+    csr_pattern,
+    device_key,
+    layer_cache,
+    mask_cache,
+    masked_csr_linear,
+    prepare_forward,
+    sparse_is_faster,
+    sparse_supported,
+    sparse_train_is_faster,
+    to_csr,
+    tokens_of,
+)
 
 __all__ = ["PrunedLinear"]
 
@@ -20,6 +34,13 @@ class PrunedLinear(nn.Module):
     The mask is a ``bool`` buffer saved in the ``state_dict``. Pruned entries of ``weight`` are stored as zeros and
     receive zero gradient (the forward multiplies by the mask), so optimiser steps never revive them; decoupled
     weight decay keeps zeros at zero too.
+
+    In eval mode without autograd the masked weight is cached until the weight or the mask changes, and when the
+    cost model predicts a sparse kernel to be faster (high sparsity, float32/float64) the forward multiplies with
+    a cached CSR copy instead (``torch.sparse.addmm``). With autograd, at high sparsity, the forward and the input
+    gradient use CSR kernels too and the weight gradient is computed only at the kept entries
+    (``torch.sparse.sampled_addmm``), exactly the masked gradient of the dense path. :meth:`forward_path` says
+    which kernels run (see :mod:`compressed_transformer.layers._fast`).
 
     Args:
         in_features: size of each input sample.
@@ -118,8 +139,31 @@ class PrunedLinear(nn.Module):
         bias = self.out_features if self.bias is not None else 0
         return int(self.mask.sum()) + bias
 
+    def use_sparse(self, tokens: int, *, train: bool = False) -> bool:
+        """Whether the forward uses CSR kernels for ``tokens`` input vectors: in eval mode without autograd with a
+        cached CSR weight, with autograd (``train``) through :func:`~compressed_transformer.layers._fast.
+        masked_csr_linear` (sparse input gradient, weight gradient sampled at the kept entries)."""
+        if not sparse_supported(self.weight):
+            return False
+        nnz = mask_cache(self).get("nnz", [self.mask], lambda: int(self.mask.sum()))
+        decide = sparse_train_is_faster if train else sparse_is_faster
+        return decide(device_key(self.weight), tokens, self.in_features, self.out_features, nnz)
+
+    def forward_path(self, tokens: int, *, train: bool = False) -> str:
+        """``"csr"`` or ``"dense"``: the kernels a forward (``train``: with autograd) uses for ``tokens`` vectors."""
+        return "csr" if self.use_sparse(tokens, train=train) else "dense"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.to_dense(), self.bias)
+        tokens = tokens_of(x, self.in_features)
+        if not prepare_forward(self, [self.weight, self.bias]):
+            if self.use_sparse(tokens, train=True):
+                pattern = mask_cache(self).get("pattern", [self.mask], lambda: csr_pattern(self.mask))
+                return masked_csr_linear(x, self.weight, self.bias, pattern)
+            return F.linear(x, self.to_dense(), self.bias)
+        tensors, cache = [self.weight, self.mask], layer_cache(self)
+        if self.use_sparse(tokens):
+            return csr_linear(x, cache.get("csr", tensors, lambda: to_csr(self.to_dense())), self.bias)
+        return F.linear(x, cache.get("dense", tensors, self.to_dense), self.bias)
 
     def extra_repr(self) -> str:
         return (

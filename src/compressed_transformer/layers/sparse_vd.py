@@ -10,6 +10,16 @@ from torch import nn
 
 from ..functional.sparsity import log_alpha, sparse_vd_kl
 from ._common import check_features, check_linear, copy_bias
+from ._fast import (
+    csr_linear,
+    device_key,
+    layer_cache,
+    prepare_forward,
+    sparse_is_faster,
+    sparse_supported,
+    to_csr,
+    tokens_of,
+)
 from .pruned import PrunedLinear
 
 __all__ = ["SparseVDLinear", "model_kl"]
@@ -22,7 +32,10 @@ class SparseVDLinear(nn.Module):
     ``p(|w|) ∝ 1/|w|``; :meth:`kl` gives the paper's approximation of the KL term. In training mode the local
     reparameterisation trick samples pre-activations: ``y ~ N(x theta^T + b, (x^2) sigma^2^T)``. In eval mode
     the layer is deterministic: ``y = x (theta * 1[log alpha <= threshold])^T + b`` with
-    ``log alpha = log sigma^2 - log theta^2``; weights with ``log alpha > threshold`` are zero.
+    ``log alpha = log sigma^2 - log theta^2``; weights with ``log alpha > threshold`` are zero. Without autograd
+    that eval weight is cached until ``theta``, ``log sigma^2`` or ``threshold`` change, and a cached CSR copy is
+    used instead when the cost model predicts the sparse kernel to be faster (see :meth:`forward_path` and
+    :mod:`compressed_transformer.layers._fast`).
 
     Args:
         in_features: size of each input sample.
@@ -138,9 +151,39 @@ class SparseVDLinear(nn.Module):
         with torch.no_grad():
             return int(self.mask().sum()) + bias
 
+    def _eval_weight(self) -> tuple[torch.Tensor, int]:
+        """The cached eval-mode weight and its number of nonzeros."""
+
+        def build() -> tuple[torch.Tensor, int]:
+            weight = self.to_dense()
+            return weight, int(torch.count_nonzero(weight))
+
+        return layer_cache(self).get("eval", [self.theta, self.log_sigma2], build, (self.threshold,))
+
+    def use_sparse(self, tokens: int) -> bool:
+        """Whether an eval-mode forward without autograd uses the CSR kernel for ``tokens`` input vectors."""
+        if not sparse_supported(self.theta):
+            return False
+        nnz = self._eval_weight()[1]
+        return sparse_is_faster(device_key(self.theta), tokens, self.in_features, self.out_features, nnz)
+
+    def forward_path(self, tokens: int, *, train: bool = False) -> str:
+        """``"csr"`` or ``"dense"`` (eval mode), or ``"sampled"`` (training mode): the path for ``tokens``."""
+        if train:
+            return "sampled"
+        return "csr" if self.use_sparse(tokens) else "dense"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
-            return F.linear(x, self.to_dense(), self.bias)
+            if not prepare_forward(self, [self.theta, self.log_sigma2, self.bias]):
+                return F.linear(x, self.to_dense(), self.bias)
+            weight, _ = self._eval_weight()
+            if self.use_sparse(tokens_of(x, self.in_features)):
+                key = (self.threshold,)
+                csr = layer_cache(self).get("csr", [self.theta, self.log_sigma2], lambda: to_csr(weight), key)
+                return csr_linear(x, csr, self.bias)
+            return F.linear(x, weight, self.bias)
+        prepare_forward(self, [self.theta, self.log_sigma2, self.bias])  # drops the eval cache
         mean = F.linear(x, self.theta, self.bias)
         var = F.linear(x * x, torch.exp(self.log_sigma2))
         return mean + torch.sqrt(var + 1e-8) * torch.randn_like(mean)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -9,17 +10,120 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..functional.costs import CostModel, cost_model_for
 from ..functional.tt import (
+    TTPlan,
     resolve_tt_ranks,
-    tt_matrix_apply,
+    tt_apply_matrices,
     tt_matrix_from_dense,
     tt_matrix_macs,
     tt_matrix_params,
+    tt_matrix_plan,
+    tt_matrix_rebuild,
     tt_matrix_to_dense,
+    tt_plan_matrices,
+    tt_plan_shapes,
 )
 from ._common import check_features, check_linear, copy_bias, product_init_std, reset_bias, resolve_modes
+from ._fast import (
+    TOKEN_BUCKETS,
+    device_key,
+    grad_needed,
+    layer_cache,
+    memo,
+    params_of,
+    pick,
+    prepare_forward,
+    resolve_mode,
+    tokens_of,
+)
 
 __all__ = ["TTLinear"]
+
+
+@functools.lru_cache(maxsize=4096)
+def _tt_best(
+    out_modes: tuple[int, ...],
+    in_modes: tuple[int, ...],
+    ranks: tuple[int, ...],
+    tokens: int,
+    train: bool,
+    device: tuple[str, int, int],
+) -> tuple[tuple[int, ...], str, int | None]:
+    """The cheapest factorised plan (:func:`tt_matrix_plan`), as plain hashable values."""
+    device_type, element_size, threads = device
+    plan, _ = tt_matrix_plan(
+        out_modes,
+        in_modes,
+        ranks,
+        tokens,
+        train=train,
+        threads=threads,
+        costs=cost_model_for(device_type),
+        element_size=element_size,
+    )
+    return plan.groups, plan.direction, plan.chunk
+
+
+def _rebuild_seconds(
+    out_modes: tuple[int, ...],
+    in_modes: tuple[int, ...],
+    ranks: tuple[int, ...],
+    costs: CostModel,
+    train: bool,
+    threads: int,
+    element_size: int,
+) -> float:
+    """Predicted seconds of :func:`tt_matrix_rebuild`: a GEMM through the middle rank and a weight-sized
+    transpose (with their backward when ``train``)."""
+    half = len(out_modes) // 2
+    rows = math.prod(out_modes[:half]) * math.prod(in_modes[:half])
+    cols = math.prod(out_modes[half:]) * math.prod(in_modes[half:])
+    gemm = costs.steps_seconds([(rows, cols, ranks[half], 1)], train=train, threads=threads)
+    return gemm + costs.copy_seconds(rows * cols * element_size, train=train, threads=threads)
+
+
+@functools.lru_cache(maxsize=4096)
+def _tt_choice(
+    out_modes: tuple[int, ...],
+    in_modes: tuple[int, ...],
+    ranks: tuple[int, ...],
+    tokens: int,
+    train: bool,
+    cached: bool,
+    device: tuple[str, int, int],
+) -> tuple[tuple[int, ...], str, int | None] | None:
+    """The plan of the forward as plain values, or ``None`` when one GEMM with the rebuilt ``W`` is faster."""
+    device_type, element_size, threads = device
+    costs = cost_model_for(device_type)
+    plan, factorized = tt_matrix_plan(
+        out_modes, in_modes, ranks, tokens, train=train, threads=threads, costs=costs, element_size=element_size
+    )
+    weights = math.prod(out_modes) * math.prod(in_modes)
+    dense = costs.gemm_seconds(tokens * weights, weight_bytes=weights * element_size, train=train, threads=threads)
+    rebuild = 0.0 if cached else _rebuild_seconds(out_modes, in_modes, ranks, costs, train, threads, element_size)
+    if factorized <= costs.margin * dense + rebuild:
+        return plan.groups, plan.direction, plan.chunk
+    return None
+
+
+@torch.compiler.assume_constant_result
+def _tt_table(out_modes, in_modes, ranks, train, cached, device) -> tuple:
+    """``(bound, (use factorised, groups, direction))`` per bucket of token counts, for ``torch.compile`` (which
+    calls this once at trace time and guards on the comparisons of :func:`~compressed_transformer.layers._fast.
+    pick`)."""
+    rows = []
+    for bound in TOKEN_BUCKETS:
+        groups, direction, _ = _tt_best(out_modes, in_modes, ranks, bound, train, device)
+        use = _tt_choice(out_modes, in_modes, ranks, bound, train, cached, device) is not None
+        rows.append((bound, (use, groups, direction)))
+    return tuple(rows)
+
+
+def _cores_for(ranks: int | Sequence[int] | None) -> int:
+    """Number of cores for default modes: ``len(ranks) - 1`` for a full rank list (the seed's
+    ``[1, 2, 2, 2, 2, 1]`` means 5 cores), else 4."""
+    return 4 if ranks is None or isinstance(ranks, int) else max(1, len(ranks) - 1)
 
 
 class TTLinear(nn.Module):
@@ -29,8 +133,13 @@ class TTLinear(nn.Module):
     ``G_k`` of shape ``(r_{k-1}, out_modes[k], in_modes[k], r_k)``, ``r_0 = r_d = 1``; ``y = x W^T + b``. The
     layer stores ``sum_k r_{k-1} o_k i_k r_k`` weights instead of ``prod(o) prod(i)``.
 
-    The forward pass contracts ``x`` with the cores one by one when that needs fewer multiply-adds than
-    rebuilding ``W`` and running one GEMM, and uses the dense path otherwise (both give the same result).
+    The forward pass picks, for each token count, the fastest of: the factorised product under the cheapest
+    :class:`~compressed_transformer.functional.tt.TTPlan` (cores merged into groups and swept left-to-right or
+    right-to-left, in cache-sized blocks of tokens), or one GEMM with the rebuilt ``W``. The choice is made by
+    :class:`~compressed_transformer.functional.costs.CostModel` (time, not multiply-adds: small matmuls are less
+    efficient than one large GEMM). In eval mode without autograd the rebuilt ``W`` or the merged factors are
+    cached until a parameter changes (see :mod:`compressed_transformer.layers._fast`). Every path gives the same
+    result up to rounding.
 
     Args:
         in_features: size of each input sample.
@@ -66,7 +175,7 @@ class TTLinear(nn.Module):
         check_features(in_features, out_features)
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
-        self.in_modes, self.out_modes = resolve_modes(in_features, out_features, in_modes, out_modes, default_d=4)
+        self.in_modes, self.out_modes = resolve_modes(in_features, out_features, in_modes, out_modes, _cores_for(ranks))
         shape = [o * i for o, i in zip(self.out_modes, self.in_modes, strict=True)]
         self.ranks = resolve_tt_ranks(ranks, shape)
         self.cores = nn.ParameterList(
@@ -111,7 +220,9 @@ class TTLinear(nn.Module):
         check_linear(linear, cls.__name__)
         if ranks is None and eps is None:
             raise ValueError("TTLinear.from_linear needs ranks= (int or list), eps= (in (0, 1)) or both")
-        in_modes, out_modes = resolve_modes(linear.in_features, linear.out_features, in_modes, out_modes, 4)
+        in_modes, out_modes = resolve_modes(
+            linear.in_features, linear.out_features, in_modes, out_modes, _cores_for(ranks)
+        )
         with torch.no_grad():
             weight = linear.weight.detach()
             cores = tt_matrix_from_dense(weight.double(), out_modes, in_modes, ranks=ranks, eps=eps)
@@ -142,14 +253,63 @@ class TTLinear(nn.Module):
             rows, cols = rows * o, cols * i
         return total
 
-    def use_factorized(self, tokens: int) -> bool:
-        """Whether the contraction path is cheaper than rebuilding ``W`` for ``tokens`` input vectors."""
-        dense = self.reconstruction_macs() + tokens * self.in_features * self.out_features
-        return tokens * self.factorized_macs() < dense
+    def _core_list(self) -> list[torch.Tensor]:
+        return params_of(self, "cores")
+
+    def _decision(
+        self, tokens: int, train: bool, cached: bool, cores: list[torch.Tensor]
+    ) -> tuple[TTPlan | None, TTPlan, list]:
+        """``(plan of the forward or None for dense, cheapest factorised plan, its merged core shapes)``."""
+        first = cores[0]
+        modes = (tuple(self.out_modes), tuple(self.in_modes), tuple(self.ranks))
+        if torch.compiler.is_compiling():  # tokens may be symbolic: decide per bucket, never chunk
+            use, groups, direction = pick(_tt_table(*modes, train, cached, device_key(first)), tokens)
+            best = TTPlan(groups, direction)
+            return (best if use else None), best, tt_plan_shapes(*modes, groups)
+        key = (tokens, train, cached, first.dtype, first.device, torch.get_num_threads())
+        table = memo(self)
+        hit = table.get(key)
+        if hit is None:
+            device = device_key(first)
+            best = TTPlan(*_tt_best(*modes, tokens, train, device))
+            use = _tt_choice(*modes, tokens, train, cached, device) is not None
+            if len(table) > 1024:
+                table.clear()
+            hit = table[key] = ((best if use else None), best, tt_plan_shapes(*modes, best.groups))
+        return hit
+
+    def forward_plan(self, tokens: int, *, train: bool | None = None, cached: bool | None = None) -> TTPlan | None:
+        """The contraction plan the forward uses for ``tokens`` input vectors, or ``None`` for the dense path.
+
+        Args:
+            tokens: number of input vectors (product of the leading dimensions).
+            train: price a forward+backward pass rather than inference; default: whether a forward now would
+                differentiate the cores (autograd on and a core requires grad).
+            cached: whether the rebuilt ``W`` would come from the eval cache (free); default: as a forward now.
+        """
+        cores = self._core_list()
+        train, cached = resolve_mode(self, [*cores, self.bias], train, cached)
+        decision = self._decision(tokens, train, cached, cores)
+        self.__dict__["_last_decision"] = (tokens, train, cached, decision)  # the forward reuses it
+        return decision[0]
+
+    def use_factorized(self, tokens: int, *, train: bool | None = None, cached: bool | None = None) -> bool:
+        """Whether the forward contracts with the cores (rather than rebuilding ``W``) for ``tokens`` vectors;
+        ``train`` and ``cached`` as in :meth:`forward_plan`."""
+        return self.forward_plan(tokens, train=train, cached=cached) is not None
+
+    def forward_path(self, tokens: int, *, train: bool | None = None) -> str:
+        """A short description of the path taken for ``tokens`` vectors, e.g. ``"ltr(2,2)x512"`` or ``"dense"``
+        (``train`` as in :meth:`forward_plan`; eval-mode caching assumed for inference)."""
+        plan = self.forward_plan(tokens, train=train, cached=None if train is None else not train)
+        if plan is None:
+            return "dense"
+        chunk = f"x{plan.chunk}" if plan.chunk else ""
+        return f"{plan.direction}({','.join(map(str, plan.groups))}){chunk}"
 
     def to_dense(self) -> torch.Tensor:
         """The represented weight, ``(out_features, in_features)``."""
-        return tt_matrix_to_dense(list(self.cores))
+        return tt_matrix_to_dense(self._core_list())
 
     @property
     def weight(self) -> torch.Tensor:
@@ -162,11 +322,25 @@ class TTLinear(nn.Module):
         return tt_matrix_params(self.out_modes, self.in_modes, self.ranks) + bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = x.numel() // self.in_features
-        if self.use_factorized(tokens):
-            y = tt_matrix_apply(x, list(self.cores))
-            return y + self.bias if self.bias is not None else y
-        return F.linear(x, self.to_dense(), self.bias)
+        cores = self._core_list()
+        params = [*cores, self.bias]
+        cached = prepare_forward(self, params)
+        tokens = tokens_of(x, self.in_features)
+        if not self.use_factorized(tokens):
+            weight = layer_cache(self).get("dense", cores, self.to_dense) if cached else tt_matrix_rebuild(cores)
+            return F.linear(x, weight, self.bias)
+        train = grad_needed(params)
+        last = self.__dict__.get("_last_decision")
+        if last is not None and last[:3] == (tokens, train, cached) and not torch.compiler.is_compiling():
+            _, plan, shapes = last[3]
+        else:
+            _, plan, shapes = self._decision(tokens, train, cached, cores)
+        if cached:
+            key = (plan.groups, plan.direction)
+            matrices = layer_cache(self).get("factors", cores, lambda: tt_plan_matrices(cores, plan), key)
+        else:
+            matrices = tt_plan_matrices(cores, plan)
+        return tt_apply_matrices(x, matrices, shapes, plan, self.bias)
 
     def extra_repr(self) -> str:
         return (

@@ -13,12 +13,14 @@ from ..functional.tucker import (
     hooi,
     hosvd,
     resolve_tucker_ranks,
-    tucker_linear_apply,
+    tucker_linear_factors,
     tucker_linear_macs,
+    tucker_linear_rank,
     tucker_params,
     tucker_to_dense,
 )
 from ._common import check_features, check_linear, copy_bias, product_init_std, reset_bias, resolve_modes
+from ._fast import device_key, layer_cache, low_rank_is_faster, params_of, prepare_forward, resolve_mode, tokens_of
 
 __all__ = ["TuckerLinear"]
 
@@ -28,8 +30,11 @@ class TuckerLinear(nn.Module):
 
     ``W`` reshaped to ``(o_1, ..., o_d, i_1, ..., i_d)`` equals ``G x_1 U_1 ... x_d U_d x_{d+1} V_1 ... x_{2d} V_d``
     with a core ``G`` of shape ``(r_1..r_d, s_1..s_d)``, output factors ``U_k`` ``(o_k, r_k)`` and input factors
-    ``V_k`` ``(i_k, s_k)``. The forward projects the input on the ``V_k``, applies the core as a
-    ``(prod r, prod s)`` matrix and expands with the ``U_k``; it rebuilds ``W`` instead when that is cheaper.
+    ``V_k`` ``(i_k, s_k)``. Equivalently ``W = (U_1 ⊗ .. ⊗ U_d) G (V_1 ⊗ .. ⊗ V_d)^T``, a rank
+    ``R = min(prod r, prod s)`` product, so the forward is two thin GEMMs through rank ``R``
+    (:func:`~compressed_transformer.functional.tucker.tucker_linear_factors`); it rebuilds ``W`` and runs one GEMM
+    instead when the cost model predicts that to be faster. In eval mode without autograd the factor matrices or
+    ``W`` are cached until a parameter changes (see :mod:`compressed_transformer.layers._fast`).
 
     Args:
         in_features: size of each input sample.
@@ -129,7 +134,12 @@ class TuckerLinear(nn.Module):
         return layer
 
     def factorized_macs(self) -> int:
-        """Multiply-adds per input vector of the factorised path."""
+        """Multiply-adds per input vector of the factorised path: ``R (in_features + out_features)``."""
+        return tucker_linear_rank(self.ranks, len(self.out_modes)) * (self.in_features + self.out_features)
+
+    def mode_product_macs(self) -> int:
+        """Multiply-adds per input vector of the mode-by-mode product of
+        :func:`~compressed_transformer.functional.tucker.tucker_linear_apply`."""
         return tucker_linear_macs(self.out_modes, self.in_modes, self.ranks)
 
     def reconstruction_macs(self) -> int:
@@ -140,10 +150,27 @@ class TuckerLinear(nn.Module):
             sizes[k] = n
         return total
 
-    def use_factorized(self, tokens: int) -> bool:
-        """Whether the factorised path is cheaper than rebuilding ``W`` for ``tokens`` input vectors."""
-        dense = self.reconstruction_macs() + tokens * self.in_features * self.out_features
-        return tokens * self.factorized_macs() < dense
+    def use_factorized(self, tokens: int, *, train: bool | None = None, cached: bool | None = None) -> bool:
+        """Whether the forward runs the two thin GEMMs (rather than one with ``W``) for ``tokens`` input vectors.
+
+        Args:
+            tokens: number of input vectors.
+            train: price a forward+backward pass rather than inference; default: whether a forward now would
+                differentiate the parameters.
+            cached: whether ``W`` and the factors would come from the eval cache; default: as a forward now.
+        """
+        params = [self.core, *params_of(self, "out_factors"), *params_of(self, "in_factors"), self.bias]
+        train, cached = resolve_mode(self, params, train, cached)
+        rank = tucker_linear_rank(self.ranks, len(self.out_modes))
+        device = device_key(self.core)
+        return low_rank_is_faster(
+            device, tokens, self.in_features, self.out_features, rank, train, cached, len(self.ranks) + 2
+        )
+
+    def forward_path(self, tokens: int, *, train: bool | None = None) -> str:
+        """``"low-rank"`` or ``"dense"``: the path taken for ``tokens`` vectors."""
+        factorized = self.use_factorized(tokens, train=train, cached=None if train is None else not train)
+        return "low-rank" if factorized else "dense"
 
     def to_dense(self) -> torch.Tensor:
         """The represented weight, ``(out_features, in_features)``."""
@@ -161,11 +188,18 @@ class TuckerLinear(nn.Module):
         return tucker_params(self.out_modes + self.in_modes, self.ranks) + bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = x.numel() // self.in_features
-        if self.use_factorized(tokens):
-            y = tucker_linear_apply(x, self.core, list(self.out_factors), list(self.in_factors))
-            return y + self.bias if self.bias is not None else y
-        return F.linear(x, self.to_dense(), self.bias)
+        outs, ins = params_of(self, "out_factors"), params_of(self, "in_factors")
+        params = [self.core, *outs, *ins]
+        cached = prepare_forward(self, [*params, self.bias])
+        if self.use_factorized(tokens_of(x, self.in_features)):
+            if cached:
+                build = lambda: tucker_linear_factors(self.core, outs, ins)  # noqa: E731
+                left, right = layer_cache(self).get("factors", params, build)
+            else:
+                left, right = tucker_linear_factors(self.core, outs, ins)
+            return F.linear(F.linear(x, right), left, self.bias)
+        weight = layer_cache(self).get("dense", params, self.to_dense) if cached else self.to_dense()
+        return F.linear(x, weight, self.bias)
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,429 @@
+"""Forward-path machinery shared by the compressed layers: the eval-mode cache, the path decision, CSR products.
+
+**Eval-mode cache.** In eval mode, when no gradient is needed, a layer keeps what it derives from its parameters
+(the rebuilt dense weight, the merged factor matrices of its contraction plan, a CSR copy of a sparse weight) in an
+:class:`EvalCache` instead of rebuilding it on every call. Each entry is keyed by the identity, data pointer,
+dtype, device, shape and ``_version`` counter of every tensor it was derived from: an optimiser step,
+``load_state_dict``, ``.to()`` or any in-place change made through the parameter itself (``p.copy_``, ``p.add_``,
+``p.mul_``...) bumps ``_version`` or replaces the tensor, so the next forward rebuilds the entry. Changes made
+through ``p.data`` bypass the version counter: call :func:`clear_caches` after those. Entering training mode, or
+running any forward that needs gradients, drops the cache to free its memory; under ``torch.compile`` the cache
+is not used (the compiled graph rebuilds what it needs). :func:`cache_nbytes` reports the memory held.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..functional.costs import CostModel, cost_model_for
+
+__all__ = ["EvalCache", "cache_nbytes", "clear_caches", "csr_linear", "grad_needed", "resolve_mode", "use_cache"]
+
+
+def _key(tensors: Iterable[torch.Tensor]) -> tuple:
+    # A new tensor (``.to()``, ``load_state_dict(assign=True)``, re-registration) has a new id or data pointer; an
+    # in-place change bumps ``_version``.
+    return tuple([(id(t), t._version, t.data_ptr()) for t in tensors])
+
+
+def params_of(module: nn.Module, name: str) -> list[torch.Tensor]:
+    """The parameters of the ``ParameterList`` ``module.<name>`` in order (iterating the container itself costs
+    ~2 µs per parameter, which matters at one token)."""
+    return list(module._modules[name]._parameters.values())
+
+
+def tokens_of(x: torch.Tensor, in_features: int) -> int:
+    """Number of input vectors in ``x`` ``(..., in_features)`` (symbolic under ``torch.compile`` with dynamic
+    shapes; see :func:`pick`)."""
+    return x.numel() // in_features
+
+
+def memo(module: nn.Module) -> dict:
+    """A per-module dict of path decisions (keyed by tokens, mode and device), for forwards with little overhead."""
+    table = module.__dict__.get("_path_memo")
+    if table is None:
+        table = module.__dict__["_path_memo"] = {}
+    return table
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        if value.layout == torch.sparse_csr:
+            parts = (value.values(), value.crow_indices(), value.col_indices())
+            return sum(p.numel() * p.element_size() for p in parts)
+        return value.numel() * value.element_size()
+    if isinstance(value, list | tuple):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+class EvalCache:
+    """Values derived from parameters, reused while those parameters are unchanged (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[tuple, Any]] = {}
+
+    def get(self, name: str, tensors: Iterable[torch.Tensor], build: Callable[[], Any], extra: tuple = ()) -> Any:
+        """The entry ``name`` if it was built from the current ``tensors`` (and the same ``extra`` key), else
+        ``build()`` run without autograd, stored and returned."""
+        key = (_key(tensors), extra)
+        hit = self._entries.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        self._entries.pop(name, None)  # free the stale value before building the new one
+        with torch.no_grad():
+            value = build()
+        self._entries[name] = (key, value)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def nbytes(self) -> int:
+        """Bytes held by the cached tensors."""
+        return sum(_nbytes(value) for _, value in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __deepcopy__(self, memo_: dict) -> EvalCache:
+        return EvalCache()  # a copied module has new parameters; never share or copy derived tensors
+
+    def __getstate__(self) -> dict:
+        return {"_entries": {}}
+
+
+def grad_needed(params: Iterable[torch.Tensor | None]) -> bool:
+    """Whether a forward now will differentiate these parameters: autograd is on and one of them requires grad.
+
+    (An input that requires grad alone does not count: derived weights can then be cached and reused.)
+    """
+    return torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
+
+
+def resolve_mode(module: nn.Module, params: list, train: bool | None, cached: bool | None) -> tuple[bool, bool]:
+    """``(train, cached)`` with ``None`` meaning "as a forward would run now" (see :func:`grad_needed`,
+    :func:`use_cache`)."""
+    train = grad_needed(params) if train is None else train
+    cached = use_cache(module, train) if cached is None else cached
+    return train, cached
+
+
+def use_cache(module: nn.Module, train: bool) -> bool:
+    """Whether ``module`` may serve derived tensors from its :class:`EvalCache` in this forward."""
+    return not module.training and not train and not torch.compiler.is_compiling()
+
+
+def prepare_forward(module: nn.Module, params: list) -> bool:
+    """Start a forward: returns whether the eval cache may be used (and drops the cache if not)."""
+    if torch.compiler.is_compiling():
+        return False
+    cached = use_cache(module, grad_needed(params))
+    if not cached:
+        drop_cache(module)
+    return cached
+
+
+def layer_cache(module: nn.Module) -> EvalCache:
+    """The :class:`EvalCache` of ``module``, created on first use."""
+    cache = module.__dict__.get("_eval_cache")
+    if cache is None:
+        cache = EvalCache()
+        module.__dict__["_eval_cache"] = cache
+    return cache
+
+
+def drop_cache(module: nn.Module) -> None:
+    cache = module.__dict__.get("_eval_cache")
+    if cache is not None and len(cache):
+        cache.clear()
+
+
+def cache_nbytes(model: nn.Module) -> int:
+    """Bytes held by the caches of every compressed layer in ``model`` (eval-mode cache and mask patterns)."""
+    return sum(
+        m.__dict__[name].nbytes()
+        for m in model.modules()
+        for name in ("_eval_cache", "_mask_cache")
+        if name in m.__dict__
+    )
+
+
+def clear_caches(model: nn.Module) -> None:
+    """Drop the eval-mode caches of every compressed layer in ``model`` (needed only after changes made through
+    ``param.data``, which do not bump version counters)."""
+    for m in model.modules():
+        drop_cache(m)
+        if "_mask_cache" in m.__dict__:
+            m.__dict__["_mask_cache"].clear()
+
+
+_threads = [1]  # the intra-op thread count last seen outside torch.compile (which cannot trace the query)
+
+
+def device_key(param: torch.Tensor) -> tuple[str, int, int]:
+    """``(device type, element size, threads)`` of a computation on ``param``'s device and dtype: what the cost
+    model needs, as plain values (so that decisions can be made while ``torch.compile`` traces)."""
+    if param.device.type == "cuda":
+        return "cuda", param.element_size(), 1
+    if not torch.compiler.is_compiling():
+        _threads[0] = torch.get_num_threads()
+    return param.device.type, param.element_size(), _threads[0]
+
+
+# torch.sparse CSR products run on these dtypes on every backend we use.
+CSR_DTYPES = (torch.float32, torch.float64)
+CSR_CHUNK = 256  # tokens per CSR product: beyond this the dense operand falls out of cache
+
+
+def csr_seconds(costs: CostModel, threads: int, nnz: int, tokens: int, out_features: int, element_size: int) -> float:
+    """Predicted seconds of :func:`csr_linear` for ``tokens`` vectors."""
+    blocks = max(1, math.ceil(tokens / CSR_CHUNK))
+    rows = min(tokens, CSR_CHUNK)
+    product = blocks * costs.sparse_seconds(nnz, rows, threads=threads)
+    transpose = costs.copy_seconds(tokens * out_features * element_size, train=False, threads=threads)
+    return product + transpose
+
+
+def csr_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W.T + bias`` with ``W`` a sparse CSR ``(out, in)`` tensor, as ``(W @ x.T).T`` in blocks of tokens.
+
+    No autograd: the CSR copy is an eval-mode cache of the layer's weight.
+
+    Args:
+        x: ``(..., in_features)``.
+        weight: CSR ``(out_features, in_features)``.
+        bias: ``(out_features,)`` or ``None``.
+
+    Returns:
+        ``(..., out_features)``, contiguous.
+    """
+    out_features, in_features = weight.shape
+    lead = x.shape[:-1]
+    n = math.prod(lead)
+    flat = x.reshape(n, in_features)
+    y = flat.new_empty(n, out_features)
+    column = bias[:, None] if bias is not None else None
+    for s in range(0, n, CSR_CHUNK):
+        part = flat[s : s + CSR_CHUNK].t()  # (in, rows)
+        # (out, rows)
+        product = torch.sparse.addmm(column, weight, part) if column is not None else torch.sparse.mm(weight, part)
+        y[s : s + CSR_CHUNK].copy_(product.t())
+    return y.reshape(*lead, out_features)
+
+
+@functools.lru_cache(maxsize=4096)
+def _low_rank_is_faster(
+    device: tuple[str, int, int],
+    tokens: int,
+    in_features: int,
+    out_features: int,
+    rank: int,
+    train: bool,
+    cached: bool,
+    factor_ops: int = 0,
+) -> bool:
+    """Whether ``(x @ right.T) @ left.T`` (two GEMMs through rank ``rank``) beats one GEMM with ``W = left @ right``.
+
+    Args:
+        device: :func:`device_key` of the computation.
+        tokens: input vectors.
+        in_features, out_features, rank: the shapes.
+        train: price forward+backward.
+        cached: ``W`` comes from the eval cache (no rebuild cost on the dense path).
+        factor_ops: extra small ops the factorised path runs to build ``left`` / ``right`` (Tucker's Kronecker
+            products) when they are not cached; the same number of weight-sized passes (mode products with their
+            transposes) is what rebuilding a Tucker ``W`` costs on top of the GEMM ``left @ right``.
+    """
+    device_type, element_size, threads = device
+    costs = cost_model_for(device_type)
+    steps = [(tokens, rank, in_features, 1), (tokens, out_features, rank, 1)]
+    factorized = costs.steps_seconds(steps, train=train, threads=threads)
+    if not cached:
+        factorized += factor_ops * 2 * costs.forward.op_s  # tiny ops, forward and backward
+    weights = in_features * out_features
+    dense = costs.gemm_seconds(tokens * weights, weight_bytes=weights * element_size, train=train, threads=threads)
+    rebuild = 0.0
+    if not cached:
+        rebuild = costs.steps_seconds([(out_features, in_features, rank, 1)], train=train, threads=threads)
+        rebuild += factor_ops * costs.copy_seconds(weights * element_size, train=train, threads=threads)
+    return factorized <= costs.margin * dense + rebuild
+
+
+# Under torch.compile a token count may be symbolic (dynamic shapes), so decisions are tabulated per bucket of
+# token counts by a function the compiler calls once at trace time, and picked with comparisons it can guard on.
+TOKEN_BUCKETS = tuple(1 << k for k in range(25))
+
+
+def pick(table: tuple, tokens: Any) -> Any:
+    """The value of the first ``(bound, value)`` of ``table`` with ``tokens <= bound`` (the last one otherwise)."""
+    for bound, value in table[:-1]:
+        if tokens <= bound:
+            return value
+    return table[-1][1]
+
+
+@torch.compiler.assume_constant_result
+def _low_rank_table(device, in_features, out_features, rank, train, cached, factor_ops) -> tuple:
+    return tuple(
+        [
+            (b, _low_rank_is_faster(device, b, in_features, out_features, rank, train, cached, factor_ops))
+            for b in TOKEN_BUCKETS
+        ]
+    )
+
+
+def low_rank_is_faster(
+    device: tuple[str, int, int],
+    tokens: int,
+    in_features: int,
+    out_features: int,
+    rank: int,
+    train: bool,
+    cached: bool,
+    factor_ops: int = 0,
+) -> bool:
+    """See :func:`_low_rank_is_faster`; under ``torch.compile``, decided per bucket of token counts."""
+    if torch.compiler.is_compiling():
+        table = _low_rank_table(device, in_features, out_features, rank, train, cached, factor_ops)
+        return pick(table, tokens)
+    return _low_rank_is_faster(device, tokens, in_features, out_features, rank, train, cached, factor_ops)
+
+
+@functools.lru_cache(maxsize=4096)
+def sparse_is_faster(device: tuple[str, int, int], tokens: int, in_features: int, out_features: int, nnz: int) -> bool:
+    """Whether :func:`csr_linear` with ``nnz`` stored weights is predicted faster than one dense GEMM (eval mode,
+    dense weight cached)."""
+    device_type, element_size, threads = device
+    costs = cost_model_for(device_type)
+    weights = in_features * out_features
+    dense = costs.gemm_seconds(tokens * weights, weight_bytes=weights * element_size, train=False, threads=threads)
+    sparse = csr_seconds(costs, threads, nnz, tokens, out_features, element_size)
+    return sparse <= costs.margin * dense
+
+
+def sparse_supported(param: torch.Tensor) -> bool:
+    """Whether a CSR copy of a weight like ``param`` can be multiplied here (dtype and device)."""
+    return param.dtype in CSR_DTYPES and param.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling()
+
+
+def to_csr(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` as a sparse CSR tensor (32-bit indices where they fit), without the beta-API warning."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+        return weight.to_sparse_csr()
+
+
+def mask_cache(module: nn.Module) -> EvalCache:
+    """A second :class:`EvalCache` for what depends only on a mask buffer (kept in training mode too)."""
+    cache = module.__dict__.get("_mask_cache")
+    if cache is None:
+        cache = EvalCache()
+        module.__dict__["_mask_cache"] = cache
+    return cache
+
+
+def csr_pattern(mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The CSR index arrays of a ``bool`` mask ``(out, in)`` and of its transpose.
+
+    Returns:
+        ``flat`` (positions of the kept entries in the flattened weight, row-major), ``crow`` / ``col`` (CSR of the
+        mask), ``crow_t`` / ``col_t`` / ``perm`` (CSR of the transposed mask; ``values[perm]`` are its values).
+    """
+    rows, cols = mask.shape
+    flat = mask.reshape(-1).nonzero().squeeze(1)  # row-major: CSR order
+    row, col = flat // cols, flat % cols
+    crow = torch.zeros(rows + 1, dtype=torch.int64, device=mask.device)
+    crow[1:] = torch.cumsum(torch.bincount(row, minlength=rows), 0)
+    perm = torch.argsort(col * rows + row, stable=True)
+    crow_t = torch.zeros(cols + 1, dtype=torch.int64, device=mask.device)
+    crow_t[1:] = torch.cumsum(torch.bincount(col, minlength=cols), 0)
+    return {"flat": flat, "crow": crow, "col": col, "crow_t": crow_t, "col_t": row[perm], "perm": perm}
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
+
+
+class _MaskedCSRLinear(torch.autograd.Function):
+    """``y = x (mask * W)^T + b`` with CSR kernels: the forward and the input gradient multiply with the kept
+    weights only, and the weight gradient is computed at the kept positions only (``torch.sparse.sampled_addmm``)
+    and scattered into a dense zero tensor, so pruned entries get exactly zero gradient as in the dense path."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, pattern):
+        out_features, in_features = weight.shape
+        values = weight.reshape(-1).index_select(0, pattern["flat"])
+        matrix = _csr(pattern["crow"], pattern["col"], values, (out_features, in_features))
+        ctx.save_for_backward(x, values)
+        ctx.pattern, ctx.shape = pattern, (out_features, in_features)
+        return csr_linear(x, matrix, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, values = ctx.saved_tensors
+        pattern, (out_features, in_features) = ctx.pattern, ctx.shape
+        grad = grad.reshape(-1, out_features)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            transposed = _csr(
+                pattern["crow_t"],
+                pattern["col_t"],
+                values.index_select(0, pattern["perm"]),
+                (in_features, out_features),
+            )
+            grad_x = csr_linear(grad, transposed, None).reshape(x.shape)
+        if ctx.needs_input_grad[1]:
+            sampled = torch.sparse.sampled_addmm(
+                _csr(pattern["crow"], pattern["col"], torch.zeros_like(values), (out_features, in_features)),
+                grad.t(),
+                x.reshape(-1, in_features),
+                beta=0.0,
+            )
+            grad_w = values.new_zeros(out_features * in_features).index_copy_(0, pattern["flat"], sampled.values())
+            grad_w = grad_w.view(out_features, in_features)
+        if ctx.needs_input_grad[2]:
+            grad_b = grad.sum(0)
+        return grad_x, grad_w, grad_b, None
+
+
+def masked_csr_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pattern: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """``x @ (mask * weight).T + bias`` through CSR kernels, differentiable (see :class:`_MaskedCSRLinear`).
+
+    Args:
+        x: ``(..., in_features)``.
+        weight: dense ``(out_features, in_features)``; entries outside the mask are ignored.
+        bias: ``(out_features,)`` or ``None``.
+        pattern: :func:`csr_pattern` of the mask.
+    """
+    return _MaskedCSRLinear.apply(x, weight, bias, pattern)
+
+
+@functools.lru_cache(maxsize=4096)
+def sparse_train_is_faster(
+    device: tuple[str, int, int], tokens: int, in_features: int, out_features: int, nnz: int
+) -> bool:
+    """Whether :func:`masked_csr_linear` forward+backward is predicted faster than the dense masked product's."""
+    device_type, element_size, threads = device
+    costs = cost_model_for(device_type)
+    weights = in_features * out_features
+    wbytes = weights * element_size
+    dense = costs.gemm_seconds(tokens * weights, weight_bytes=wbytes, train=True, threads=threads)
+    dense += costs.copy_seconds(wbytes, train=True, threads=threads)  # the mask product and its backward
+    sparse = 3 * csr_seconds(costs, threads, nnz, tokens, max(in_features, out_features), element_size)
+    sparse += costs.copy_seconds(wbytes, train=False, threads=threads)  # the zero-filled weight gradient
+    return sparse <= costs.margin * dense

@@ -1,0 +1,99 @@
+"""Smoke test of the benchmark command on a tiny grid, and of its parts (layer names, memory tracker, CLI)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from compressed_transformer import bench
+from compressed_transformer.bench import BenchConfig, PeakTensorMemory, TransformerBench, build_layer, run_bench
+from compressed_transformer.cli import build_parser
+
+TINY_LAYERS = ("dense", "tt-r2", "tucker-r2", "svd-r4", "prune-0.9", "svd-o-0.9")
+
+
+@pytest.fixture(autouse=True)
+def seed() -> None:
+    torch.manual_seed(0)
+
+
+def test_bench_writes_rows_table_and_plot(tmp_path) -> None:
+    config = BenchConfig(
+        shapes=((16, 32),),
+        tokens=(1, 5),
+        layers=TINY_LAYERS,
+        repeats=3,
+        budget_s=0.05,
+        transformer=TransformerBench(
+            preset="tiny", vocab_size=64, batch=2, length=4, decode_batch=2, decode_steps=3, beam=2, tt_ranks=(1, 2, 1)
+        ),
+        out=str(tmp_path),
+    )
+    result = run_bench(config, argv=["compressed-transformer", "bench", "--quick"])
+    assert result["meta"]["command"] == "compressed-transformer bench --quick"
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["rows"] == result["rows"]
+    assert (tmp_path / "bench.md").read_text().count("|") > 10
+    assert (tmp_path / "ratio.png").stat().st_size > 0
+    layer_rows = [r for r in saved["rows"] if not r["layer"].startswith("transformer-")]
+    expected = {"layer", "in", "out", "tokens", "pass", "ms", "ratio_to_dense", "macs", "gflops", "peak_bytes", "path"}
+    assert all(expected <= set(r) for r in layer_rows)
+    # every layer in both passes at both token counts, except Sparse VD, timed in eval form only
+    assert len(layer_rows) == 2 * 2 * len(TINY_LAYERS) - 2
+    for r in layer_rows:
+        assert r["ms"] > 0 and r["macs"] >= 0
+        if r["layer"] == "dense":
+            assert r["ratio_to_dense"] == 1.0 and r["macs"] == (3 if r["pass"] == "train" else 1) * r["tokens"] * 512
+    model_rows = [r for r in saved["rows"] if r["layer"].startswith("transformer-")]
+    assert {(r["ffn"], r["pass"]) for r in model_rows} == {
+        (f, p) for f in ("dense", "tt", "tucker") for p in ("train", "greedy", "beam")
+    }
+
+
+@pytest.mark.parametrize("name", [*TINY_LAYERS, "tt-r8", "prune-0.98", "svd-o-0.98"])
+def test_build_layer_names(name: str) -> None:
+    layer = build_layer(name, 16, 32, device=torch.device("cpu"), dtype=torch.float32)
+    assert layer(torch.randn(3, 16)).shape == (3, 32)
+    if name.startswith("prune-"):
+        assert abs(layer.sparsity - float(name.split("-")[1])) < 0.1
+    if name.startswith("svd-o-"):
+        assert abs(layer.sparsity - float(name.rsplit("-", 1)[1])) < 0.1
+
+
+def test_unknown_layer_name() -> None:
+    with pytest.raises(ValueError, match="unknown benchmark layer"):
+        build_layer("cp-r2", 16, 32, device=torch.device("cpu"), dtype=torch.float32)
+
+
+def test_peak_memory_counts_fresh_tensors_only() -> None:
+    x = torch.randn(256, 256)
+
+    def fn() -> None:
+        a = x * 2  # 256 KiB
+        b = a + 1  # another 256 KiB, both alive
+        b.mul_(3)  # in place: no allocation
+        del a, b
+        x.t()  # a view: no allocation
+
+    with PeakTensorMemory() as tracker:
+        fn()
+    assert tracker.peak == 2 * 256 * 256 * 4
+
+
+def test_cli_has_bench_and_parses_quick() -> None:
+    args = build_parser().parse_args(["bench", "--quick", "--no-transformer", "--tokens", "1,7", "--out", "x"])
+    config = bench.config_from_args(args)
+    assert config.tokens == (1, 7) and config.transformer is None and config.layers == bench.QUICK_LAYERS
+    assert args.func is bench.main
+
+
+def test_transformer_variants_swap_every_ffn_linear() -> None:
+    spec = TransformerBench(preset="tiny", vocab_size=64, tt_ranks=(1, 2, 1))
+    for variant, cls in (("tt", "TTLinear"), ("tucker", "TuckerLinear"), ("dense", "Linear")):
+        model = bench.build_transformer(variant, spec, torch.device("cpu"), torch.float32)
+        kinds = {type(m).__name__ for n, m in model.named_modules() if n.endswith(("ffn.fc1", "ffn.fc2"))}
+        assert kinds == {cls}
+        assert isinstance(model, nn.Module)
