@@ -391,6 +391,28 @@ def test_sparse_layers_use_csr_at_high_sparsity(method: str) -> None:
     assert dense.forward_path(32) == "dense"
 
 
+@pytest.mark.parametrize("tokens", [1, 5, 300])
+def test_pruned_training_through_csr_kernels_matches_the_masked_dense_gradients(tokens: int) -> None:
+    layer = PrunedLinear(512, 2048).set_mask_(torch.rand(2048, 512) > 0.98)
+    assert layer.forward_path(tokens, train=True) == "csr"
+    with torch.no_grad():
+        layer.weight.add_(torch.randn(2048, 512) * 0.01)  # pruned entries too: the kernels must ignore them
+    x = odd_input(tokens, 512, dtype=torch.float32).requires_grad_()
+    grad = torch.randn(tokens, 2048)
+    weight = layer.weight.detach().clone().requires_grad_()
+    bias = layer.bias.detach().clone().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    expected = torch.nn.functional.linear(x_ref, weight * layer.mask, bias)
+    expected.backward(grad)
+    y = layer(x)
+    y.backward(grad)
+    assert_close(y, expected, atol=1e-4, rtol=1e-4)
+    assert_close(x.grad, x_ref.grad, atol=1e-4, rtol=1e-4)
+    assert_close(layer.weight.grad, weight.grad, atol=1e-4, rtol=1e-4)
+    assert_close(layer.bias.grad, bias.grad)
+    assert not layer.weight.grad[~layer.mask].any()
+
+
 def test_sparse_kernels_are_skipped_for_unsupported_dtypes() -> None:
     layer = PrunedLinear(512, 2048, dtype=torch.bfloat16).set_mask_(torch.rand(2048, 512) > 0.98).eval()
     assert not layer.use_sparse(32)

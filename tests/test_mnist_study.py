@@ -242,8 +242,8 @@ def test_original_checkpoint_round_trip(tmp_path):
     torch.testing.assert_close(loaded(x), model.eval()(x))
     with pytest.raises(ValueError, match="match --hidden"):
         study.load_original(tmp_path / "original.pt", study.MLPConfig())
-    with pytest.raises(FileNotFoundError, match="original.pt written by an earlier run"):
+    with pytest.raises(FileNotFoundError, match=r"original\.pt written by an earlier run"):
         study.load_original(tmp_path / "missing.pt")
     torch.save({"weights": 1}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not an original.pt"):
+    with pytest.raises(ValueError, match=r"not an original\.pt"):
         study.load_original(tmp_path / "other.pt")

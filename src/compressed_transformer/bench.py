@@ -444,35 +444,25 @@ def bench_layers(config: BenchConfig, device: torch.device, dtype: torch.dtype, 
 
 
 def build_transformer(variant: str, spec: TransformerBench, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """The benchmark Transformer with its FFN linears ``dense``, ``tt`` or ``tucker``.
+    """The benchmark Transformer with every FFN linear ``dense``, ``tt`` or ``tucker`` (the model's own
+    :class:`~compressed_transformer.models.transformer.FFNSpec`, as the translation study builds it).
 
-    The FFN layers are swapped in after construction because the two linears of a block need different modes
-    (``d_model -> d_ff`` and back) while :class:`~compressed_transformer.models.transformer.FFNSpec` shares one
-    options dict between them.
+    Raises:
+        ValueError: for an unknown variant.
     """
-    from .models.transformer import Transformer, preset
+    from .models.transformer import FFNSpec, Transformer, preset
 
+    options = {"dense": {}, "tt": {"ranks": list(spec.tt_ranks)}, "tucker": {"ranks": spec.tucker_ranks}}
+    if variant not in options:
+        raise ValueError(f"unknown transformer variant {variant!r}; use dense, tt or tucker")
     torch.manual_seed(0)
-    model = Transformer(preset(spec.preset, vocab_size=spec.vocab_size, max_positions=max(1024, 2 * spec.length)))
-    if variant != "dense":
-        for block in [*model.encoder, *model.decoder]:
-            for name in ("fc1", "fc2"):
-                old = getattr(block.ffn, name)
-                if variant == "tt":
-                    d = len(spec.tt_ranks) - 1
-                    new = TTLinear(
-                        old.in_features,
-                        old.out_features,
-                        in_modes=factorize(old.in_features, d),
-                        out_modes=factorize(old.out_features, d),
-                        ranks=list(spec.tt_ranks),
-                    )
-                elif variant == "tucker":
-                    new = TuckerLinear(old.in_features, old.out_features, ranks=spec.tucker_ranks)
-                else:
-                    raise ValueError(f"unknown transformer variant {variant!r}")
-                setattr(block.ffn, name, new)
-    return model.to(device=device, dtype=dtype)
+    config = preset(
+        spec.preset,
+        vocab_size=spec.vocab_size,
+        max_positions=max(1024, 2 * spec.length),
+        ffn=FFNSpec(variant, options[variant]),
+    )
+    return Transformer(config).to(device=device, dtype=dtype)
 
 
 def _greedy(model: nn.Module, src: torch.Tensor, steps: int) -> torch.Tensor:

@@ -16,10 +16,10 @@ backward) have separate constants because a backward pass has its own overheads.
 
 The CPU constants were fitted by non-negative least squares to single-thread timings (thread CPU time, which
 ignores other processes) of every contiguous core grouping and sweep direction of TT layers 512↔2048 and
-256↔1024 at ranks 2/4/8 and 1/32/256 tokens on an AMD EPYC (family 26, AVX-512, 2 cores) with MKL; the sparse CSR constants
-from ``torch.sparse.addmm`` at 90 % and 98 % sparsity on the same machine. The CUDA constants are conservative
-guesses (kernel launch cost dominates small steps), not a calibration. The model only has to rank the
-candidates; layers additionally require a margin before leaving the dense path.
+256↔1024 at ranks 2/4/8 and 1/32/256 tokens on an AMD EPYC (family 26, AVX-512, 2 cores) with MKL; the sparse
+CSR constants from ``torch.sparse.addmm`` / ``addmv`` at 90 % and 98 % sparsity on the same machine. The CUDA
+constants are conservative guesses (kernel launch cost dominates small steps), not a calibration. The model only
+has to rank the candidates; layers additionally require a margin before leaving the dense path.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ CPU_COSTS = CostModel(
         sparse_macs_per_s=10e9,
         bytes_per_s=8e9,
         weight_bytes_per_s=50e9,
-        sparse_entry_s=0.8e-9,
+        sparse_entry_s=0.3e-9,
     ),
     train=PassCosts(
         op_s=5.0e-5,
@@ -128,7 +128,7 @@ CPU_COSTS = CostModel(
         sparse_macs_per_s=3e9,
         bytes_per_s=2.7e9,
         weight_bytes_per_s=17e9,
-        sparse_entry_s=2.4e-9,
+        sparse_entry_s=1e-9,
     ),
 )
 

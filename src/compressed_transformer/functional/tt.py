@@ -584,9 +584,11 @@ def _best_plan(
     threads: int,
     costs: CostModel,
     element_size: int,
+    cached_factors: bool,
 ) -> tuple[TTPlan, float]:
     best: tuple[float, TTPlan] | None = None
     d = len(out_modes)
+    op = (costs.train if train else costs.forward).op_s
     for groups in _groupings(d):
         if len(groups) == 1 and d > 1:
             continue  # rebuilding W is the dense path, which the caller prices itself
@@ -601,6 +603,8 @@ def _best_plan(
             seconds = blocks * (
                 costs.steps_seconds(steps, train=train, threads=threads) + (costs.forward.op_s if chunk else 0)
             )
+            if not cached_factors:  # each merge of two cores: an einsum and reshapes (and their backward)
+                seconds += 1.5 * (d - len(groups)) * op
             if best is None or seconds < best[0]:
                 best = (seconds, TTPlan(groups, direction, chunk))
     assert best is not None
@@ -617,6 +621,7 @@ def tt_matrix_plan(
     threads: int = 1,
     costs: CostModel = CPU_COSTS,
     element_size: int = 4,
+    cached_factors: bool = False,
 ) -> tuple[TTPlan, float]:
     """The cheapest factorised :class:`TTPlan` (at least two groups) for ``tokens`` vectors, by ``costs``.
 
@@ -631,13 +636,14 @@ def tt_matrix_plan(
         threads: intra-op threads.
         costs: the :class:`~compressed_transformer.functional.costs.CostModel`.
         element_size: bytes per element (for the chunk size).
+        cached_factors: the merged cores come from a cache (eval mode); otherwise every merge of two cores is
+            priced as one more op.
 
     Returns:
         ``(plan, predicted seconds)``.
     """
-    return _best_plan(
-        tuple(out_modes), tuple(in_modes), tuple(ranks), int(tokens), bool(train), int(threads), costs, element_size
-    )
+    args = (tuple(out_modes), tuple(in_modes), tuple(ranks), int(tokens), bool(train), int(threads), costs)
+    return _best_plan(*args, element_size, bool(cached_factors))
 
 
 def tt_matrix_params(out_modes: Sequence[int], in_modes: Sequence[int], ranks: Sequence[int]) -> int:

@@ -184,7 +184,9 @@ CSR_CHUNK = 256  # tokens per CSR product: beyond this the dense operand falls o
 
 def csr_seconds(costs: CostModel, threads: int, nnz: int, tokens: int, out_features: int, element_size: int) -> float:
     """Predicted seconds of :func:`csr_linear` for ``tokens`` vectors."""
-    blocks = max(1, math.ceil(tokens / CSR_CHUNK))
+    if tokens <= 1:  # addmv: one op, no transposes
+        return costs.sparse_seconds(nnz, 1, threads=threads) - 2 * costs.forward.op_s
+    blocks = math.ceil(tokens / CSR_CHUNK)
     rows = min(tokens, CSR_CHUNK)
     product = blocks * costs.sparse_seconds(nnz, rows, threads=threads)
     transpose = costs.copy_seconds(tokens * out_features * element_size, train=False, threads=threads)
@@ -208,6 +210,10 @@ def csr_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     lead = x.shape[:-1]
     n = math.prod(lead)
     flat = x.reshape(n, in_features)
+    if n == 1:  # one vector: a sparse matrix-vector product, no transposes
+        vector = flat[0]
+        y = torch.addmv(bias, weight, vector) if bias is not None else torch.mv(weight, vector)
+        return y.reshape(*lead, out_features)
     y = flat.new_empty(n, out_features)
     column = bias[:, None] if bias is not None else None
     for s in range(0, n, CSR_CHUNK):
@@ -319,7 +325,12 @@ def to_csr(weight: torch.Tensor) -> torch.Tensor:
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
-        return weight.to_sparse_csr()
+        csr = weight.to_sparse_csr()
+        if csr.values().numel() < 2**31 - 1:  # 32-bit indices: less to stream, ~30 % faster products
+            csr = torch.sparse_csr_tensor(
+                csr.crow_indices().int(), csr.col_indices().int(), csr.values(), csr.shape, check_invariants=False
+            )
+        return csr
 
 
 def mask_cache(module: nn.Module) -> EvalCache:
@@ -346,7 +357,15 @@ def csr_pattern(mask: torch.Tensor) -> dict[str, torch.Tensor]:
     perm = torch.argsort(col * rows + row, stable=True)
     crow_t = torch.zeros(cols + 1, dtype=torch.int64, device=mask.device)
     crow_t[1:] = torch.cumsum(torch.bincount(col, minlength=cols), 0)
-    return {"flat": flat, "crow": crow, "col": col, "crow_t": crow_t, "col_t": row[perm], "perm": perm}
+    index = torch.int32 if flat.numel() < 2**31 - 1 else torch.int64  # 32-bit CSR indices where they fit
+    return {
+        "flat": flat,
+        "crow": crow.to(index),
+        "col": col.to(index),
+        "crow_t": crow_t.to(index),
+        "col_t": row[perm].to(index),
+        "perm": perm,
+    }
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

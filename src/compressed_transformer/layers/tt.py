@@ -48,11 +48,12 @@ def _tt_best(
     ranks: tuple[int, ...],
     tokens: int,
     train: bool,
+    cached: bool,
     device: tuple[str, int, int],
-) -> tuple[tuple[int, ...], str, int | None]:
-    """The cheapest factorised plan (:func:`tt_matrix_plan`), as plain hashable values."""
+) -> tuple[TTPlan, float]:
+    """The cheapest factorised plan (:func:`tt_matrix_plan`) and its predicted seconds."""
     device_type, element_size, threads = device
-    plan, _ = tt_matrix_plan(
+    return tt_matrix_plan(
         out_modes,
         in_modes,
         ranks,
@@ -61,8 +62,8 @@ def _tt_best(
         threads=threads,
         costs=cost_model_for(device_type),
         element_size=element_size,
+        cached_factors=cached,
     )
-    return plan.groups, plan.direction, plan.chunk
 
 
 def _rebuild_seconds(
@@ -92,19 +93,15 @@ def _tt_choice(
     train: bool,
     cached: bool,
     device: tuple[str, int, int],
-) -> tuple[tuple[int, ...], str, int | None] | None:
-    """The plan of the forward as plain values, or ``None`` when one GEMM with the rebuilt ``W`` is faster."""
+) -> TTPlan | None:
+    """The plan of the forward, or ``None`` when one GEMM with the rebuilt (or cached) ``W`` is predicted faster."""
     device_type, element_size, threads = device
     costs = cost_model_for(device_type)
-    plan, factorized = tt_matrix_plan(
-        out_modes, in_modes, ranks, tokens, train=train, threads=threads, costs=costs, element_size=element_size
-    )
+    plan, factorized = _tt_best(out_modes, in_modes, ranks, tokens, train, cached, device)
     weights = math.prod(out_modes) * math.prod(in_modes)
     dense = costs.gemm_seconds(tokens * weights, weight_bytes=weights * element_size, train=train, threads=threads)
     rebuild = 0.0 if cached else _rebuild_seconds(out_modes, in_modes, ranks, costs, train, threads, element_size)
-    if factorized <= costs.margin * dense + rebuild:
-        return plan.groups, plan.direction, plan.chunk
-    return None
+    return plan if factorized <= costs.margin * dense + rebuild else None
 
 
 @torch.compiler.assume_constant_result
@@ -114,9 +111,9 @@ def _tt_table(out_modes, in_modes, ranks, train, cached, device) -> tuple:
     pick`)."""
     rows = []
     for bound in TOKEN_BUCKETS:
-        groups, direction, _ = _tt_best(out_modes, in_modes, ranks, bound, train, device)
+        plan, _ = _tt_best(out_modes, in_modes, ranks, bound, train, cached, device)
         use = _tt_choice(out_modes, in_modes, ranks, bound, train, cached, device) is not None
-        rows.append((bound, (use, groups, direction)))
+        rows.append((bound, (use, plan.groups, plan.direction)))
     return tuple(rows)
 
 
@@ -271,7 +268,7 @@ class TTLinear(nn.Module):
         hit = table.get(key)
         if hit is None:
             device = device_key(first)
-            best = TTPlan(*_tt_best(*modes, tokens, train, device))
+            best, _ = _tt_best(*modes, tokens, train, cached, device)
             use = _tt_choice(*modes, tokens, train, cached, device) is not None
             if len(table) > 1024:
                 table.clear()
