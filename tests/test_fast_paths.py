@@ -15,6 +15,7 @@ from compressed_transformer.functional.costs import CPU_COSTS, CUDA_COSTS, cost_
 from compressed_transformer.functional.tt import (
     TTPlan,
     resolve_tt_ranks,
+    tt_groupings,
     tt_matrix_apply,
     tt_matrix_macs,
     tt_matrix_merge,
@@ -24,7 +25,6 @@ from compressed_transformer.functional.tt import (
     tt_plan_macs,
     tt_plan_steps,
 )
-from compressed_transformer.functional.tt import _groupings as groupings
 from compressed_transformer.functional.tucker import tucker_linear_factors, tucker_to_dense
 from compressed_transformer.layers import LowRankLinear, PrunedLinear, SparseVDLinear, TTLinear, TuckerLinear
 from compressed_transformer.layers._fast import EvalCache, cache_nbytes, clear_caches, csr_linear, to_csr
@@ -51,7 +51,7 @@ def odd_input(tokens: int, features: int, dtype=torch.float64) -> torch.Tensor:
 
 
 def all_plans(d: int, chunks=(None, 1, 3, 64)) -> list[TTPlan]:
-    return [TTPlan(g, direction, chunk) for g in groupings(d) for direction in ("ltr", "rtl") for chunk in chunks]
+    return [TTPlan(g, direction, chunk) for g in tt_groupings(d) for direction in ("ltr", "rtl") for chunk in chunks]
 
 
 TT_STRUCTURES = [
@@ -96,7 +96,7 @@ def test_plan_gradients_equal_dense_gradients(direction: str, chunk: int | None)
     x = odd_input(7, 24).requires_grad_()
     grad = torch.randn(7, 30, dtype=torch.float64)
     expected = torch.autograd.grad((x @ tt_matrix_to_dense(cores).T + bias).mul(grad).sum(), [x, bias, *cores])
-    for groups in groupings(3):
+    for groups in tt_groupings(3):
         y = tt_matrix_apply(x, cores, bias=bias, plan=TTPlan(groups, direction, chunk))
         got = torch.autograd.grad(y.mul(grad).sum(), [x, bias, *cores])
         for g, e in zip(got, expected, strict=True):

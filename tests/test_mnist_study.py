@@ -226,6 +226,17 @@ def test_whole_pipeline_on_a_few_hundred_images(tmp_path, capsys):
     assert {point["compression"] for point in sweep} == {"prune", "svd", "tucker", "tt", "svd-o"}
     assert all(point["sweep"] for point in sweep)
     assert len({point["ratio"] for point in sweep if point["compression"] == "svd-o"}) >= 1
+    assert rows["svd"]["layer_options"]["fc1"]["whitened"]
+
+    # The saved original is reused instead of retrained.
+    again = tmp_path / "again"
+    common = ["--data-dir", str(data_dir), "--no-verify", "--train-limit", "300", "--no-progress", "--threads", "1"]
+    assert (
+        cli_main(["mnist", *common, "--out", str(again), "--original", str(out / "original.pt"), "--rows", "svd"]) == 0
+    )
+    reused = json.loads((again / "results.json").read_text())
+    assert [row["method"] for row in reused["rows"]] == ["original", "svd"]
+    assert reused["rows"][0]["accuracy"] == rows["original"]["accuracy"]
 
 
 def test_rows_subset_and_default_rows():

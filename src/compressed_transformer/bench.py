@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from .functional.tt import TTPlan, factorize, tt_plan_macs
+from .functional.tt import TTPlan, factorize, tt_groupings, tt_plan_macs
 from .functional.tucker import tucker_linear_rank
 from .layers import LowRankLinear, PrunedLinear, SparseVDLinear, TTLinear, TuckerLinear
 from .layers._fast import cache_nbytes
@@ -220,8 +220,8 @@ def _sparse_nnz(layer: nn.Module) -> int:
         return int(layer.mask().sum())
 
 
-def layer_macs(layer: nn.Module, tokens: int, train: bool) -> tuple[int, int]:
-    """Closed-form multiply-adds of one pass: ``(of the path taken, fewest of the method)``.
+def layer_macs(layer: nn.Module, tokens: int, train: bool) -> tuple[int | None, int | None]:
+    """Closed-form multiply-adds of one pass: ``(of the path taken, fewest of the method)`` (``None`` for peers).
 
     Forward: the product itself; train: three times it (the backward's two products per matmul), which is exact
     for GEMMs and the usual estimate for chains. Rebuilding a weight and elementwise work are not counted.
@@ -230,9 +230,11 @@ def layer_macs(layer: nn.Module, tokens: int, train: bool) -> tuple[int, int]:
     factor = 3 if train else 1
     path = layer_path(layer, tokens, train)
     if isinstance(layer, TTLinear):
-        singles = (1,) * len(layer.cores)  # core by core: the fewest multiply-adds of any plan
         fewest = min(
-            tt_plan_macs(layer.out_modes, layer.in_modes, layer.ranks, TTPlan(singles, d)) for d in ("ltr", "rtl")
+            tt_plan_macs(layer.out_modes, layer.in_modes, layer.ranks, TTPlan(groups, direction))
+            for groups in tt_groupings(len(layer.cores))
+            for direction in ("ltr", "rtl")
+            if len(groups) > 1 or len(layer.cores) == 1
         )
         plan = layer.forward_plan(tokens, train=train, cached=not train)
         taken = dense if plan is None else tt_plan_macs(layer.out_modes, layer.in_modes, layer.ranks, plan)
@@ -247,8 +249,8 @@ def layer_macs(layer: nn.Module, tokens: int, train: bool) -> tuple[int, int]:
             taken = 2 * dense
     elif isinstance(layer, nn.Linear):
         fewest = taken = layer.in_features * layer.out_features
-    else:  # a peer: count what its factorised forward would need at best, which we do not know; report dense
-        fewest = taken = int(getattr(layer, "in_features", 0)) * int(getattr(layer, "out_features", 0))
+    else:  # a peer: its contraction order is its own; no closed form here
+        return None, None
     return factor * tokens * taken, factor * tokens * fewest
 
 
@@ -419,10 +421,13 @@ def bench_layers(config: BenchConfig, device: torch.device, dtype: torch.dtype, 
                         "pass": pass_name,
                         "ms": seconds * 1e3,
                         "ratio_to_dense": seconds / dense_s,
+                        # the fastest sample: what the layer costs when no other process interferes
+                        "ms_min": min(times) * 1e3,
+                        "ratio_min": min(times) / min(samples["dense"]),
                         "macs": macs,
                         "min_macs": fewest,
                         "dense_macs": dense_macs,
-                        "gflops": 2 * macs / seconds / 1e9,
+                        "gflops": 2 * macs / seconds / 1e9 if macs is not None else None,
                         "peak_bytes": peak_memory(fns[name], device),
                         "cache_bytes": cache_nbytes(layer),
                         "path": layer_path(layer, tokens, train),
@@ -546,6 +551,8 @@ def bench_transformer(
                     "pass": pass_name,
                     "ms": seconds * 1e3,
                     "ratio_to_dense": seconds / dense_s,
+                    "ms_min": min(times) * 1e3,
+                    "ratio_min": min(times) / min(samples["dense"]),
                     "params": stored_params(models[variant]),
                     "peak_bytes": peak_memory(group[variant], device),
                     "cache_bytes": cache_nbytes(models[variant]),

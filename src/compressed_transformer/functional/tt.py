@@ -28,6 +28,7 @@ __all__ = [
     "max_tt_ranks",
     "resolve_tt_ranks",
     "tt_apply_matrices",
+    "tt_groupings",
     "tt_matrix_apply",
     "tt_matrix_from_dense",
     "tt_matrix_macs",
@@ -541,7 +542,8 @@ def tt_matrix_apply(
     return tt_apply_matrices(x, tt_plan_matrices(cores, plan), shapes, plan, bias)
 
 
-def _groupings(d: int) -> list[tuple[int, ...]]:
+def tt_groupings(d: int) -> list[tuple[int, ...]]:
+    """Every way to split ``d`` cores into runs of consecutive cores (``2^(d-1)`` of them), as run lengths."""
     out = []
     for cuts in range(1 << (d - 1)):
         groups, run = [], 1
@@ -589,7 +591,7 @@ def _best_plan(
     best: tuple[float, TTPlan] | None = None
     d = len(out_modes)
     op = (costs.train if train else costs.forward).op_s
-    for groups in _groupings(d):
+    for groups in tt_groupings(d):
         if len(groups) == 1 and d > 1:
             continue  # rebuilding W is the dense path, which the caller prices itself
         for direction in ("ltr", "rtl") if len(groups) > 1 else ("ltr",):

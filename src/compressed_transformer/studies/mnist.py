@@ -1192,53 +1192,60 @@ _COLOURS = {
 
 
 def plot_pareto(result: StudyResult, path: Path) -> None:
-    """Test accuracy against compression ratio (log x) for every row, the sweep curves and the seed's points."""
+    """Test accuracy against compression ratio (log x) for every row, the sweep curves and the seed's points.
+
+    The accuracy axis starts a little below the seed's lowest figure; points under it (rows compressed without
+    fine-tuning far beyond what they tolerate) are drawn on its floor as ``v`` with their accuracy written out.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, ax = plt.subplots(figsize=(9, 6))
+    seed_low = min(point.accuracy for point in SEED_TABLE.values())
+    points_low = min(r.accuracy for r in result.rows + result.sweep)
+    floor = max(points_low - 0.005, math.floor((seed_low - 0.02) * 50) / 50)
+    top = 1.0 + (1.0 - floor) * 0.02
+
+    def clamp(accuracy: float) -> float:
+        return max(accuracy, floor + (1.0 - floor) * 0.01)
+
+    fig, ax = plt.subplots(figsize=(10, 6.5))
     curves: dict[tuple[str, bool], list[RowResult]] = {}
     for point in result.sweep:
         curves.setdefault((point.method, point.distilled), []).append(point)
-    for (name, _), points in curves.items():
+    for points in curves.values():
         points = sorted(points, key=lambda p: p.ratio)
-        colour = _COLOURS[points[0].compression]
-        style = "-" if points[0].fine_tuned or points[0].from_scratch or points[0].compression == "svd-o" else ":"
+        first = points[0]
+        trained = first.fine_tuned or first.from_scratch or first.compression == "svd-o"
         ax.plot(
             [p.ratio for p in points],
-            [p.accuracy for p in points],
-            style,
-            color=colour,
+            [clamp(p.accuracy) for p in points],
+            "-" if trained else ":",
+            color=_COLOURS[first.compression],
             alpha=0.6,
             lw=1.2,
             marker=".",
-            label=f"{name} sweep",
         )
     for row in result.rows:
         colour = _COLOURS[row.compression]
         filled = row.fine_tuned or row.from_scratch or row.compression in ("svd-o", "dense")
+        below = row.accuracy < floor
+        marker = "v" if below else ("s" if row.from_scratch else "o")
         ax.scatter(
             row.ratio,
-            row.accuracy,
+            clamp(row.accuracy),
             s=60,
             color=colour if filled else "white",
             edgecolors=colour,
             zorder=3,
-            marker="s" if row.from_scratch else "o",
+            marker=marker,
         )
-        ax.annotate(row.method, (row.ratio, row.accuracy), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        label = f"{row.method} ({row.accuracy:.3f})" if below else row.method
+        ax.annotate(label, (row.ratio, clamp(row.accuracy)), textcoords="offset points", xytext=(5, 4), fontsize=8)
     for name, point in SEED_TABLE.items():
-        ax.scatter(
-            point.ratio,
-            point.accuracy,
-            marker="x",
-            s=50,
-            color="black",
-            zorder=4,
-            label="seed (slides)" if name == "original" else None,
-        )
+        ax.scatter(point.ratio, point.accuracy, marker="x", s=50, color="black", zorder=4)
         ax.annotate(
             f"seed {name}",
             (point.ratio, point.accuracy),
@@ -1247,18 +1254,28 @@ def plot_pareto(result: StudyResult, path: Path) -> None:
             fontsize=7,
             color="dimgray",
         )
+    handles = [
+        Line2D([], [], color=colour, marker="o", ls="", label=family)
+        for family, colour in _COLOURS.items()
+        if any(r.compression == family for r in result.rows)
+    ]
+    handles += [
+        Line2D([], [], color="gray", marker="o", markerfacecolor="white", ls="", label="no training after compression"),
+        Line2D([], [], color="gray", ls="-", label="sweep (trained)"),
+        Line2D([], [], color="gray", ls=":", label="sweep (not trained)"),
+        Line2D([], [], color="black", marker="x", ls="", label="seed (slides)"),
+    ]
     original = next((r for r in result.rows if r.method == "original"), None)
     if original is not None:
-        ax.axhline(original.accuracy - STRETCH_DROP, color="gray", ls="--", lw=0.8, label="original - 0.5 points")
-    accuracies = [r.accuracy for r in result.rows + result.sweep] + [p.accuracy for p in SEED_TABLE.values()]
-    low = max(min(accuracies), 0.0)
-    ax.set_ylim(max(low - 0.01, 0.85 if low > 0.86 else low - 0.01), 1.0)
+        ax.axhline(original.accuracy - STRETCH_DROP, color="gray", ls="--", lw=0.8)
+        handles.append(Line2D([], [], color="gray", ls="--", lw=0.8, label="original - 0.5 points"))
+    ax.set_ylim(floor, top)
     ax.set_xscale("log")
     ax.set_xlabel("compression ratio (whole network, parameters)")
     ax.set_ylabel("test accuracy")
     ax.set_title("MNIST 784-256-10: accuracy vs compression")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(handles=handles, fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -1302,7 +1319,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     defaults = MNISTStudyConfig()
     parser.add_argument(
         "--data-dir",
-        help=f"folder holding the four MNIST .gz files (default: ${DATA_ENV_VAR}/mnist, else data/mnist)",
+        help=f"folder holding the four MNIST .gz files (None: ${DATA_ENV_VAR}/mnist, else data/mnist)",
     )
     parser.add_argument("--out", default=defaults.out, help="output folder")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of every row")
@@ -1322,12 +1339,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--batch-size", type=int, default=defaults.original.batch_size, help="batch size of every phase but Sparse VD"
     )
     parser.add_argument(
-        "--shift", type=int, help="random-translation augmentation in pixels, every phase (default: per phase)"
+        "--shift", type=int, help="random-translation augmentation in pixels for every phase (None: per phase)"
     )
     parser.add_argument("--original", help="load the original network from an original.pt instead of training it")
-    parser.add_argument("--ft-epochs", type=int, help="fine-tuning epochs of every +ft row (default: per method)")
+    parser.add_argument("--ft-epochs", type=int, help="fine-tuning epochs of every +ft row (None: per method)")
     parser.add_argument("--svdo-epochs", type=int, default=defaults.sparse_vd.train.epochs, help="Sparse VD epochs")
     parser.add_argument("--svdo-lr", type=float, default=defaults.sparse_vd.train.lr, help="Sparse VD learning rate")
+    parser.add_argument(
+        "--svdo-shift",
+        type=int,
+        help=f"Sparse VD augmentation in pixels (None: --shift, else {defaults.sparse_vd.train.shift})",
+    )
     parser.add_argument(
         "--svdo-batch-size", type=int, default=defaults.sparse_vd.train.batch_size, help="Sparse VD batch size"
     )
@@ -1342,7 +1364,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="distil the original into the +ft rows: off, on, or both (adds <row>+kd rows)",
     )
     parser.add_argument(
-        "--svd-plain", action="store_true", help="plain truncated SVD in the svd rows (default: input-whitened)"
+        "--svd-plain", action="store_true", help="plain truncated SVD in the svd rows instead of the input-whitened one"
     )
     parser.add_argument("--sweep", action="store_true", help="trace each method's curve over ranks / sparsities")
     parser.add_argument("--train-limit", type=int, help="use only the first N training images")
@@ -1368,8 +1390,10 @@ def config_from_args(args: argparse.Namespace) -> MNISTStudyConfig:
 
     def phase(cfg: TrainConfig, **changes: Any) -> TrainConfig:
         changes.setdefault("batch_size", args.batch_size)
-        if args.shift is not None:
-            changes["shift"] = args.shift
+        if changes.get("shift") is None:
+            changes.pop("shift", None)
+            if args.shift is not None:
+                changes["shift"] = args.shift
         return replace(cfg, **changes)
 
     rows = tuple(dict.fromkeys(r.strip() for r in args.rows.split(",") if r.strip()))
@@ -1393,7 +1417,11 @@ def config_from_args(args: argparse.Namespace) -> MNISTStudyConfig:
         sparse_vd=replace(
             defaults.sparse_vd,
             train=phase(
-                defaults.sparse_vd.train, epochs=args.svdo_epochs, lr=args.svdo_lr, batch_size=args.svdo_batch_size
+                defaults.sparse_vd.train,
+                epochs=args.svdo_epochs,
+                lr=args.svdo_lr,
+                batch_size=args.svdo_batch_size,
+                shift=args.svdo_shift,
             ),
             warmup_epochs=args.svdo_warmup,
         ),
