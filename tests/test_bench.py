@@ -97,3 +97,25 @@ def test_transformer_variants_swap_every_ffn_linear() -> None:
         kinds = {type(m).__name__ for n, m in model.named_modules() if n.endswith(("ffn.fc1", "ffn.fc2"))}
         assert kinds == {cls}
         assert isinstance(model, nn.Module)
+
+
+def test_clock_choice_follows_device_and_threads(monkeypatch) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert bench.resolve_clock(BenchConfig(), cpu) == "cpu"
+    assert bench.resolve_clock(BenchConfig(clock="wall"), cpu) == "wall"
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert bench.resolve_clock(BenchConfig(), cpu) == "wall"
+    with pytest.raises(ValueError, match="--threads 1"):
+        bench.resolve_clock(BenchConfig(clock="cpu"), cpu)
+    with pytest.raises(ValueError, match="auto, wall or cpu"):
+        bench.resolve_clock(BenchConfig(clock="gpu"), cpu)
+
+
+def test_cpu_clock_ignores_time_spent_waiting() -> None:
+    import time
+
+    samples = bench.time_interleaved(
+        {"sleep": lambda: time.sleep(0.002)}, torch.device("cpu"), 3, 0.1, warmup=0, clock=bench.CLOCKS["cpu"]
+    )
+    assert max(samples["sleep"]) < 0.001  # sleeping costs no CPU time; the wall clock would say 2 ms

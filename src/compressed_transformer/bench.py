@@ -108,6 +108,9 @@ class BenchConfig:
         dtype: ``float32`` or ``bfloat16`` (``auto``: bf16 on CUDA, float32 on CPU).
         compile: ``torch.compile`` every layer and model (``auto``: on CUDA, where it removes launch overhead; on
             CPU the work is in MKL calls and compiling only adds minutes).
+        clock: ``wall`` (``time.perf_counter``) or ``cpu`` (``time.thread_time``: CPU seconds of the calling
+            thread, which other processes on the machine do not inflate; right only when every op runs in that
+            thread, i.e. on CPU with one intra-op thread). ``auto``: ``cpu`` there, ``wall`` otherwise.
         transformer: the whole-model part, or ``None`` to skip it.
         seed: random seed.
         out: output folder.
@@ -122,6 +125,7 @@ class BenchConfig:
     device: str = "auto"
     dtype: str = "auto"
     compile: str = "auto"
+    clock: str = "auto"
     transformer: TransformerBench | None = field(default_factory=TransformerBench)
     seed: int = 0
     out: str = "runs/bench"
@@ -262,41 +266,65 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _calls_per_sample(fn: Callable[[], Any], device: torch.device, target_s: float = 2e-3) -> tuple[int, float]:
+def resolve_clock(config: BenchConfig, device: torch.device) -> str:
+    """``wall`` or ``cpu`` from ``config.clock`` (see :class:`BenchConfig`).
+
+    Raises:
+        ValueError: for an unknown clock, or ``cpu`` where ops may run outside the calling thread.
+    """
+    single = device.type == "cpu" and torch.get_num_threads() == 1
+    if config.clock not in ("auto", "wall", "cpu"):
+        raise ValueError(f"--clock must be auto, wall or cpu; got {config.clock!r}")
+    if config.clock == "cpu" and not single:
+        raise ValueError("--clock cpu needs --device cpu and --threads 1 (other threads' work would not be counted)")
+    return "cpu" if config.clock == "cpu" or (config.clock == "auto" and single) else "wall"
+
+
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def _calls_per_sample(
+    fn: Callable[[], Any], device: torch.device, clock: Callable[[], float], target_s: float = 2e-3
+) -> tuple[int, float]:
     """How many calls make one timed sample last about ``target_s``; and the time of one call."""
     _sync(device)
-    start = time.perf_counter()
+    start = clock()
     fn()
     _sync(device)
-    once = time.perf_counter() - start
+    once = clock() - start
     return max(1, min(1000, math.ceil(target_s / max(once, 1e-7)))), once
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int, budget_s: float, warmup: int = 2
+    fns: dict[str, Callable[[], Any]],
+    device: torch.device,
+    repeats: int,
+    budget_s: float,
+    warmup: int = 2,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Seconds per call of each function, ``repeats`` samples each, taken round-robin.
 
     Each function is warmed up ``warmup`` times (caches, plans, allocator), then sampled in interleaved rounds so
     that a change of load on the machine affects all of them alike. Short calls are batched so that one sample
-    lasts about 2 ms.
+    lasts about 2 ms. ``clock`` is read around every sample (see ``BenchConfig.clock``).
     """
     numbers, per_round = {}, 0.0
     for name, fn in fns.items():
         for _ in range(warmup):
             fn()
-        numbers[name], once = _calls_per_sample(fn, device)
+        numbers[name], once = _calls_per_sample(fn, device, clock)
         per_round += numbers[name] * once
     rounds = max(3, min(repeats, int(budget_s / max(per_round, 1e-9))))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             _sync(device)
-            start = time.perf_counter()
+            start = clock()
             for _ in range(numbers[name]):
                 fn()
             _sync(device)
-            samples[name].append((time.perf_counter() - start) / numbers[name])
+            samples[name].append((clock() - start) / numbers[name])
     return samples
 
 
@@ -383,7 +411,9 @@ def _maybe_compile(module: nn.Module, enabled: bool) -> nn.Module:
     return torch.compile(module, dynamic=False) if enabled else module
 
 
-def bench_layers(config: BenchConfig, device: torch.device, dtype: torch.dtype, compiled: bool) -> list[dict]:
+def bench_layers(
+    config: BenchConfig, device: torch.device, dtype: torch.dtype, compiled: bool, clock: str = "wall"
+) -> list[dict]:
     """Rows of the layer grid (see the module docstring)."""
     rows = []
     names = ["dense", *[n for n in config.layers if n != "dense"]]
@@ -406,7 +436,7 @@ def bench_layers(config: BenchConfig, device: torch.device, dtype: torch.dtype, 
                     layer.train(train)
                     chosen[name] = _maybe_compile(layer, compiled)
                     fns[name] = _layer_pass(chosen[name], x, grad, train)
-                samples = time_interleaved(fns, device, config.repeats, config.budget_s)
+                samples = time_interleaved(fns, device, config.repeats, config.budget_s, clock=CLOCKS[clock])
                 dense_s = median(samples["dense"])
                 for name, times in samples.items():
                     layer = layers[name]
@@ -501,7 +531,12 @@ def _beam(model: nn.Module, src: torch.Tensor, steps: int, beam: int) -> torch.T
 
 
 def bench_transformer(
-    spec: TransformerBench, device: torch.device, dtype: torch.dtype, compiled: bool, repeats: int
+    spec: TransformerBench,
+    device: torch.device,
+    dtype: torch.dtype,
+    compiled: bool,
+    repeats: int,
+    clock: str = "wall",
 ) -> list[dict]:
     """Rows of the whole-model part: a training step, a greedy and a beam decoding pass per variant."""
     from .size import stored_params
@@ -538,7 +573,7 @@ def bench_transformer(
     rows = []
     tokens = {"train": spec.batch * spec.length, "greedy": spec.decode_batch, "beam": spec.decode_batch * spec.beam}
     for pass_name, group in fns.items():
-        samples = time_interleaved(group, device, repeats, budget_s=60.0, warmup=1)
+        samples = time_interleaved(group, device, repeats, budget_s=60.0, warmup=1, clock=CLOCKS[clock])
         dense_s = median(samples["dense"])
         for variant, times in samples.items():
             seconds = median(times)
@@ -615,7 +650,8 @@ def markdown(result: dict) -> str:
     meta, rows = result["meta"], result["rows"]
     lines = [
         f"`{meta['command']}` — {meta['machine']['cpu']}, {meta['machine']['threads']} threads, "
-        f"torch {meta['machine']['torch']}, {meta['dtype']}, device {meta['machine']['device']}"
+        f"torch {meta['machine']['torch']}, {meta['dtype']}, device {meta['machine']['device']}, "
+        f"{meta.get('clock', 'wall')} clock"
         + (f", load average {meta['machine']['load_average'][0]:.1f}" if "load_average" in meta["machine"] else ""),
         "",
     ]
@@ -749,6 +785,7 @@ def run_bench(config: BenchConfig, argv: list[str] | None = None) -> dict:
         ``{"meta": ..., "rows": [...]}`` as written to ``bench.json``.
     """
     device, dtype, compiled = resolve_device(config)
+    clock = resolve_clock(config, device)
     torch.manual_seed(config.seed)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -760,14 +797,15 @@ def run_bench(config: BenchConfig, argv: list[str] | None = None) -> dict:
     else:
         command = "compressed-transformer bench"
     start = time.perf_counter()
-    rows = bench_layers(config, device, dtype, compiled)
+    rows = bench_layers(config, device, dtype, compiled, clock)
     if config.transformer is not None:
-        rows += bench_transformer(config.transformer, device, dtype, compiled, max(3, config.repeats // 2))
+        rows += bench_transformer(config.transformer, device, dtype, compiled, max(3, config.repeats // 2), clock)
     meta = {
         "command": command,
         "config": asdict(config),
         "dtype": str(dtype).removeprefix("torch."),
         "compiled": compiled,
+        "clock": clock,
         "machine": machine_description(device),
         "git_revision": _git_revision(),
         "seconds": time.perf_counter() - start,
@@ -804,6 +842,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=defaults.device, help="cpu, cuda or auto")
     parser.add_argument("--dtype", default=defaults.dtype, help="float32, bfloat16 or auto (bf16 on CUDA)")
     parser.add_argument("--compile", default=defaults.compile, help="torch.compile layers and models: on, off, auto")
+    parser.add_argument(
+        "--clock", default=defaults.clock, help="wall, cpu (thread CPU time; CPU with --threads 1 only) or auto"
+    )
     parser.add_argument("--no-transformer", action="store_true", help="skip the whole-Transformer rows")
     parser.add_argument("--transformer-preset", help="model preset of the Transformer rows (default base)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads before measuring")
@@ -813,6 +854,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     base = quick_config() if args.quick else BenchConfig()
     changes: dict[str, Any] = {"out": args.out, "device": args.device, "dtype": args.dtype, "compile": args.compile}
+    changes["clock"] = args.clock
     changes["seed"] = args.seed
     if args.shapes:
         changes["shapes"] = args.shapes

@@ -67,6 +67,8 @@ class CostModel:
             threads (fixed costs do not scale).
         margin: a factorised or sparse path is used only when it is predicted to take at most ``margin`` times
             the dense path, so that errors of the model do not make a layer slower than ``nn.Linear``.
+        min_saving_s: ... and to save at least this many seconds: at a handful of tokens both paths take a few
+            microseconds, where fixed costs the model leaves out (Python, views) decide.
         chunk_bytes: split the tokens of a factorised product into chunks whose largest intermediate has at most
             this many bytes, so that it stays in cache (``None``: never split; right for GPUs).
     """
@@ -75,7 +77,14 @@ class CostModel:
     train: PassCosts
     thread_scaling: float = 0.9
     margin: float = 0.8
+    min_saving_s: float = 6e-6
     chunk_bytes: int | None = 4 << 20
+
+    def prefers(self, candidate_s: float, dense_s: float, dense_extra_s: float = 0.0) -> bool:
+        """Whether a path predicted to take ``candidate_s`` should replace the dense one, which takes ``dense_s``
+        for its GEMM plus ``dense_extra_s`` for anything else (e.g. rebuilding ``W``): the margin applies to the
+        GEMM, and the saving must be at least ``min_saving_s``."""
+        return candidate_s <= self.margin * dense_s + dense_extra_s - self.min_saving_s
 
     def _pass(self, train: bool) -> PassCosts:
         return self.train if train else self.forward
@@ -154,6 +163,7 @@ CUDA_COSTS = CostModel(
         sparse_entry_s=6e-12,
     ),
     thread_scaling=0.0,
+    min_saving_s=1e-5,
     chunk_bytes=None,
 )
 

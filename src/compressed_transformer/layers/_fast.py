@@ -261,7 +261,7 @@ def _low_rank_is_faster(
     if not cached:
         rebuild = costs.steps_seconds([(out_features, in_features, rank, 1)], train=train, threads=threads)
         rebuild += factor_ops * costs.copy_seconds(weights * element_size, train=train, threads=threads)
-    return factorized <= costs.margin * dense + rebuild
+    return costs.prefers(factorized, dense, rebuild)
 
 
 # Under torch.compile a token count may be symbolic (dynamic shapes), so decisions are tabulated per bucket of
@@ -313,7 +313,7 @@ def sparse_is_faster(device: tuple[str, int, int], tokens: int, in_features: int
     weights = in_features * out_features
     dense = costs.gemm_seconds(tokens * weights, weight_bytes=weights * element_size, train=False, threads=threads)
     sparse = csr_seconds(costs, threads, nnz, tokens, out_features, element_size)
-    return sparse <= costs.margin * dense
+    return costs.prefers(sparse, dense)
 
 
 def sparse_supported(param: torch.Tensor) -> bool:
@@ -447,4 +447,4 @@ def sparse_train_is_faster(
     dense += costs.copy_seconds(wbytes, train=True, threads=threads)  # the mask product and its backward
     sparse = 3 * csr_seconds(costs, threads, nnz, tokens, max(in_features, out_features), element_size)
     sparse += costs.copy_seconds(wbytes, train=False, threads=threads)  # the zero-filled weight gradient
-    return sparse <= costs.margin * dense
+    return costs.prefers(sparse, dense)

@@ -101,7 +101,7 @@ def _tt_choice(
     weights = math.prod(out_modes) * math.prod(in_modes)
     dense = costs.gemm_seconds(tokens * weights, weight_bytes=weights * element_size, train=train, threads=threads)
     rebuild = 0.0 if cached else _rebuild_seconds(out_modes, in_modes, ranks, costs, train, threads, element_size)
-    return plan if factorized <= costs.margin * dense + rebuild else None
+    return plan if costs.prefers(factorized, dense, rebuild) else None
 
 
 @torch.compiler.assume_constant_result
