@@ -24,7 +24,6 @@ import math
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -41,6 +40,7 @@ from .functional.tt import TTPlan, factorize, tt_groupings, tt_plan_macs
 from .functional.tucker import tucker_linear_rank
 from .layers import LowRankLinear, PrunedLinear, SparseVDLinear, TTLinear, TuckerLinear
 from .layers._fast import cache_nbytes
+from .provenance import git_revision
 
 __all__ = ["BenchConfig", "main", "register", "run_bench"]
 
@@ -606,16 +606,6 @@ def bench_transformer(
 # --- reports --------------------------------------------------------------------------------------------------------
 
 
-def _git_revision() -> str | None:
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return rev.stdout.strip() or None if rev.returncode == 0 else None
-
-
 def machine_description(device: torch.device) -> dict[str, Any]:
     """What the numbers were measured on."""
     cpu = platform.processor() or platform.machine()
@@ -807,7 +797,7 @@ def run_bench(config: BenchConfig, argv: list[str] | None = None) -> dict:
         "compiled": compiled,
         "clock": clock,
         "machine": machine_description(device),
-        "git_revision": _git_revision(),
+        "git_revision": git_revision(),
         "seconds": time.perf_counter() - start,
         "transformer": asdict(config.transformer) if config.transformer is not None else None,
     }

@@ -20,7 +20,6 @@ import math
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 import zlib
@@ -41,6 +40,7 @@ from ..functional.tucker import mode_product, tucker_params
 from ..layers import SparseVDLinear, TTLinear, model_kl
 from ..layers._common import resolve_modes
 from ..models.mlp import MLP, MLPConfig
+from ..provenance import git_revision
 from ..size import stored_bytes, stored_params
 
 __all__ = [
@@ -1134,23 +1134,6 @@ def format_table(result: StudyResult) -> str:
     return "\n".join(lines)
 
 
-def _git_revision() -> str | None:
-    try:
-        root = Path(__file__).resolve().parent
-        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if rev.returncode != 0:
-            return None
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def write_outputs(result: StudyResult, config: MNISTStudyConfig, argv: Sequence[str]) -> None:
     """Write ``table.md``, ``results.json`` and ``pareto.png`` into ``result.out``."""
     out = result.out
@@ -1167,7 +1150,7 @@ def write_outputs(result: StudyResult, config: MNISTStudyConfig, argv: Sequence[
         "seconds": result.seconds,
         "config": config.to_dict(),
         "command": list(argv),
-        "git_revision": _git_revision(),
+        "git_revision": git_revision(),
         "environment": {
             "python": platform.python_version(),
             "torch": torch.__version__,

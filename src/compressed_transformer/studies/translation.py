@@ -30,7 +30,6 @@ import math
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -57,6 +56,7 @@ from ..models.transformer import (
     preset,
     resolve_blocks,
 )
+from ..provenance import git_revision
 from ..size import stored_params
 from ..train.checkpoint import check_same_config, load_checkpoint
 from ..train.distributed import resolve_device
@@ -973,20 +973,6 @@ def run_study(study: StudyConfig, argv: Sequence[str] = ()) -> list[RowResult]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _git_revision() -> str:
-    root = Path(__file__).resolve().parent
-    try:
-        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    if rev.returncode != 0:
-        return "unknown"
-    return rev.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
-
-
 def _fmt(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -1048,7 +1034,7 @@ def write_outputs(
     command = shlex.join(["compressed-transformer", *argv]) if argv else ""
     title = {"multi30k": "Multi30k de→en (test_2016_flickr)", "iwslt14": "IWSLT'14 de→en", "plain": "plain corpus"}
     text = f"# Translation study: {title[study.dataset]}, budget `{study.budget}`\n\n"
-    text += (f"Command: `{command}`\n\n" if command else "") + f"Git revision: {_git_revision()}\n\n"
+    text += (f"Command: `{command}`\n\n" if command else "") + f"Git revision: {git_revision() or 'unknown'}\n\n"
     text += format_table(rows, study.dataset) + "\n\n" + _table_notes(rows, study) + "\n"
     (out / "table.md").write_text(text, encoding="utf-8")
     seed_key = "iwslt14" if study.dataset == "iwslt14" else "multi30k"
@@ -1064,7 +1050,7 @@ def write_outputs(
         "base_model": study.base_model.to_dict(),
         "row_definitions": {name: plan.row.to_dict() | {"same_as": plan.same_as} for name, plan in plans.items()},
         "command": list(argv),
-        "git_revision": _git_revision(),
+        "git_revision": git_revision(),
         "seconds": seconds,
         "environment": {
             "python": platform.python_version(),

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from compressed_transformer.models.transformer import (
     ffn_module_names,
     parameter_report,
 )
+from compressed_transformer.provenance import git_revision
 from compressed_transformer.train import distributed
 from compressed_transformer.train.checkpoint import (
     capture_rng,
@@ -167,16 +167,6 @@ def compression_ratio(config: TransformerConfig, model: nn.Module) -> dict[str, 
         "total": dense_report["total"] / max(report["total"], 1),
         "ffn": dense_report["ffn"] / max(report["ffn"], 1),
     }
-
-
-def _git_revision() -> str:
-    root = Path(__file__).resolve().parents[3]
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return rev.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -385,7 +375,7 @@ def _train(
         command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
         with open(out / "command.txt", "a", encoding="utf-8") as handle:
             handle.write(("# resumed\n" if resume else "") + command + "\n")
-        (out / "git_rev.txt").write_text(_git_revision() + "\n")
+        (out / "git_rev.txt").write_text((git_revision() or "unknown") + "\n")
         report = parameter_report(model)
         log(f"parameters: {report}; compression ratio vs dense: {compression_ratio(model_config, model)}")
 
