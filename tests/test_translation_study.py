@@ -161,7 +161,7 @@ def test_interrupted_row_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     data = write_corpus(tmp_path / "data", pairs=16)
     out = tmp_path / "study"
     calls: list[bool] = []
-    real_train = translation.train
+    real_train = translation.study.train
 
     def interrupted(model, cfg, *, resume=False, prepare=None):
         calls.append(resume)
@@ -172,7 +172,7 @@ def test_interrupted_row_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
             raise KeyboardInterrupt
         return real_train(model, cfg, resume=True, prepare=prepare)
 
-    monkeypatch.setattr(translation, "train", interrupted)
+    monkeypatch.setattr(translation.study, "train", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(study_argv(data, out, "original"))
     assert run(study_argv(data, out, "original")) == 0
@@ -183,7 +183,7 @@ def test_interrupted_row_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 def test_unknown_rows_fail_before_any_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = write_corpus(tmp_path / "data", pairs=8)
-    monkeypatch.setattr(translation, "train", lambda *a, **k: pytest.fail("trained despite bad input"))
+    monkeypatch.setattr(translation.study, "train", lambda *a, **k: pytest.fail("trained despite bad input"))
     with pytest.raises(ValueError, match=r"unknown row\(s\) \['tt-all-tucker'\] for plain; choose from original"):
         run(study_argv(data, tmp_path / "out", "original,tt-all-tucker"))
     with pytest.raises(ValueError, match=r"unknown row\(s\) \['small'\] for iwslt14"):
@@ -202,7 +202,7 @@ def test_iwslt_without_training_text_fails_early(
     for split in ("valid", "test"):
         for lang in ("de", "en"):
             (prepared / f"{split}.{lang}").write_text("hallo welt\n")
-    monkeypatch.setattr(translation, "train", lambda *a, **k: pytest.fail("trained without training data"))
+    monkeypatch.setattr(translation.study, "train", lambda *a, **k: pytest.fail("trained without training data"))
     out = tmp_path / "out"
     argv = ["study", "iwslt14", "--budget", "tiny", "--data-dir", str(tmp_path / "iwslt14"), "--out", str(out)]
     assert cli.main(argv) == 2

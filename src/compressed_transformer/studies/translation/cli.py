@@ -1,0 +1,98 @@
+"""The ``compressed-transformer study`` subcommand: arguments, the study config they give, and ``main``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .budgets import BUDGETS, StudyConfig
+from .report import format_table
+from .rows import DATASETS, ROW_NAMES
+from .study import run_study
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _default_data_dir(dataset: str) -> str:
+    from ...data.mnist import DATA_ENV_VAR
+
+    root = os.environ.get(DATA_ENV_VAR)
+    return str(Path(root) / dataset) if root else f"data/{dataset}"
+
+
+def config_from_args(args: argparse.Namespace) -> StudyConfig:
+    """The study config of parsed arguments.
+
+    Raises:
+        ValueError: for unknown rows or budgets, or a ``plain`` study without ``--data-dir``.
+    """
+    if args.dataset == "plain" and not args.data_dir:
+        raise ValueError("a 'plain' study needs --data-dir (a folder of train/valid/test.{de,en} files)")
+    rows = () if args.rows in (None, "", "all") else tuple(dict.fromkeys(r.strip() for r in args.rows.split(",")))
+    return StudyConfig(
+        dataset=args.dataset,
+        out=args.out,
+        data_dir=args.data_dir or _default_data_dir(args.dataset),
+        budget=args.budget,
+        rows=tuple(r for r in rows if r),
+        device=args.device,
+        max_minutes=args.max_minutes,
+        fine_tune_minutes=args.fine_tune_minutes,
+        beam=args.beam,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    study = config_from_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run_study(study, sys.argv[1:])
+    print(format_table(rows, study.dataset))
+    print(f"\noutputs in {study.out}/ (table.md, results.json, bleu_vs_ratio.png)")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``study`` subcommand (the seed's translation tables)."""
+    from . import __doc__ as study_doc  # the package's docstring, not this module's
+
+    parser = subparsers.add_parser(
+        "study",
+        help="run the seed's translation table (Multi30k or IWSLT'14): one training run per row, then "
+        "table.md / results.json / bleu_vs_ratio.png",
+        description=study_doc.split("\n\n")[0],
+    )
+    parser.add_argument("dataset", choices=DATASETS, help="multi30k, iwslt14, or plain (Multi30k's rows, any corpus)")
+    parser.add_argument(
+        "--rows",
+        help="comma-separated rows (default all). multi30k/plain: "
+        + ", ".join(ROW_NAMES["multi30k"])
+        + "; iwslt14: "
+        + ", ".join(ROW_NAMES["iwslt14"]),
+    )
+    parser.add_argument(
+        "--budget",
+        choices=tuple(BUDGETS),
+        default="small",
+        help="full: the seed's sizes (GPU); small: the small preset, minutes-bounded rows (CPU); tiny: tests",
+    )
+    parser.add_argument("--out", required=True, help="study folder (rows/<row>/ run folders, table, results, plot)")
+    parser.add_argument(
+        "--data-dir", help="the dataset's folder (default $COMPRESSED_TRANSFORMER_DATA/<dataset>, else data/<dataset>)"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument("--max-minutes", type=float, help="bound of each training run (default: the budget's)")
+    parser.add_argument("--fine-tune-minutes", type=float, help="bound of each fine-tuning run (default: the budget's)")
+    parser.add_argument("--beam", type=int, help="test-set beam (default: the budget's)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of every row")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (1 is fastest on a busy CPU)")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    parser.set_defaults(func=main)

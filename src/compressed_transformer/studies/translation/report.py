@@ -1,0 +1,177 @@
+"""The translation study's outputs: ``table.md``, ``results.json`` and ``bleu_vs_ratio.png``."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ...provenance import git_revision
+from .budgets import StudyConfig
+from .rows import SEED_POINTS
+
+if TYPE_CHECKING:  # study.py imports this module (write_outputs): its names are needed for annotations only
+    from .study import RowResult, _Plan
+
+# ---------------------------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(rows: Sequence[RowResult], dataset: str) -> str:
+    """The Markdown table: our measurements, then the seed's figures for the same row (labelled as the seed's)."""
+    iwslt = dataset == "iwslt14"
+    head = ["row", "compression", "FFN blocks compressed", "route", "BLEU", "BLEU seed-style (0-1)"]
+    head += ["BLEU tok lc"] if iwslt else []
+    head += ["params", "ratio", "ratio FFN", "train s", "steps", "test decode s", "sent/s"]
+    head += ["seed BLEU", "seed time"] if iwslt else ["seed BLEU", "seed ratio", "seed time"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|"]
+    for r in rows:
+        seed = r.seed or {}
+        name = r.name if r.same_as is None else f"{r.name} (= {r.same_as})"
+        cells = [name, r.method, r.blocks, r.route, f"{r.bleu:.2f}", f"{r.bleu_seed:.3f}"]
+        cells += [f"{r.bleu_tok_lc:.2f}"] if iwslt else []
+        cells += [
+            f"{r.params:,}",
+            f"{r.ratio:.3f}",
+            f"{r.ratio_ffn:.2f}",
+            f"{r.train_seconds:.1f}",
+            str(r.steps),
+            f"{r.infer_seconds:.2f}",
+            f"{r.sentences_per_s:.1f}",
+            _fmt(seed.get("bleu"), 3),
+        ]
+        cells += [] if iwslt else [_fmt(seed.get("ratio"), 3)]
+        cells += [_fmt(seed.get("time"), 2)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _table_notes(rows: Sequence[RowResult], study: StudyConfig) -> str:
+    budget = study.resolved_budget
+    base = study.base_model
+    notes = [
+        f"* Model: the `{budget.preset}` preset ({base.d_model} wide, {base.enc_layers}+{base.dec_layers} layers, "
+        f"d_ff {base.d_ff}); every row is its own training run (random seed {study.seed}), scored with its "
+        f"best-validation checkpoint on the test set ({rows[0].sentences if rows else 0} sentences, beam "
+        f"{study.beam or budget.beam}).",
+        "* `ratio`: parameters of the dense `original` / the row's (whole model; `ratio FFN`: FFN blocks only). "
+        "Parameters count stored factors, non-zeros and biases; the shared embedding table once.",
+        "* `BLEU` is sacreBLEU (cased, detokenised); `BLEU seed-style` is lowercased tokenised BLEU on the seed's 0-1 "
+        "scale. `train s` is wall-clock training time including periodic validation; `test decode s` decodes the "
+        "whole test set (wall clock on a possibly busy machine).",
+        "* Fraction rows compress the lowest `round(f * L)` FFN blocks of each stack (Python's round: halves go to "
+        "even); a row that resolves to the same model as an earlier one shows that row's run, marked `(= row)`.",
+        "* `seed ...` columns are the seed's figures (slides), not ours; the seed's time unit is not stated.",
+    ]
+    return "\n".join(notes)
+
+
+def write_outputs(
+    rows: Sequence[RowResult], study: StudyConfig, plans: Mapping[str, _Plan], argv: Sequence[str], seconds: float
+) -> None:
+    """Write ``table.md``, ``results.json`` and ``bleu_vs_ratio.png`` into ``study.out``."""
+    out = Path(study.out)
+    command = shlex.join(["compressed-transformer", *argv]) if argv else ""
+    title = {"multi30k": "Multi30k de→en (test_2016_flickr)", "iwslt14": "IWSLT'14 de→en", "plain": "plain corpus"}
+    text = f"# Translation study: {title[study.dataset]}, budget `{study.budget}`\n\n"
+    text += (f"Command: `{command}`\n\n" if command else "") + f"Git revision: {git_revision() or 'unknown'}\n\n"
+    text += format_table(rows, study.dataset) + "\n\n" + _table_notes(rows, study) + "\n"
+    (out / "table.md").write_text(text, encoding="utf-8")
+    seed_key = "iwslt14" if study.dataset == "iwslt14" else "multi30k"
+    payload = {
+        "dataset": study.dataset,
+        "budget": study.budget,
+        "rows": [r.to_dict() for r in rows],
+        "seed": {
+            "source": "the seed's slides (Khakhulin et al., 'Compressed Transformer'); BLEU on a 0-1 scale",
+            "rows": {name: asdict(point) for name, point in SEED_POINTS[seed_key].items()},
+        },
+        "config": study.to_dict(),
+        "base_model": study.base_model.to_dict(),
+        "row_definitions": {name: plan.row.to_dict() | {"same_as": plan.same_as} for name, plan in plans.items()},
+        "command": list(argv),
+        "git_revision": git_revision(),
+        "seconds": seconds,
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+        },
+    }
+    (out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
+    plot_bleu_vs_ratio(rows, study.dataset, out / "bleu_vs_ratio.png")
+
+
+def plot_bleu_vs_ratio(rows: Sequence[RowResult], dataset: str, path: Path) -> None:
+    """Seed-style BLEU (0-1) against the whole-model compression ratio (log x), with the seed's points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    aliases: dict[str, list[str]] = {}
+    for r in rows:
+        if r.same_as is not None:  # the same point as its source row: one marker, both names
+            aliases.setdefault(r.same_as, []).append(r.name)
+    for r in rows:
+        if r.same_as is not None:
+            continue
+        marker = "s" if r.route == "convert" else "o"
+        label = " = ".join([r.name, *aliases.get(r.name, [])])
+        ax.scatter(r.ratio, r.bleu_seed, s=50, marker=marker, color="tab:blue", zorder=3)
+        ax.annotate(label, (r.ratio, r.bleu_seed), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    seed_key = "iwslt14" if dataset == "iwslt14" else "multi30k"
+    first = True
+    for name, point in SEED_POINTS[seed_key].items():
+        label = "seed (slides)" if first else None
+        first = False
+        if point.ratio is None:  # the IWSLT'14 slide gives no ratios: draw its BLEU as a level
+            ax.axhline(point.bleu, color="dimgray", ls=":", lw=0.8, label=label)
+            ax.annotate(
+                f"seed {name}",
+                (1.0, point.bleu),
+                fontsize=7,
+                color="dimgray",
+                xytext=(2, 2),
+                textcoords="offset points",
+            )
+            continue
+        ax.scatter(point.ratio, point.bleu, marker="x", s=50, color="black", zorder=4, label=label)
+        ax.annotate(
+            f"seed {name}",
+            (point.ratio, point.bleu),
+            textcoords="offset points",
+            xytext=(5, -10),
+            fontsize=7,
+            color="dimgray",
+        )
+    ax.scatter([], [], marker="o", color="tab:blue", label="ours, from scratch")
+    ax.scatter([], [], marker="s", color="tab:blue", label="ours, converted from the original")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(ScalarFormatter())
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.set_xlabel("compression ratio (whole model, parameters)")
+    ax.set_ylabel("BLEU, lowercased tokenised, 0-1 (seed's scale)")
+    ax.set_title(f"{dataset}: BLEU vs compression")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,426 @@
+"""Planning, running (or skipping, or resuming) and scoring the translation study's rows."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...data.parallel import ParallelCorpus, load_dataset
+from ...data.tokenizer import Tokenizer
+from ...evaluate.bleu import sacre_bleu, seed_bleu, tokenized_bleu
+from ...evaluate.decoding import translate
+from ...models.transformer import (
+    FeedForward,
+    FFNSpec,
+    Transformer,
+    TransformerConfig,
+    parameter_report,
+    resolve_blocks,
+)
+from ...size import stored_params
+from ...train.checkpoint import check_same_config, load_checkpoint
+from ...train.distributed import resolve_device
+from ...train.trainer import RESUMABLE_KEYS, TrainConfig, train
+from .budgets import StudyConfig
+from .compression import row_prepare
+from .report import write_outputs
+from .rows import ATTENTION_PROJECTIONS, SEED_POINTS, Row, rows_for
+
+# ---------------------------------------------------------------------------------------------------------------
+# Planning: each row's model and training config
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _slug(name: str) -> str:
+    return name.replace("/", "_")
+
+
+def row_model_config(row: Row, base: TransformerConfig) -> TransformerConfig:
+    """``row``'s model: ``base`` with the row's FFN spec (and half its layers for the ``small`` row)."""
+    config = base.replace(ffn=row.ffn)
+    if row.half_layers:
+        config = config.replace(enc_layers=math.ceil(base.enc_layers / 2), dec_layers=math.ceil(base.dec_layers / 2))
+    return config
+
+
+def row_train_config(row: Row, study: StudyConfig, out: Path) -> TrainConfig:
+    """``row``'s training run in ``out / "rows" / <row>``."""
+    budget = study.resolved_budget
+    schedule = asdict(budget.train if row.schedule == "train" else budget.fine_tune)
+    minutes = study.max_minutes if row.schedule == "train" else study.fine_tune_minutes
+    if minutes is not None:
+        schedule["max_minutes"] = minutes
+    extra: dict[str, Any] = {"study": study.dataset, "budget": study.budget, "row": row.name}
+    if row.attention is not None:
+        extra["attention"] = row.attention.to_dict() | {"filter": ATTENTION_PROJECTIONS}
+    if row.embed_rank:
+        extra["embed_rank"] = row.embed_rank
+    return TrainConfig(
+        dataset=study.dataset,
+        data_dir=study.data_dir,
+        out_dir=str(out / "rows" / _slug(row.name)),
+        seed=study.seed,
+        init_from=str(out / "rows" / "original" / "checkpoint_best.pt") if row.route == "convert" else "",
+        device=study.device,
+        progress=study.progress,
+        extra=extra,
+        **schedule,
+    )
+
+
+def _identity(model: TransformerConfig, cfg: TrainConfig) -> str:
+    """What a row trains, independent of its name: equal for rows that would train the same model the same way."""
+    enc, dec = resolve_blocks(model.ffn.blocks, model.enc_layers, model.dec_layers)
+    if model.ffn.method == "dense" or not (enc or dec):
+        ffn = FFNSpec()
+    else:
+        ffn = FFNSpec(
+            model.ffn.method, model.ffn.options, f"enc:{','.join(map(str, enc))};dec:{','.join(map(str, dec))}"
+        )
+    train_dict = {k: v for k, v in cfg.to_dict().items() if k not in ("out_dir", "progress", "device")}
+    train_dict["extra"] = {k: v for k, v in cfg.extra.items() if k != "row"}
+    return json.dumps({"model": model.replace(ffn=ffn).to_dict(), "train": train_dict}, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    row: Row
+    model: TransformerConfig
+    train: TrainConfig
+    same_as: str | None
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.train.out_dir)
+
+
+def _plan(study: StudyConfig, out: Path) -> dict[str, _Plan]:
+    """Every row of the dataset, with the earlier row it duplicates (if any)."""
+    base = study.base_model
+    plans: dict[str, _Plan] = {}
+    seen: dict[str, str] = {}
+    for name, row in rows_for(study.dataset, base).items():
+        model, cfg = row_model_config(row, base), row_train_config(row, study, out)
+        if model.ffn.method != "dense":  # a spec that does not fit the model fails here, before any training
+            FeedForward(model.d_model, model.d_ff, 0.0, model.ffn.method, model.ffn.options)
+        key = _identity(model, cfg)
+        plans[name] = _Plan(row, model, cfg, seen.get(key))
+        seen.setdefault(key, name)
+    return plans
+
+
+def _to_run(study: StudyConfig, plans: dict[str, _Plan]) -> list[str]:
+    """The requested rows plus what they need (the original for conversions, the row a duplicate copies)."""
+    wanted = set(study.rows or plans)
+    for name in list(wanted):
+        plan = plans[name]
+        if plan.row.route == "convert":
+            wanted.add("original")
+        if plan.same_as is not None:
+            wanted.add(plan.same_as)
+    return [name for name in plans if name in wanted]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running and scoring one row
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RowResult:
+    """One line of the table (and of ``results.json``), measured from the row's own run."""
+
+    name: str
+    method: str
+    blocks: str
+    route: str
+    note: str
+    bleu: float
+    bleu_seed: float
+    bleu_tok_lc: float
+    params: int
+    params_ffn: int
+    params_attention: int
+    params_embeddings: int
+    ratio: float
+    ratio_ffn: float
+    train_seconds: float
+    steps: int
+    epochs: float
+    best_valid_bleu: float
+    infer_seconds: float
+    sentences: int
+    sentences_per_s: float
+    beam: int
+    bleu_signature: str
+    bleu_tok_lc_signature: str
+    run_dir: str
+    checkpoint: str
+    same_as: str | None = None
+    seed: dict[str, Any] | None = None
+    row: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RowResult:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+def _ranges(indices: Sequence[int]) -> str:
+    parts: list[list[int]] = []
+    for i in indices:
+        if parts and parts[-1][1] == i - 1:
+            parts[-1][1] = i
+        else:
+            parts.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in parts)
+
+
+def describe_blocks(model: TransformerConfig) -> str:
+    """Which FFN blocks the row compresses, e.g. ``enc 0-1, dec 0-1 of 3+3``."""
+    size = f"{model.enc_layers}+{model.dec_layers}"
+    enc, dec = resolve_blocks(model.ffn.blocks, model.enc_layers, model.dec_layers)
+    if model.ffn.method == "dense" or not (enc or dec):
+        return f"none of {size}"
+    if len(enc) == model.enc_layers and len(dec) == model.dec_layers:
+        return f"all {size}"
+    parts = [f"enc {_ranges(enc)}" if enc else "", f"dec {_ranges(dec)}" if dec else ""]
+    return ", ".join(p for p in parts if p) + f" of {size}"
+
+
+def describe_method(row: Row) -> str:
+    """The row's compression in a few words, e.g. ``TT r=1-2-2-2-2-1 + attn svd rank=64``."""
+    options = row.ffn.options
+
+    def opts(values: Mapping[str, Any]) -> str:
+        return " ".join(
+            f"{k}={'-'.join(map(str, v)) if isinstance(v, list | tuple) else v}" for k, v in sorted(values.items())
+        )
+
+    text = "dense" if row.ffn.method == "dense" else f"{row.ffn.method} {opts(options)}".strip()
+    if row.half_layers:
+        text += ", half the layers"
+    if row.attention is not None:
+        text += f" + attn {row.attention.method} {opts(row.attention.options)}"
+    if row.embed_rank:
+        text += f" + emb rank={row.embed_rank}"
+    return text
+
+
+def _attention_params(model: Transformer) -> int:
+    layers = [*model.encoder, *model.decoder]
+    return sum(
+        stored_params(getattr(layer, name))
+        for layer in layers
+        for name in ("self_attn", "cross_attn")
+        if hasattr(layer, name)
+    )
+
+
+def _reference_params(base: TransformerConfig, vocab_size: int) -> dict[str, int]:
+    """Parameters of the dense ``original`` model with the trained vocabulary."""
+    with torch.device("meta"):
+        dense = Transformer(base.replace(vocab_size=vocab_size, ffn=FFNSpec()))
+    return parameter_report(dense)
+
+
+def _uses_tokenized_refs(study: StudyConfig) -> bool:
+    """IWSLT'14 in fairseq's prepared layout: hypotheses and references are already tokenised, lowercased text."""
+    if study.dataset != "iwslt14":
+        return False
+    from ...data.parallel import _iwslt_layout  # the loader's own layout detection
+
+    return _iwslt_layout(Path(study.data_dir))[0] == "fairseq"
+
+
+def _load_row_model(row: Row, state: dict[str, Any], device: torch.device | str = "cpu") -> Transformer:
+    model = Transformer(TransformerConfig.from_dict(state["model_config"]))
+    prepare = row_prepare(row)
+    if prepare is not None:
+        prepare(model)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval()
+
+
+def load_row_model(study: StudyConfig, row: str, checkpoint: str | Path | None = None) -> tuple[Transformer, Tokenizer]:
+    """Rebuild a row's trained model (in eval mode) and tokenizer from its checkpoint (default: its best).
+
+    Rows that compress attention projections or embeddings need this (``translate eval`` rebuilds a checkpoint from
+    its model config alone, which describes only the FFN blocks).
+
+    Raises:
+        ValueError: for a row the study does not have.
+        FileNotFoundError: if the checkpoint does not exist.
+    """
+    rows = rows_for(study.dataset, study.base_model)
+    if row not in rows:
+        raise ValueError(f"unknown row {row!r} for {study.dataset}; choose from {', '.join(rows)}")
+    path = Path(checkpoint) if checkpoint else Path(study.out) / "rows" / _slug(row) / "checkpoint_best.pt"
+    state = load_checkpoint(path)
+    return _load_row_model(rows[row], state), Tokenizer(state["tokenizer"])
+
+
+def _score_row(
+    plan: _Plan, study: StudyConfig, test: ParallelCorpus, tokenized_refs: bool, device: torch.device
+) -> RowResult:
+    """Decode the test set with the row's best checkpoint; sizes, ratios, BLEU and timings."""
+    folder = plan.folder
+    summary = json.loads((folder / "summary.json").read_text())
+    checkpoint = folder / "checkpoint_best.pt"
+    state = load_checkpoint(checkpoint)
+    model = _load_row_model(plan.row, state, device)
+    tokenizer = Tokenizer(state["tokenizer"])
+    beam = study.beam or study.resolved_budget.beam
+    hyps, seconds = translate(model, tokenizer, test.src, beam=beam, device=device)
+    (folder / "test.hyp").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    bleu, signature = sacre_bleu(hyps, test.tgt)
+    tok_bleu, tok_signature = tokenized_bleu(hyps, test.tgt, pretokenized=tokenized_refs)
+    report = parameter_report(model)
+    reference = _reference_params(study.base_model, model.config.vocab_size)
+    return RowResult(
+        name=plan.row.name,
+        method=describe_method(plan.row),
+        blocks=describe_blocks(plan.model),
+        route=plan.row.route,
+        note=plan.row.note,
+        bleu=bleu,
+        bleu_seed=tok_bleu / 100.0 if tokenized_refs else seed_bleu(hyps, test.tgt),
+        bleu_tok_lc=tok_bleu,
+        params=report["total"],
+        params_ffn=report["ffn"],
+        params_attention=_attention_params(model),
+        params_embeddings=report["embeddings"],
+        ratio=reference["total"] / max(report["total"], 1),
+        ratio_ffn=reference["ffn"] / max(report["ffn"], 1),
+        train_seconds=summary["train_seconds"],
+        steps=summary["steps"],
+        epochs=summary["epochs"],
+        best_valid_bleu=summary["best_valid_bleu"],
+        infer_seconds=seconds,
+        sentences=len(test),
+        sentences_per_s=len(test) / max(seconds, 1e-9),
+        beam=beam,
+        bleu_signature=signature,
+        bleu_tok_lc_signature=tok_signature,
+        run_dir=str(folder),
+        checkpoint=str(checkpoint),
+        row=plan.row.to_dict(),
+        model=state["model_config"],
+        train=plan.train.to_dict(),
+    )
+
+
+def _check_same_run(plan: _Plan, saved: Mapping[str, Any], path: Path) -> None:
+    """A row's folder is reused (skipped or resumed) only when it holds what this invocation would run."""
+    what, hint = f"{path} was run with a different", f"; delete {path.parent} to rerun it, or choose another --out"
+    check_same_config(saved["model"], plan.model.to_dict(), f"{what} model config{hint}", ignore=("vocab_size",))
+    check_same_config(saved["train"], plan.train.to_dict(), f"{what} training config{hint}", ignore=RESUMABLE_KEYS)
+
+
+def _copy_result(source: RowResult, plan: _Plan) -> RowResult:
+    """The result of a row that trains exactly what ``source`` trained (kept current with the source's result)."""
+    result = RowResult.from_dict(source.to_dict())
+    result.name, result.note, result.same_as = plan.row.name, plan.row.note, source.name
+    result.method, result.row = describe_method(plan.row), plan.row.to_dict()
+    return result
+
+
+def _log(message: str) -> None:
+    print(f"[study] {message}", flush=True)
+
+
+def _run_row(
+    plan: _Plan,
+    results: Mapping[str, RowResult],
+    study: StudyConfig,
+    test: ParallelCorpus,
+    tokenized_refs: bool,
+    device: torch.device,
+) -> RowResult:
+    """Copy a duplicate's source, skip a finished row, or train (resuming if interrupted) and score the row."""
+    folder = plan.folder
+    result_path = folder / "result.json"
+    name = plan.row.name
+    if plan.same_as is not None:
+        _log(f"{name}: same model and training as {plan.same_as}; its result is reused")
+        result = _copy_result(results[plan.same_as], plan)
+    elif result_path.exists():
+        stored = json.loads(result_path.read_text())
+        _check_same_run(plan, stored, result_path)
+        _log(f"{name}: finished earlier, skipped ({result_path})")
+        return RowResult.from_dict(stored)
+    else:
+        if not (folder / "summary.json").exists():
+            if (folder / "config.json").exists():  # written before the first checkpoint: a clear message now
+                _check_same_run(plan, json.loads((folder / "config.json").read_text()), folder / "config.json")
+            resume = (folder / "checkpoint_last.pt").exists()
+            _log(f"{name}: {'resuming' if resume else 'training'} in {folder}")
+            train(plan.model, plan.train, resume=resume, prepare=row_prepare(plan.row))
+        _log(f"{name}: decoding the test set ({len(test)} sentences)")
+        result = _score_row(plan, study, test, tokenized_refs, device)
+    result.seed = _seed_reference(study.dataset, name)
+    result_path.parent.mkdir(parents=True, exist_ok=True)
+    result_path.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    return result
+
+
+def _seed_reference(dataset: str, name: str) -> dict[str, Any] | None:
+    point = SEED_POINTS["iwslt14" if dataset == "iwslt14" else "multi30k"].get(name)
+    return None if point is None else asdict(point)
+
+
+def run_study(study: StudyConfig, argv: Sequence[str] = ()) -> list[RowResult]:
+    """Run (or skip, or resume) the requested rows; write ``table.md``, ``results.json``, ``bleu_vs_ratio.png``.
+
+    Returns:
+        The table's rows: every row of the dataset with a result in ``study.out``, in table order.
+
+    Raises:
+        ValueError: for a study folder of another dataset or budget, a row folder of another configuration.
+        FileNotFoundError: when the dataset's train, valid or test files are missing (before any training).
+    """
+    out = Path(study.out)
+    marker = out / "study.json"
+    identity = {"dataset": study.dataset, "budget": study.budget}
+    if marker.exists():
+        saved = json.loads(marker.read_text())
+        if {k: saved.get(k) for k in identity} != identity:
+            raise ValueError(
+                f"{out} holds a {saved.get('dataset')} study at budget {saved.get('budget')!r}, not "
+                f"{study.dataset} at {study.budget!r}; choose another --out"
+            )
+    plans = _plan(study, out.resolve())  # absolute paths: a conversion row's init_from must not depend on the cwd
+    to_run = _to_run(study, plans)
+    # Every split is read before any training, so missing data (e.g. IWSLT'14's training text) fails first.
+    for split in ("train", "valid"):
+        load_dataset(study.dataset, study.data_dir, split)
+    test = load_dataset(study.dataset, study.data_dir, "test")
+    tokenized_refs = _uses_tokenized_refs(study)
+    device = resolve_device(study.device)
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(identity, indent=1) + "\n")
+
+    start = time.perf_counter()
+    results: dict[str, RowResult] = {}
+    for name in to_run:
+        results[name] = _run_row(plans[name], results, study, test, tokenized_refs, device)
+    table: list[RowResult] = []
+    for name, plan in plans.items():  # rows finished by earlier invocations belong to the table too
+        if name not in results and (plan.folder / "result.json").exists():
+            stored = RowResult.from_dict(json.loads((plan.folder / "result.json").read_text()))
+            results[name] = _copy_result(results[plan.same_as], plan) if plan.same_as in results else stored
+        if name in results:
+            table.append(results[name])
+    write_outputs(table, study, plans, argv, time.perf_counter() - start)
+    return table
