@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ...provenance import git_revision
+from ..plotting import mark_seed_point
 from .config import (
     SEED_TABLE,
     STRETCH_DROP,
@@ -169,15 +170,7 @@ def plot_pareto(result: StudyResult, path: Path) -> None:
         label = f"{row.method} ({row.accuracy:.3f})" if below else row.method
         ax.annotate(label, (row.ratio, clamp(row.accuracy)), textcoords="offset points", xytext=(5, 4), fontsize=8)
     for name, point in SEED_TABLE.items():
-        ax.scatter(point.ratio, point.accuracy, marker="x", s=50, color="black", zorder=4)
-        ax.annotate(
-            f"seed {name}",
-            (point.ratio, point.accuracy),
-            textcoords="offset points",
-            xytext=(5, -10),
-            fontsize=7,
-            color="dimgray",
-        )
+        mark_seed_point(ax, name, point.ratio, point.accuracy)
     handles = [
         Line2D([], [], color=colour, marker="o", ls="", label=family)
         for family, colour in _COLOURS.items()

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ...provenance import git_revision
+from ..plotting import mark_seed_point
 from .budgets import StudyConfig
 from .rows import SEED_POINTS
 
@@ -152,15 +153,7 @@ def plot_bleu_vs_ratio(rows: Sequence[RowResult], dataset: str, path: Path) -> N
                 textcoords="offset points",
             )
             continue
-        ax.scatter(point.ratio, point.bleu, marker="x", s=50, color="black", zorder=4, label=label)
-        ax.annotate(
-            f"seed {name}",
-            (point.ratio, point.bleu),
-            textcoords="offset points",
-            xytext=(5, -10),
-            fontsize=7,
-            color="dimgray",
-        )
+        mark_seed_point(ax, name, point.ratio, point.bleu, label=label)
     ax.scatter([], [], marker="o", color="tab:blue", label="ours, from scratch")
     ax.scatter([], [], marker="s", color="tab:blue", label="ours, converted from the original")
     ax.set_xscale("log")
