@@ -440,3 +440,72 @@ def test_torch_compile_fast_paths(method: str) -> None:
         return  # training mode samples noise
     compiled(x).sum().backward()
     assert all(p.grad is not None for p in layer.parameters())
+
+
+# --- CUDA (run where a GPU is present; skipped elsewhere) -------------------------------------------------------------
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def relative_error(y: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((y.double().cpu() - expected).norm() / expected.norm())
+
+
+@CUDA
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-3), (torch.bfloat16, 4e-2)], ids=["f32", "bf16"])
+@pytest.mark.parametrize("factorized", [True, False, None], ids=["factorized", "dense", "cost-model"])
+@pytest.mark.parametrize("method", ALL)
+def test_every_path_on_cuda_matches_the_float64_reference(monkeypatch, method, factorized, dtype, tol) -> None:
+    """Eval (twice: the cache) and training (outputs and every gradient) on the GPU, against float64 on the CPU.
+    ``None`` leaves the switch to the CUDA cost model; the sparse layers ignore ``factorized``."""
+    if factorized is not None and method not in FACTORIZED:
+        pytest.skip("the switch is the factorised layers'")
+    cpu = make_layer(method)
+    layer = copy.deepcopy(cpu).to("cuda", dtype)
+    if factorized is not None:
+        force(monkeypatch, layer, factorized)
+    for tokens in (1, 7, 300):
+        x = odd_input(tokens, 24)
+        expected = reference(cpu.eval(), x)
+        layer.eval()
+        with torch.no_grad():
+            for _ in range(2):
+                y = layer(x.to("cuda", dtype))
+                assert y.dtype == dtype and y.is_cuda
+                assert relative_error(y, expected) < tol
+        if method == "svd-o":
+            continue  # training samples noise
+        layer.train()
+        cpu.train()
+        x_gpu = x.to("cuda", dtype).requires_grad_()
+        grads = torch.autograd.grad(layer(x_gpu).sum(), [x_gpu, *layer.parameters()], allow_unused=True)
+        x_ref = x.clone().requires_grad_()
+        params = list(cpu.parameters())
+        expected_grads = torch.autograd.grad(reference_train(cpu, x_ref).sum(), [x_ref, *params], allow_unused=True)
+        for got, want in zip(grads, expected_grads, strict=True):
+            if want is None or not want.any():
+                continue
+            assert relative_error(got, want) < tol
+
+
+def reference_train(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x W^T + b`` with ``W = to_dense()`` kept in the graph, so autograd gives the reference gradients."""
+    return x @ layer.to_dense().T + (layer.bias if layer.bias is not None else 0)
+
+
+@CUDA
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ALL)
+def test_torch_compile_inductor_on_cuda(method: str) -> None:
+    """The real compiler (inductor, Triton kernels) on the GPU, eval and train, against ``to_dense()``."""
+    layer = (TTLinear(512, 2048, ranks=2) if method == "tt" else make_layer(method, dtype=torch.float32)).cuda()
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(4096 if method == "tt" else 40, layer.in_features, device="cuda")
+    layer.eval()
+    with torch.no_grad():
+        assert_close(compiled(x), reference(layer, x), atol=2e-3, rtol=2e-3)
+    if method == "svd-o":
+        return
+    layer.train()
+    compiled(x).sum().backward()
+    assert all(p.grad is not None for p in layer.parameters() if p.requires_grad)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,14 @@ def test_tiny_study_end_to_end_then_skips_finished_rows(tmp_path: Path, capsys: 
     assert {path: path.stat().st_mtime_ns for path in watched} == before
     again = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in again["rows"]] == list(rows)  # the table keeps every finished row
+
+    # a study folder copied elsewhere (another machine, another data path) is still itself: nothing retrains
+    moved, moved_data = tmp_path / "moved", tmp_path / "moved-data"
+    shutil.copytree(out, moved)
+    shutil.copytree(data, moved_data)
+    capsys.readouterr()
+    assert run(study_argv(moved_data, moved, "tt-all-convert,original")) == 0
+    assert capsys.readouterr().out.count("finished earlier, skipped") == 2
 
     with pytest.raises(ValueError, match="budget 'tiny'"):
         run([*study_argv(data, out, "original")[:3], "small", *study_argv(data, out, "original")[4:]])

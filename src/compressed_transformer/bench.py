@@ -411,6 +411,16 @@ def _maybe_compile(module: nn.Module, enabled: bool) -> nn.Module:
     return torch.compile(module, dynamic=False) if enabled else module
 
 
+def _allow_recompiles(limit: int = 512) -> None:
+    """Every (layer, token count, pass) of the grid is its own static-shape graph of the same ``forward``: raise
+    dynamo's per-function recompile limit (default 8) so that none of them silently falls back to eager."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), limit))
+
+
 def bench_layers(
     config: BenchConfig, device: torch.device, dtype: torch.dtype, compiled: bool, clock: str = "wall"
 ) -> list[dict]:
@@ -786,6 +796,8 @@ def run_bench(config: BenchConfig, argv: list[str] | None = None) -> dict:
         command = shlex.join(["python", "-m", "compressed_transformer.bench", *argv[1:]])
     else:
         command = "compressed-transformer bench"
+    if compiled:
+        _allow_recompiles()
     start = time.perf_counter()
     rows = bench_layers(config, device, dtype, compiled, clock)
     if config.transformer is not None:

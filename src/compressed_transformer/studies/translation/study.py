@@ -325,7 +325,9 @@ def _check_same_run(plan: _Plan, saved: Mapping[str, Any], path: Path) -> None:
     """A row's folder is reused (skipped or resumed) only when it holds what this invocation would run."""
     what, hint = f"{path} was run with a different", f"; delete {path.parent} to rerun it, or choose another --out"
     check_same_config(saved["model"], plan.model.to_dict(), f"{what} model config{hint}", ignore=("vocab_size",))
-    check_same_config(saved["train"], plan.train.to_dict(), f"{what} training config{hint}", ignore=RESUMABLE_KEYS)
+    # Paths are not part of a run's identity: a study folder copied to another machine (or renamed) is still itself.
+    ignore = (*RESUMABLE_KEYS, "init_from")
+    check_same_config(saved["train"], plan.train.to_dict(), f"{what} training config{hint}", ignore=ignore)
 
 
 def _copy_result(source: RowResult, plan: _Plan) -> RowResult:
