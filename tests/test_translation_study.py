@@ -6,6 +6,7 @@ import argparse
 import json
 import random
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,12 @@ def test_tiny_study_end_to_end_then_skips_finished_rows(tmp_path: Path, capsys: 
     capsys.readouterr()
     assert run(study_argv(moved_data, moved, "tt-all-convert,original")) == 0
     assert capsys.readouterr().out.count("finished earlier, skipped") == 2
+    # --report-only writes the outputs from the finished rows and trains none of the others
+    (moved / "table.md").unlink()
+    assert run([*study_argv(moved_data, moved, "all"), "--report-only"]) == 0
+    assert "training" not in capsys.readouterr().out
+    assert [r["name"] for r in json.loads((moved / "results.json").read_text())["rows"]] == list(rows)
+    assert (moved / "table.md").is_file() and not (moved / "rows" / "tucker-all").exists()
 
     with pytest.raises(ValueError, match="budget 'tiny'"):
         run([*study_argv(data, out, "original")[:3], "small", *study_argv(data, out, "original")[4:]])
@@ -218,3 +225,28 @@ def test_iwslt_without_training_text_fails_early(
     error = capsys.readouterr().err
     assert "IWSLT'14 files missing" in error and "train.de" in error
     assert not out.exists()
+
+
+def test_a_row_runs_in_one_process_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Study invocations side by side (scripts/study_parallel.sh) wait for a row another one is running."""
+    folder, events = tmp_path / "rows" / "tt-all", []
+
+    def second() -> None:
+        with translation.study._row_lock(folder):
+            events.append("second")
+
+    with translation.study._row_lock(folder):
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join(0.5)
+        assert thread.is_alive() and events == []
+        events.append("first")
+    thread.join(10)
+    assert events == ["first", "second"]
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's ranks run each row together: no lock
+    with translation.study._row_lock(folder):
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join(10)
+        assert not thread.is_alive() and events[-1] == "second"

@@ -54,7 +54,7 @@ def main(args: argparse.Namespace) -> int:
     study = config_from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = run_study(study, sys.argv[1:])
+    rows = run_study(study, sys.argv[1:], report_only=args.report_only)
     print(format_table(rows, study.dataset))
     print(f"\noutputs in {study.out}/ (table.md, results.json, bleu_vs_ratio.png)")
     return 0
@@ -95,4 +95,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=1, help="seed of every row")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (1 is fastest on a busy CPU)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write table.md / results.json / bleu_vs_ratio.png from the rows finished in --out "
+        "(after groups of rows ran side by side, e.g. scripts/study_parallel.sh)",
+    )
     parser.set_defaults(func=main)

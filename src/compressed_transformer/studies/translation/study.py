@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+try:  # POSIX: rows locked while they run (see _row_lock)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 from ...data.parallel import ParallelCorpus, load_dataset
 from ...data.tokenizer import Tokenizer
@@ -357,12 +364,13 @@ def _run_row(
     if plan.same_as is not None:
         _log(f"{name}: same model and training as {plan.same_as}; its result is reused")
         result = _copy_result(results[plan.same_as], plan)
-    elif result_path.exists():
-        stored = json.loads(result_path.read_text())
-        _check_same_run(plan, stored, result_path)
-        _log(f"{name}: finished earlier, skipped ({result_path})")
-        return RowResult.from_dict(stored)
-    else:
+        return _save_result(result, study, result_path)
+    with _row_lock(folder):
+        if result_path.exists():
+            stored = json.loads(result_path.read_text())
+            _check_same_run(plan, stored, result_path)
+            _log(f"{name}: finished earlier, skipped ({result_path})")
+            return RowResult.from_dict(stored)
         if not (folder / "summary.json").exists():
             if (folder / "config.json").exists():  # written before the first checkpoint: a clear message now
                 _check_same_run(plan, json.loads((folder / "config.json").read_text()), folder / "config.json")
@@ -370,11 +378,35 @@ def _run_row(
             _log(f"{name}: {'resuming' if resume else 'training'} in {folder}")
             train(plan.model, plan.train, resume=resume, prepare=row_prepare(plan.row))
         _log(f"{name}: decoding the test set ({len(test)} sentences)")
-        result = _score_row(plan, study, test, tokenized_refs, device)
-    result.seed = _seed_reference(study.dataset, name)
-    result_path.parent.mkdir(parents=True, exist_ok=True)
-    result_path.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        return _save_result(_score_row(plan, study, test, tokenized_refs, device), study, result_path)
+
+
+def _save_result(result: RowResult, study: StudyConfig, path: Path) -> RowResult:
+    result.seed = _seed_reference(study.dataset, result.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
     return result
+
+
+@contextmanager
+def _row_lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder/.lock`` while a row is trained and scored, so that study invocations running side by side on
+    one machine (``scripts/study_parallel.sh``) never train one row twice: a second one waits for the first, then
+    finds the row finished. Not under torchrun, whose ranks train each row together."""
+    if fcntl is None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _log(f"{folder.name}: another study process is running this row; waiting for it")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _seed_reference(dataset: str, name: str) -> dict[str, Any] | None:
@@ -382,8 +414,11 @@ def _seed_reference(dataset: str, name: str) -> dict[str, Any] | None:
     return None if point is None else asdict(point)
 
 
-def run_study(study: StudyConfig, argv: Sequence[str] = ()) -> list[RowResult]:
+def run_study(study: StudyConfig, argv: Sequence[str] = (), *, report_only: bool = False) -> list[RowResult]:
     """Run (or skip, or resume) the requested rows; write ``table.md``, ``results.json``, ``bleu_vs_ratio.png``.
+
+    With ``report_only`` nothing is trained or decoded: the outputs are written from the rows finished so far
+    (e.g. after several invocations ran groups of rows side by side on one machine).
 
     Returns:
         The table's rows: every row of the dataset with a result in ``study.out``, in table order.
@@ -415,7 +450,7 @@ def run_study(study: StudyConfig, argv: Sequence[str] = ()) -> list[RowResult]:
 
     start = time.perf_counter()
     results: dict[str, RowResult] = {}
-    for name in to_run:
+    for name in [] if report_only else to_run:
         results[name] = _run_row(plans[name], results, study, test, tokenized_refs, device)
     table: list[RowResult] = []
     for name, plan in plans.items():  # rows finished by earlier invocations belong to the table too
