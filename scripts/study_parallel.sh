@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run a translation study's rows side by side on one machine (e.g. every row sharing one GPU), then write the joint
-# table. Every group of rows is its own `study` process, all started at once; a row another process is running is
-# waited for (rows/<row>/.lock), so a conversion row starts once the original has finished and no row trains twice.
+# table. Every group of rows is its own `study` process, started at once; the conversion rows start when the
+# original's process has ended. A row another process is running is waited for (rows/<row>/.lock): none trains twice.
 #
 #   scripts/study_parallel.sh DATASET OUT [study options...]
 #   e.g. scripts/study_parallel.sh multi30k runs/study-m30k-full --budget full --data-dir data/multi30k
@@ -52,15 +52,30 @@ start() { # rows [extra study options...]
     "${study[@]}" "$dataset" --out "$out" --rows "$rows" --no-progress "$@" >"$(log_of "$rows")" 2>&1 &
     pids[$rows]=$!
 }
+original="" original_status=""
 for group in "${groups[@]}"; do
-    [[ -n $group ]] && start "$group" "$@"
+    [[ -z $group ]] && continue
+    start "$group" "$@"
+    [[ ,$group, == *,original,* ]] && original=$group
 done
+# Conversion rows start once the original's process has ended: started earlier, one of them would take the
+# original's lock first and train it under its own options (CONVERT_ARGS).
+if [[ -n $original && ${#converts[@]} -gt 0 ]]; then
+    original_status=0
+    wait "${pids[$original]}" || original_status=$? # reported below (the conversion rows then fail too)
+fi
 for row in "${converts[@]}"; do
     [[ -n $row ]] && start "$row" "$@" "${convert_args[@]}"
 done
 status=0
 for rows in "${!pids[@]}"; do
-    if ! wait "${pids[$rows]}"; then
+    if [[ $rows == "$original" && -n $original_status ]]; then
+        code=$original_status # already waited for
+    else
+        code=0
+        wait "${pids[$rows]}" || code=$?
+    fi
+    if [[ $code -ne 0 ]]; then
         echo "rows '$rows' failed: see $(log_of "$rows")" >&2
         status=1
     fi

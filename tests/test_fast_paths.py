@@ -280,6 +280,26 @@ def test_layers_in_every_dtype(method: str, dtype: torch.dtype, tol: float) -> N
             assert float((y.double() - expected).abs().max() / expected.abs().max()) < tol
 
 
+@pytest.mark.parametrize("method", ALL)
+def test_layers_under_autocast(method: str) -> None:
+    """bf16 autocast (how the trainer runs on CUDA), eval and train; TT at 20000 tokens takes its chunked plan."""
+    layer = TTLinear(512, 2048, ranks=2) if method == "tt" else make_layer(method, dtype=torch.float32)
+    x = torch.randn(20000 if method == "tt" else 300, layer.in_features)
+    expected = reference(layer.eval(), x).double()
+    if method == "tt":
+        assert layer.forward_path(x.shape[0], train=False).endswith("x512")  # chunked
+    for mode in ("eval", "train"):
+        if mode == "train" and method == "svd-o":
+            continue  # training samples noise
+        layer.train(mode == "train")
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(mode == "train"):
+            y = layer(x)
+        assert float((y.double() - expected).norm() / expected.norm()) < 2e-2, mode
+        if mode == "train":  # the backward runs outside autocast, through the custom TT autograd Function too
+            y.float().pow(2).mean().backward()
+            assert all(p.grad is not None and p.grad.isfinite().all() for p in layer.parameters() if p.requires_grad)
+
+
 # --- the eval-mode cache -------------------------------------------------------------------------------------------
 
 

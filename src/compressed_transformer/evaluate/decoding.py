@@ -89,9 +89,11 @@ def beam_search(
         candidates = scores.unsqueeze(-1) + logp.view(batch, beam, vocab)  # (B, K, V)
         top_scores, top_index = candidates.view(batch, -1).topk(2 * beam, dim=-1)  # (B, 2K)
         top_scores, top_index = top_scores.tolist(), top_index.tolist()
-        new_scores = scores.clone()
-        new_tokens = tokens.view(batch, beam).clone()
-        reorder = torch.arange(batch * beam, device=device).view(batch, beam).clone()
+        # The bookkeeping runs on Python lists and goes to the device once per step: element-wise writes into
+        # device tensors would cost a kernel launch each (thousands per step on a GPU).
+        new_scores = scores.tolist()
+        new_tokens = tokens.view(batch, beam).tolist()
+        reorder = [[b * beam + k for k in range(beam)] for b in range(batch)]
         new_history = list(history)
         for b in range(batch):
             if done[b]:
@@ -118,20 +120,20 @@ def beam_search(
                 continue
             rows = []
             for k, (score, origin, token) in enumerate(live):
-                new_scores[b, k] = score
-                new_tokens[b, k] = token
-                reorder[b, k] = b * beam + origin
+                new_scores[b][k] = score
+                new_tokens[b][k] = token
+                reorder[b][k] = b * beam + origin
                 rows.append([*history[b][origin], token])
             for k in range(len(live), beam):
-                new_scores[b, k] = float("-inf")
+                new_scores[b][k] = float("-inf")
                 rows.append([])
             new_history[b] = rows
         if all(done):
             break
         history = new_history
-        scores = new_scores
-        tokens = new_tokens.view(-1)
-        cache = model.reorder_cache(cache, reorder.view(-1))
+        scores = torch.tensor(new_scores, dtype=scores.dtype, device=device)
+        tokens = torch.tensor(new_tokens, dtype=tokens.dtype, device=device).view(-1)
+        cache = model.reorder_cache(cache, torch.tensor(reorder, device=device).view(-1))
     return [max(hyps, key=lambda item: item[0])[1] if hyps else [] for hyps in finished]
 
 

@@ -403,6 +403,7 @@ class _SharedMatrixBmm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         matrix, t = ctx.saved_tensors
+        grad = grad.to(t.dtype)  # under autocast a float32 gradient may come back to this bf16 output
         grad_matrix = grad_t = None
         if ctx.needs_input_grad[0]:
             batch, m, n = grad.shape
@@ -415,6 +416,10 @@ class _SharedMatrixBmm(torch.autograd.Function):
 
 
 def _shared_bmm(matrix: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    device = t.device.type
+    if torch.is_autocast_enabled(device):  # cast here, where autograd sees it: the Function's backward runs uncast
+        dtype = torch.get_autocast_dtype(device)
+        matrix, t = matrix.to(dtype), t.to(dtype)
     if torch.is_grad_enabled() and (matrix.requires_grad or t.requires_grad):
         return _SharedMatrixBmm.apply(matrix, t)
     return torch.bmm(matrix.expand(t.shape[0], *matrix.shape), t)
@@ -456,7 +461,7 @@ def _sweep(
                 if out is not None:
                     return torch.baddbmm(lhs, expanded, b, out=out.view(batch, m, cols)).view(n, out_features)
                 if torch.is_grad_enabled() and (matrix.requires_grad or b.requires_grad or bias.requires_grad):
-                    t = _SharedMatrixBmm.apply(matrix, b) + lhs
+                    t = _shared_bmm(matrix, b) + lhs
                 else:
                     t = torch.baddbmm(lhs, expanded, b)
                 return t.reshape(n, out_features)
@@ -495,11 +500,12 @@ def tt_apply_matrices(
     chunk = plan.chunk
     if chunk is None or chunk >= n:
         y = _sweep(flat, matrices, shapes, plan.direction, bias, None)
-    elif torch.is_grad_enabled() and (
-        flat.requires_grad or any(m.requires_grad for m in matrices) or (bias is not None and bias.requires_grad)
+    elif torch.is_autocast_enabled(flat.device.type) or (
+        torch.is_grad_enabled()
+        and (flat.requires_grad or any(m.requires_grad for m in matrices) or (bias is not None and bias.requires_grad))
     ):
         # one split (its backward is one cat), not n / chunk slices (each slice's backward fills a full-size zero
-        # gradient: quadratic in the number of chunks)
+        # gradient: quadratic in the number of chunks); under autocast the ops choose the output dtype, so no out=
         parts = [_sweep(part, matrices, shapes, plan.direction, bias, None) for part in flat.split(chunk)]
         y = torch.cat(parts)
     else:

@@ -174,7 +174,7 @@ class TuckerLinear(nn.Module):
 
     def to_dense(self) -> torch.Tensor:
         """The represented weight, ``(out_features, in_features)``."""
-        full = tucker_to_dense(self.core, [*self.out_factors, *self.in_factors])
+        full = tucker_to_dense(self.core, [*params_of(self, "out_factors"), *params_of(self, "in_factors")])
         return full.reshape(self.out_features, self.in_features)
 
     @property
