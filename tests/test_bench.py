@@ -119,3 +119,14 @@ def test_cpu_clock_ignores_time_spent_waiting() -> None:
         {"sleep": lambda: time.sleep(0.002)}, torch.device("cpu"), 3, 0.1, warmup=0, clock=bench.CLOCKS["cpu"]
     )
     assert max(samples["sleep"]) < 0.001  # sleeping costs no CPU time; the wall clock would say 2 ms
+
+
+def test_compile_passes() -> None:
+    """``auto`` compiles training passes on CUDA only (measured: compiled forwards lose their eval cache)."""
+    from compressed_transformer.bench import compile_passes
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert compile_passes("auto", cuda) == {"train"}
+    assert compile_passes("auto", cpu) == set()
+    assert compile_passes("on", cpu) == {"forward", "train"}
+    assert compile_passes("off", cuda) == set()

@@ -106,8 +106,8 @@ class BenchConfig:
         budget_s: rough time budget per row; repetitions are cut to stay within it (never below 3).
         device: ``cpu``, ``cuda`` or ``auto``.
         dtype: ``float32`` or ``bfloat16`` (``auto``: bf16 on CUDA, float32 on CPU).
-        compile: ``torch.compile`` every layer and model (``auto``: on CUDA, where it removes launch overhead; on
-            CPU the work is in MKL calls and compiling only adds minutes).
+        compile: ``torch.compile`` the layers and the model's training step: ``on``, ``off``, or ``auto`` (training
+            passes on CUDA only, where it cuts launch overhead; see :func:`compile_passes`).
         clock: ``wall`` (``time.perf_counter``) or ``cpu`` (``time.thread_time``: CPU seconds of the calling
             thread, which other processes on the machine do not inflate; right only when every op runs in that
             thread, i.e. on CPU with one intra-op thread). ``auto``: ``cpu`` there, ``wall`` otherwise.
@@ -422,7 +422,7 @@ def _allow_recompiles(limit: int = 512) -> None:
 
 
 def bench_layers(
-    config: BenchConfig, device: torch.device, dtype: torch.dtype, compiled: bool, clock: str = "wall"
+    config: BenchConfig, device: torch.device, dtype: torch.dtype, compiled: frozenset[str], clock: str = "wall"
 ) -> list[dict]:
     """Rows of the layer grid (see the module docstring)."""
     rows = []
@@ -444,7 +444,7 @@ def bench_layers(
                     if train and name.startswith(FORWARD_ONLY):
                         continue
                     layer.train(train)
-                    chosen[name] = _maybe_compile(layer, compiled)
+                    chosen[name] = _maybe_compile(layer, pass_name in compiled)
                     fns[name] = _layer_pass(chosen[name], x, grad, train)
                 samples = time_interleaved(fns, device, config.repeats, config.budget_s, clock=CLOCKS[clock])
                 dense_s = median(samples["dense"])
@@ -472,7 +472,7 @@ def bench_layers(
                         "cache_bytes": cache_nbytes(layer),
                         "path": layer_path(layer, tokens, train),
                         "samples": len(times),
-                        "compiled": compiled,
+                        "compiled": pass_name in compiled,
                     }
                     rows.append(row)
                 ours = [r for r in rows[-len(samples) :] if not r["layer"].startswith("tltorch-")]
@@ -544,7 +544,7 @@ def bench_transformer(
     spec: TransformerBench,
     device: torch.device,
     dtype: torch.dtype,
-    compiled: bool,
+    compiled: frozenset[str],
     repeats: int,
     clock: str = "wall",
 ) -> list[dict]:
@@ -559,7 +559,7 @@ def bench_transformer(
     models = {v: build_transformer(v, spec, device, dtype) for v in variants}
     fns: dict[str, dict[str, Callable[[], Any]]] = {"train": {}, "greedy": {}, "beam": {}}
     for variant, model in models.items():
-        runner = _maybe_compile(model, compiled)
+        runner = _maybe_compile(model, "train" in compiled)  # decoding runs eager: its shapes change every step
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def train_step(model=model, runner=runner, optimizer=optimizer) -> None:
@@ -602,7 +602,7 @@ def bench_transformer(
                     "peak_bytes": peak_memory(group[variant], device),
                     "cache_bytes": cache_nbytes(models[variant]),
                     "samples": len(times),
-                    "compiled": compiled,
+                    "compiled": pass_name == "train" and "train" in compiled,
                 }
             )
         print(
@@ -756,8 +756,8 @@ def plot(result: dict, path: Path) -> None:
 # --- entry points ---------------------------------------------------------------------------------------------------
 
 
-def resolve_device(config: BenchConfig) -> tuple[torch.device, torch.dtype, bool]:
-    """``(device, dtype, compile)`` from the ``auto`` settings.
+def resolve_device(config: BenchConfig) -> tuple[torch.device, torch.dtype, frozenset[str]]:
+    """``(device, dtype, compiled passes)`` from the ``auto`` settings (see :func:`compile_passes`).
 
     Raises:
         ValueError: for CUDA requested without a CUDA device, or an unknown dtype / compile setting.
@@ -774,8 +774,17 @@ def resolve_device(config: BenchConfig) -> tuple[torch.device, torch.dtype, bool
         raise ValueError(f"--dtype must be one of auto, {', '.join(dtypes)}; got {config.dtype!r}")
     if config.compile not in ("auto", "on", "off"):
         raise ValueError(f"--compile must be auto, on or off; got {config.compile!r}")
-    compiled = config.compile == "on" or (config.compile == "auto" and device.type == "cuda")
-    return device, dtypes[dtype_name], compiled
+    return device, dtypes[dtype_name], compile_passes(config.compile, device)
+
+
+def compile_passes(setting: str, device: torch.device) -> frozenset[str]:
+    """The passes that run under ``torch.compile``: all for ``on``, none for ``off``; ``auto``: training passes
+    on CUDA only. Measured on an H200 (docs/benchmark.md): inductor cut TT / Tucker training from 4.6-8.6x / 3.4-6.2x
+    dense to 1.4-2.2x / 1.4-1.9x, but raised their forward from 1.2-1.7x to 2.8-4.4x (the eval cache is off under
+    compile); on CPU it made no pass faster."""
+    if setting == "on":
+        return frozenset({"forward", "train"})
+    return frozenset({"train"}) if setting == "auto" and device.type == "cuda" else frozenset()
 
 
 def run_bench(config: BenchConfig, argv: list[str] | None = None) -> dict:
@@ -796,7 +805,7 @@ def run_bench(config: BenchConfig, argv: list[str] | None = None) -> dict:
         command = shlex.join(["python", "-m", "compressed_transformer.bench", *argv[1:]])
     else:
         command = "compressed-transformer bench"
-    if compiled:
+    if compiled:  # any pass
         _allow_recompiles()
     start = time.perf_counter()
     rows = bench_layers(config, device, dtype, compiled, clock)
@@ -806,7 +815,7 @@ def run_bench(config: BenchConfig, argv: list[str] | None = None) -> dict:
         "command": command,
         "config": asdict(config),
         "dtype": str(dtype).removeprefix("torch."),
-        "compiled": compiled,
+        "compiled": sorted(compiled),
         "clock": clock,
         "machine": machine_description(device),
         "git_revision": git_revision(),
@@ -843,7 +852,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=float, help="rough seconds per row (cuts repetitions, min 3)")
     parser.add_argument("--device", default=defaults.device, help="cpu, cuda or auto")
     parser.add_argument("--dtype", default=defaults.dtype, help="float32, bfloat16 or auto (bf16 on CUDA)")
-    parser.add_argument("--compile", default=defaults.compile, help="torch.compile layers and models: on, off, auto")
+    parser.add_argument(
+        "--compile",
+        default=defaults.compile,
+        help="torch.compile: on (every pass), off, auto (training passes on CUDA)",
+    )
     parser.add_argument(
         "--clock", default=defaults.clock, help="wall, cpu (thread CPU time; CPU with --threads 1 only) or auto"
     )
