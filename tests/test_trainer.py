@@ -212,3 +212,22 @@ def test_convert_dense_checkpoint_then_fine_tune(tmp_path: Path) -> None:
     assert type(model.decoder[1].ffn.fc2).__name__ == "TTLinear"
     with pytest.raises(ValueError, match="does not fit this model"):
         train(model_config(d_model=16, ffn=spec), config(data, tmp_path / "bad", max_steps=1, init_from=dense))
+
+
+def test_write_atomic_replaces_whole_files_only(tmp_path: Path) -> None:
+    from compressed_transformer.train.checkpoint import write_atomic, write_text_atomic
+
+    path = tmp_path / "sub" / "result.json"
+    write_text_atomic(path, "old")
+    assert path.read_text() == "old"
+
+    def broken(handle) -> None:
+        handle.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(path, broken)
+    assert path.read_text() == "old"  # readers never see a partial file
+    assert [p.name for p in path.parent.iterdir()] == ["result.json"]  # no temporary left behind
+    write_text_atomic(path, "new ü")
+    assert path.read_text(encoding="utf-8") == "new ü"

@@ -250,3 +250,32 @@ def test_a_row_runs_in_one_process_at_a_time(tmp_path: Path, monkeypatch: pytest
         thread.start()
         thread.join(10)
         assert not thread.is_alive() and events[-1] == "second"
+
+
+@pytest.mark.slow
+def test_study_parallel_script(tmp_path: Path) -> None:
+    """scripts/study_parallel.sh: groups side by side, a conversion row after the original, one joint table."""
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "study_parallel.sh"
+    data = write_corpus(tmp_path / "data", pairs=16)
+    out = tmp_path / "study"
+    env = os.environ | {
+        "STUDY": f"{sys.executable} -m compressed_transformer study",
+        "SCRATCH_GROUPS": "original;tt-all,tt-3/4",  # tt-3/4 of the tiny 2+2 model is tt-all: one group
+        "CONVERT_ROWS": "tt-all-convert",
+        "OMP_NUM_THREADS": "1",
+    }
+    args = ["bash", str(script), "plain", str(out), "--budget", "tiny", "--data-dir", str(data), "--threads", "1"]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = [r["name"] for r in json.loads((out / "results.json").read_text())["rows"]]
+    assert rows == ["original", "tt-all", "tt-3/4", "tt-all-convert"]
+    convert_log = (out / "logs" / "tt-all-convert.log").read_text()
+    assert "original: finished earlier, skipped" in convert_log  # started after the original, never retrained it
+    assert sorted(p.name for p in (out / "logs").iterdir()) == ["original.log", "tt-all-convert.log", "tt-all.log"]
+
+    bad = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "study_parallel.sh DATASET OUT" in bad.stderr

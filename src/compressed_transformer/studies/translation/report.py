@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ...provenance import git_revision
+from ...train.checkpoint import write_atomic, write_text_atomic
 from ..plotting import mark_seed_point
 from .budgets import StudyConfig
 from .rows import SEED_POINTS
@@ -89,7 +90,7 @@ def write_outputs(
     text = f"# Translation study: {title[study.dataset]}, budget `{study.budget}`\n\n"
     text += (f"Command: `{command}`\n\n" if command else "") + f"Git revision: {git_revision() or 'unknown'}\n\n"
     text += format_table(rows, study.dataset) + "\n\n" + _table_notes(rows, study) + "\n"
-    (out / "table.md").write_text(text, encoding="utf-8")
+    write_text_atomic(out / "table.md", text)
     seed_key = "iwslt14" if study.dataset == "iwslt14" else "multi30k"
     payload = {
         "dataset": study.dataset,
@@ -113,7 +114,7 @@ def write_outputs(
             "cpus": os.cpu_count(),
         },
     }
-    (out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
+    write_text_atomic(out / "results.json", json.dumps(payload, indent=1) + "\n")
     plot_bleu_vs_ratio(rows, study.dataset, out / "bleu_vs_ratio.png")
 
 
@@ -166,5 +167,5 @@ def plot_bleu_vs_ratio(rows: Sequence[RowResult], dataset: str, path: Path) -> N
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomic(path, lambda handle: fig.savefig(handle, dpi=120, format=Path(path).suffix.lstrip(".") or "png"))
     plt.close(fig)

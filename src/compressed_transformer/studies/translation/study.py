@@ -32,7 +32,7 @@ from ...models.transformer import (
     resolve_blocks,
 )
 from ...size import stored_params
-from ...train.checkpoint import check_same_config, load_checkpoint
+from ...train.checkpoint import check_same_config, load_checkpoint, write_text_atomic
 from ...train.distributed import resolve_device
 from ...train.trainer import RESUMABLE_KEYS, TrainConfig, train
 from .budgets import StudyConfig
@@ -384,7 +384,7 @@ def _run_row(
 def _save_result(result: RowResult, study: StudyConfig, path: Path) -> RowResult:
     result.seed = _seed_reference(study.dataset, result.name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    write_text_atomic(path, json.dumps(result.to_dict(), indent=1) + "\n")  # other processes may read it now
     return result
 
 
@@ -446,7 +446,7 @@ def run_study(study: StudyConfig, argv: Sequence[str] = (), *, report_only: bool
     tokenized_refs = _uses_tokenized_refs(study)
     device = resolve_device(study.device)
     out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(identity, indent=1) + "\n")
+    write_text_atomic(marker, json.dumps(identity, indent=1) + "\n")
 
     start = time.perf_counter()
     results: dict[str, RowResult] = {}
