@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Everything this project checks on a CUDA machine, in one go (about 3 minutes on one H200):
+#   1. the CUDA tests (every fast path in f32/bf16 against float64, autocast, inductor, beam search);
+#   2. the benchmark, eager, whole grid with the Transformer rows;
+#   3. the benchmark's compiled subset (inductor) at the FFN shapes.
+#
+#   scripts/gpu_checks.sh OUT_DIR        (writes OUT_DIR/{tests.log,bench-cuda/,bench-cuda-compiled/})
+#
+# Run from the repository root with the package importable (pip install -e ., or PYTHONPATH=src).
+set -uo pipefail
+out=${1:?usage: scripts/gpu_checks.sh OUT_DIR}
+mkdir -p "$out"
+python=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+status=0
+"$python" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())" || exit 2
+timeout 300 "$python" -m pytest -q -p no:cacheprovider tests/test_fast_paths.py tests/layers/test_layers.py \
+    tests/test_decoding.py -k "cuda or autocast or beam" >"$out/tests.log" 2>&1 || status=1
+tail -3 "$out/tests.log"
+timeout 600 "$python" -m compressed_transformer bench --compile off --out "$out/bench-cuda" >"$out/bench-cuda.log" 2>&1 ||
+    status=1
+tail -12 "$out/bench-cuda.log"
+timeout 600 "$python" -m compressed_transformer bench --compile on --shapes 512x2048,2048x512 \
+    --tokens 1,512,4096,16384 --layers dense,tt-r2,tt-r8,tucker-r2,svd-r64,prune-0.9 --no-transformer \
+    --out "$out/bench-cuda-compiled" >"$out/bench-cuda-compiled.log" 2>&1 || status=1
+tail -16 "$out/bench-cuda-compiled.log"
+exit $status
