@@ -438,20 +438,21 @@ def run_study(study: StudyConfig, argv: Sequence[str] = (), *, report_only: bool
                 f"{study.dataset} at {study.budget!r}; choose another --out"
             )
     plans = _plan(study, out.resolve())  # absolute paths: a conversion row's init_from must not depend on the cwd
-    to_run = _to_run(study, plans)
-    # Every split is read before any training, so missing data (e.g. IWSLT'14's training text) fails first.
-    for split in ("train", "valid"):
-        load_dataset(study.dataset, study.data_dir, split)
-    test = load_dataset(study.dataset, study.data_dir, "test")
-    tokenized_refs = _uses_tokenized_refs(study)
-    device = resolve_device(study.device)
+    if not report_only:
+        # Every split is read before any training, so missing data (e.g. IWSLT'14's training text) fails first.
+        for split in ("train", "valid"):
+            load_dataset(study.dataset, study.data_dir, split)
+        test = load_dataset(study.dataset, study.data_dir, "test")
+        tokenized_refs = _uses_tokenized_refs(study)
+        device = resolve_device(study.device)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(marker, json.dumps(identity, indent=1) + "\n")
 
     start = time.perf_counter()
     results: dict[str, RowResult] = {}
-    for name in [] if report_only else to_run:
-        results[name] = _run_row(plans[name], results, study, test, tokenized_refs, device)
+    if not report_only:
+        for name in _to_run(study, plans):
+            results[name] = _run_row(plans[name], results, study, test, tokenized_refs, device)
     table: list[RowResult] = []
     for name, plan in plans.items():  # rows finished by earlier invocations belong to the table too
         if name not in results and (plan.folder / "result.json").exists():
