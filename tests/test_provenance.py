@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import subprocess
 
+import torch
+
 from compressed_transformer import provenance
 
 
@@ -19,3 +21,11 @@ def test_no_git_gives_none(monkeypatch) -> None:
 
     monkeypatch.setattr(subprocess, "run", missing)
     assert provenance.git_revision() is None
+
+
+def test_environment_names_the_software() -> None:
+    from compressed_transformer.provenance import environment
+
+    env = environment()
+    assert set(env) == {"python", "torch", "threads", "machine", "cpus"}
+    assert env["torch"] == torch.__version__ and env["threads"] >= 1

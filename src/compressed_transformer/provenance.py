@@ -1,11 +1,16 @@
-"""Where a result came from: the git revision of the code that produced it."""
+"""Where a result came from: the git revision of the code that produced it, and the software it ran on."""
 
 from __future__ import annotations
 
+import os
+import platform
 import subprocess
 from pathlib import Path
+from typing import Any
 
-__all__ = ["git_revision"]
+import torch
+
+__all__ = ["environment", "git_revision"]
 
 
 def git_revision() -> str | None:
@@ -25,3 +30,14 @@ def git_revision() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return rev.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
+
+
+def environment() -> dict[str, Any]:
+    """Python and torch versions, torch's thread count, the machine type and its CPU count (for ``results.json``)."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+    }

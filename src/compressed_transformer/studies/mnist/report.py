@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import platform
 import shlex
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
-from ...provenance import git_revision
+from ...provenance import environment, git_revision
 from ..plotting import mark_seed_point
 from .config import (
     SEED_TABLE,
@@ -93,13 +89,7 @@ def write_outputs(result: StudyResult, config: MNISTStudyConfig, argv: Sequence[
         "config": config.to_dict(),
         "command": list(argv),
         "git_revision": git_revision(),
-        "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "machine": platform.machine(),
-            "cpus": os.cpu_count(),
-        },
+        "environment": environment(),
     }
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     plot_pareto(result, out / "pareto.png")

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
-from ...provenance import git_revision
+from ...provenance import environment, git_revision
 from ...train.checkpoint import write_atomic, write_text_atomic
 from ..plotting import mark_seed_point
 from .budgets import StudyConfig
@@ -106,13 +102,7 @@ def write_outputs(
         "command": list(argv),
         "git_revision": git_revision(),
         "seconds": seconds,
-        "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "machine": platform.machine(),
-            "cpus": os.cpu_count(),
-        },
+        "environment": environment(),
     }
     write_text_atomic(out / "results.json", json.dumps(payload, indent=1) + "\n")
     plot_bleu_vs_ratio(rows, study.dataset, out / "bleu_vs_ratio.png")
