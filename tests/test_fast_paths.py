@@ -217,6 +217,11 @@ def reference(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return x @ layer.to_dense().T + (layer.bias if layer.bias is not None else 0)
 
 
+def reference_train(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x W^T + b`` with ``W = to_dense()`` kept in the graph, so autograd gives the reference gradients."""
+    return x @ layer.to_dense().T + (layer.bias if layer.bias is not None else 0)
+
+
 def force(monkeypatch: pytest.MonkeyPatch, layer: nn.Module, factorized: bool) -> None:
     monkeypatch.setattr(layer, "use_factorized", lambda tokens, **_: factorized)
 
@@ -239,8 +244,7 @@ def test_both_sides_of_the_switch(monkeypatch, method: str, mode: str, factorize
             assert_close(y, reference(layer, x))
             params = [p for p in layer.parameters()]
             grads = torch.autograd.grad(y.sum(), [x, *params])
-            # the dense-weight reference: y = x W^T + b with W = to_dense(), differentiated by autograd
-            expected = torch.autograd.grad((x @ layer.to_dense().T + layer.bias).sum(), [x, *params])
+            expected = torch.autograd.grad(reference_train(layer, x).sum(), [x, *params])
             for g, e in zip(grads, expected, strict=True):
                 assert_close(g, e)
 
@@ -506,11 +510,6 @@ def test_every_path_on_cuda_matches_the_float64_reference(monkeypatch, method, f
             if want is None or not want.any():
                 continue
             assert relative_error(got, want) < tol
-
-
-def reference_train(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``x W^T + b`` with ``W = to_dense()`` kept in the graph, so autograd gives the reference gradients."""
-    return x @ layer.to_dense().T + (layer.bias if layer.bias is not None else 0)
 
 
 @CUDA
