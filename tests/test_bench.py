@@ -90,6 +90,17 @@ def test_cli_has_bench_and_parses_quick() -> None:
     assert args.func is bench.main
 
 
+def test_cli_sets_the_transformer_batch_and_compile_mode() -> None:
+    argv = ["bench", "--transformer-batch", "128", "--transformer-length", "24", "--compile-mode", "reduce-overhead"]
+    config = bench.config_from_args(build_parser().parse_args(argv))
+    assert (config.transformer.batch, config.transformer.length, config.transformer.preset) == (128, 24, "base")
+    assert config.compile_mode == "reduce-overhead"
+    with pytest.raises(ValueError, match="transformer-batch"):
+        bench.config_from_args(build_parser().parse_args(["bench", "--transformer-batch", "0"]))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--compile-mode", "fastest"])
+
+
 def test_transformer_variants_swap_every_ffn_linear() -> None:
     spec = TransformerBench(preset="tiny", vocab_size=64, tt_ranks=(1, 2, 1))
     for variant, cls in (("tt", "TTLinear"), ("tucker", "TuckerLinear"), ("dense", "Linear")):

@@ -62,6 +62,7 @@ FULL_LAYERS = (
 QUICK_SHAPES = ((512, 2048),)
 QUICK_TOKENS = (32, 4096)
 QUICK_LAYERS = ("dense", "tt-r2", "tucker-r2", "svd-r64", "prune-0.98")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Layers timed only in eval form: Sparse VD trains with a different, sampled forward (two GEMMs by design).
 FORWARD_ONLY = ("svd-o",)
 
@@ -108,6 +109,8 @@ class BenchConfig:
         dtype: ``float32`` or ``bfloat16`` (``auto``: bf16 on CUDA, float32 on CPU).
         compile: ``torch.compile`` the layers and the model's training step: ``on``, ``off``, or ``auto`` (training
             passes on CUDA only, where it cuts launch overhead; see :func:`compile_passes`).
+        compile_mode: ``torch.compile``'s ``mode``: ``default``, ``reduce-overhead`` (CUDA graphs),
+            ``max-autotune`` or ``max-autotune-no-cudagraphs``.
         clock: ``wall`` (``time.perf_counter``) or ``cpu`` (``time.thread_time``: CPU seconds of the calling
             thread, which other processes on the machine do not inflate; right only when every op runs in that
             thread, i.e. on CPU with one intra-op thread). ``auto``: ``cpu`` there, ``wall`` otherwise.
@@ -125,6 +128,7 @@ class BenchConfig:
     device: str = "auto"
     dtype: str = "auto"
     compile: str = "auto"
+    compile_mode: str = "default"
     clock: str = "auto"
     transformer: TransformerBench | None = field(default_factory=TransformerBench)
     seed: int = 0
@@ -407,8 +411,8 @@ def _layer_pass(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, train: bo
     return step
 
 
-def _maybe_compile(module: nn.Module, enabled: bool) -> nn.Module:
-    return torch.compile(module, dynamic=False) if enabled else module
+def _maybe_compile(module: nn.Module, enabled: bool, mode: str = "default") -> nn.Module:
+    return torch.compile(module, dynamic=False, mode=mode) if enabled else module
 
 
 def _allow_recompiles(limit: int = 512) -> None:
@@ -444,7 +448,7 @@ def bench_layers(
                     if train and name.startswith(FORWARD_ONLY):
                         continue
                     layer.train(train)
-                    chosen[name] = _maybe_compile(layer, pass_name in compiled)
+                    chosen[name] = _maybe_compile(layer, pass_name in compiled, config.compile_mode)
                     fns[name] = _layer_pass(chosen[name], x, grad, train)
                 samples = time_interleaved(fns, device, config.repeats, config.budget_s, clock=CLOCKS[clock])
                 dense_s = median(samples["dense"])
@@ -547,6 +551,7 @@ def bench_transformer(
     compiled: frozenset[str],
     repeats: int,
     clock: str = "wall",
+    compile_mode: str = "default",
 ) -> list[dict]:
     """Rows of the whole-model part: a training step, a greedy and a beam decoding pass per variant."""
     from .size import stored_params
@@ -555,11 +560,13 @@ def bench_transformer(
     gen = torch.Generator().manual_seed(1)
     src = torch.randint(4, spec.vocab_size, (spec.batch, spec.length), generator=gen).to(device)
     tgt = torch.randint(4, spec.vocab_size, (spec.batch, spec.length + 1), generator=gen).to(device)
-    dec_src = src[: spec.decode_batch] if spec.decode_batch <= spec.batch else src.repeat(2, 1)[: spec.decode_batch]
+    dec_src = torch.randint(4, spec.vocab_size, (spec.decode_batch, spec.length), generator=gen).to(device)
     models = {v: build_transformer(v, spec, device, dtype) for v in variants}
     fns: dict[str, dict[str, Callable[[], Any]]] = {"train": {}, "greedy": {}, "beam": {}}
     for variant, model in models.items():
-        runner = _maybe_compile(model, "train" in compiled)  # decoding runs eager: its shapes change every step
+        runner = _maybe_compile(
+            model, "train" in compiled, compile_mode
+        )  # decoding runs eager: its shapes change every step
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def train_step(model=model, runner=runner, optimizer=optimizer) -> None:
@@ -810,7 +817,8 @@ def run_bench(config: BenchConfig, argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     rows = bench_layers(config, device, dtype, compiled, clock)
     if config.transformer is not None:
-        rows += bench_transformer(config.transformer, device, dtype, compiled, max(3, config.repeats // 2), clock)
+        repeats = max(3, config.repeats // 2)
+        rows += bench_transformer(config.transformer, device, dtype, compiled, repeats, clock, config.compile_mode)
     meta = {
         "command": command,
         "config": asdict(config),
@@ -858,10 +866,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch.compile: on (every pass), off, auto (training passes on CUDA)",
     )
     parser.add_argument(
+        "--compile-mode",
+        default=defaults.compile_mode,
+        choices=COMPILE_MODES,
+        help="torch.compile mode (reduce-overhead: CUDA graphs)",
+    )
+    parser.add_argument(
         "--clock", default=defaults.clock, help="wall, cpu (thread CPU time; CPU with --threads 1 only) or auto"
     )
     parser.add_argument("--no-transformer", action="store_true", help="skip the whole-Transformer rows")
     parser.add_argument("--transformer-preset", help="model preset of the Transformer rows (default base)")
+    parser.add_argument("--transformer-batch", type=int, help="sentences per Transformer training batch (default 16)")
+    parser.add_argument(
+        "--transformer-length", type=int, help="tokens per sentence of the Transformer rows (default 32)"
+    )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads before measuring")
     parser.add_argument("--seed", type=int, default=defaults.seed)
 
@@ -869,6 +887,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     base = quick_config() if args.quick else BenchConfig()
     changes: dict[str, Any] = {"out": args.out, "device": args.device, "dtype": args.dtype, "compile": args.compile}
+    changes["compile_mode"] = args.compile_mode
     changes["clock"] = args.clock
     changes["seed"] = args.seed
     if args.shapes:
@@ -887,8 +906,12 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         changes["budget_s"] = args.budget
     if args.no_transformer:
         changes["transformer"] = None
-    elif args.transformer_preset:
-        changes["transformer"] = replace(base.transformer or TransformerBench(), preset=args.transformer_preset)
+    else:
+        spec = {"preset": args.transformer_preset, "batch": args.transformer_batch, "length": args.transformer_length}
+        spec = {k: v for k, v in spec.items() if v is not None}
+        if any(v < 1 for k, v in spec.items() if k != "preset"):
+            raise ValueError(f"--transformer-batch and --transformer-length must be >= 1; got {spec}")
+        changes["transformer"] = replace(base.transformer or TransformerBench(), **spec)
     config = replace(base, **changes)
     return config
 

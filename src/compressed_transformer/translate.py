@@ -125,6 +125,7 @@ def build_configs(args: argparse.Namespace):
         "init_from": args.init_from,
         "kl_weight": args.kl_weight,
         "spm_type": args.spm_type,
+        "precision": args.precision,
     }
     train.update({k: v for k, v in flags.items() if v is not None})
     if args.download:
@@ -277,6 +278,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--save-every", type=int)
     train.add_argument("--log-every", type=int)
     train.add_argument("--device", help="auto, cpu, cuda")
+    train.add_argument(
+        "--precision", choices=("auto", "bf16", "fp32"), help="bf16 autocast or fp32 (auto: bf16 on CUDA)"
+    )
     train.add_argument("--download", action="store_true", help="download missing data files (needs internet)")
     train.add_argument("--no-progress", action="store_true", help="print JSON log lines instead of a tqdm bar")
     train.set_defaults(func=_train)

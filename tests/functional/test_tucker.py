@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -12,9 +13,11 @@ from torch.testing import assert_close
 from compressed_transformer.functional.tucker import (
     hooi,
     hosvd,
+    kron_matmul,
     mode_product,
     resolve_tucker_ranks,
     tucker_linear_apply,
+    tucker_linear_factors,
     tucker_linear_macs,
     tucker_params,
     tucker_to_dense,
@@ -130,3 +133,27 @@ def test_tucker_params_and_macs() -> None:
     # Input projections (N, 3, 4) -> (N, 2, 4) -> (N, 2, 3), core (prod r = 6) x (prod s = 6), outputs 2 then 4.
     expected = 12 * 2 + 8 * 3 + 6 * 6 + 6 * 2 + 6 * 4
     assert tucker_linear_macs([2, 4], [3, 4], [2, 3, 2, 3]) == expected
+
+
+@pytest.mark.parametrize("shapes", [[(5, 2)], [(4, 2), (3, 3)], [(2, 1), (3, 2), (4, 3)]])
+def test_kron_matmul_is_the_kronecker_product_times_the_matrix(shapes) -> None:
+    gen = torch.Generator().manual_seed(0)
+    factors = [torch.randn(n, r, dtype=F64, generator=gen, requires_grad=True) for n, r in shapes]
+    matrix = torch.randn(math.prod(r for _, r in shapes), 3, dtype=F64, generator=gen, requires_grad=True)
+    expected = functools.reduce(torch.kron, factors) @ matrix
+    assert_close(kron_matmul(factors, matrix), expected)
+    torch.autograd.gradcheck(lambda m, *f: kron_matmul(f, m), (matrix, *factors))
+    with pytest.raises(ValueError, match="matrix must be"):
+        kron_matmul(factors, matrix[:-1])
+    with pytest.raises(ValueError, match="at least one"):
+        kron_matmul([], matrix)
+
+
+@pytest.mark.parametrize("ranks", [(2, 2, 2, 2), (2, 3, 1, 2), (1, 1, 3, 3)])
+def test_tucker_linear_factors_multiply_to_the_weight(ranks) -> None:
+    out_modes, in_modes = (4, 5), (3, 6)
+    core, factors = random_tucker(out_modes + in_modes, ranks)
+    left, right = tucker_linear_factors(core, factors[:2], factors[2:])
+    weight = tucker_to_dense(core, factors).reshape(20, 18)
+    assert left.shape[1] == right.shape[0] == min(ranks[0] * ranks[1], ranks[2] * ranks[3])
+    assert_close(left @ right, weight)

@@ -29,6 +29,7 @@ from .tt import (
 from .tucker import (
     hooi,
     hosvd,
+    kron_matmul,
     mode_product,
     resolve_tucker_ranks,
     tucker_linear_apply,
@@ -50,6 +51,7 @@ __all__ = [
     "global_magnitude_threshold",
     "hooi",
     "hosvd",
+    "kron_matmul",
     "log_alpha",
     "magnitude_mask",
     "magnitude_threshold",

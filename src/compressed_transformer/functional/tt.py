@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .costs import CPU_COSTS, CostModel
+from .matmul import linear, oriented_matmul
 
 __all__ = [
     "TTPlan",
@@ -409,7 +410,9 @@ class _SharedMatrixBmm(torch.autograd.Function):
             batch, m, n = grad.shape
             k = t.shape[1]
             # sum_b grad[b] @ t[b]^T as one (m, B n) x (B n, k) GEMM
-            grad_matrix = grad.transpose(0, 1).reshape(m, batch * n) @ t.transpose(1, 2).reshape(batch * n, k)
+            grad_matrix = oriented_matmul(
+                grad.transpose(0, 1).reshape(m, batch * n), t.transpose(1, 2).reshape(batch * n, k)
+            )
         if ctx.needs_input_grad[1]:
             grad_t = torch.bmm(matrix.t().expand(grad.shape[0], matrix.shape[1], matrix.shape[0]), grad)
         return grad_matrix, grad_t
@@ -446,13 +449,13 @@ def _sweep(
             if final and bias is not None and m == out_features:
                 if out is not None:
                     return torch.addmm(bias, a, matrix.t(), out=out)
-                return torch.addmm(bias, a, matrix.t())
+                return linear(a, matrix, bias)
             if final and out is not None:
                 torch.mm(a, matrix.t(), out=out.view(batch, m))
                 if bias is not None:
                     out.add_(bias)
                 return out
-            t = a @ matrix.t()  # (batch, m)
+            t = linear(a, matrix)  # (batch, m)
         else:
             b = t.reshape(batch, k, cols)
             expanded = matrix.expand(batch, m, k)

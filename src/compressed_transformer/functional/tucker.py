@@ -9,7 +9,6 @@ For a linear layer the weight ``W`` of shape ``(out_features, in_features)`` is 
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
@@ -18,6 +17,7 @@ import torch
 __all__ = [
     "hooi",
     "hosvd",
+    "kron_matmul",
     "mode_product",
     "resolve_tucker_ranks",
     "tucker_linear_apply",
@@ -157,6 +157,36 @@ def tucker_linear_apply(
     return t.reshape(*lead, math.prod([u.shape[0] for u in out_factors]))
 
 
+def kron_matmul(factors: Sequence[torch.Tensor], matrix: torch.Tensor) -> torch.Tensor:
+    """``(F_1 ⊗ ... ⊗ F_d) @ matrix`` without forming the Kronecker product.
+
+    One broadcasting matmul per factor: the rows of ``matrix``, indexed by ``(r_1, ..., r_d)``, are expanded mode by
+    mode into ``(n_1, ..., n_d)``. Costs ``sum_k (n_1..n_k) r_k (r_{k+1}..r_d) R`` multiply-adds, and its backward
+    is matmuls too (``torch.kron``'s is broadcast products and reductions, several times slower on small factors).
+
+    Args:
+        factors: ``d`` matrices ``(n_k, r_k)``.
+        matrix: ``(r_1 ... r_d, R)``.
+
+    Returns:
+        ``(n_1 ... n_d, R)``.
+
+    Raises:
+        ValueError: if ``factors`` is empty or ``matrix`` has not ``prod r_k`` rows.
+    """
+    if not factors:
+        raise ValueError("kron_matmul needs at least one factor")
+    ranks = [int(f.shape[1]) for f in factors]
+    if matrix.dim() != 2 or matrix.shape[0] != math.prod(ranks):
+        raise ValueError(f"matrix must be ({math.prod(ranks)}, R) for factors of ranks {ranks}")
+    columns, lead, out = matrix.shape[1], [], matrix
+    for factor in factors:
+        rows, rank = factor.shape
+        out = factor @ out.reshape(*lead, rank, -1)  # (n_1..n_{k-1}, r_k, rest) -> (n_1..n_{k-1}, n_k, rest)
+        lead.append(rows)
+    return out.reshape(-1, columns)
+
+
 def tucker_linear_factors(
     core: torch.Tensor, out_factors: Sequence[torch.Tensor], in_factors: Sequence[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +195,8 @@ def tucker_linear_factors(
     With ``U = U_1 ⊗ ... ⊗ U_d`` (``(out, prod r)``), ``V = V_1 ⊗ ... ⊗ V_e`` (``(in, prod s)``) and the core
     as a ``(prod r, prod s)`` matrix ``G``, ``W = U G V^T``. The core is folded into the smaller side, so
     ``R = min(prod r, prod s)`` and ``x @ W.T = (x @ right.T) @ left.T`` costs ``R (in + out)`` multiply-adds per
-    vector: two GEMMs, no transposes. Building the Kronecker products costs ``O(R (in + out))``.
+    vector: two GEMMs, no transposes. The Kronecker products are applied by :func:`kron_matmul`, in
+    ``O(R (in + out))``.
 
     Returns:
         ``(left, right)`` of shapes ``(out_features, R)`` and ``(R, in_features)``.
@@ -173,11 +204,11 @@ def tucker_linear_factors(
     d = len(out_factors)
     r_out = math.prod(core.shape[:d])
     g = core.reshape(r_out, -1)  # (prod r, prod s)
-    u = functools.reduce(torch.kron, out_factors)  # (out, prod r)
-    v = functools.reduce(torch.kron, in_factors)  # (in, prod s)
     if g.shape[1] <= g.shape[0]:
-        return u @ g, v.T
-    return u, g @ v.T
+        eye = torch.eye(g.shape[1], dtype=g.dtype, device=g.device)
+        return kron_matmul(out_factors, g), kron_matmul(in_factors, eye).T
+    eye = torch.eye(r_out, dtype=g.dtype, device=g.device)
+    return kron_matmul(out_factors, eye), kron_matmul(in_factors, g.T).T
 
 
 def tucker_linear_rank(ranks: Sequence[int], d: int) -> int:

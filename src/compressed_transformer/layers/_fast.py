@@ -235,7 +235,6 @@ def _low_rank_is_faster(
     rank: int,
     train: bool,
     cached: bool,
-    factor_ops: int = 0,
 ) -> bool:
     """Whether ``(x @ right.T) @ left.T`` (two GEMMs through rank ``rank``) beats one GEMM with ``W = left @ right``.
 
@@ -245,22 +244,17 @@ def _low_rank_is_faster(
         in_features, out_features, rank: the shapes.
         train: price forward+backward.
         cached: ``W`` comes from the eval cache (no rebuild cost on the dense path).
-        factor_ops: extra small ops the factorised path runs to build ``left`` / ``right`` (Tucker's Kronecker
-            products) when they are not cached; the same number of weight-sized passes (mode products with their
-            transposes) is what rebuilding a Tucker ``W`` costs on top of the GEMM ``left @ right``.
+        (Building ``left`` / ``right``, e.g. Tucker's Kronecker products, costs both paths the same.)
     """
     device_type, element_size, threads = device
     costs = cost_model_for(device_type)
     steps = [(tokens, rank, in_features, 1), (tokens, out_features, rank, 1)]
     factorized = costs.steps_seconds(steps, train=train, threads=threads)
-    if not cached:
-        factorized += factor_ops * 2 * costs.forward.op_s  # tiny ops, forward and backward
     weights = in_features * out_features
     dense = costs.gemm_seconds(tokens * weights, weight_bytes=weights * element_size, train=train, threads=threads)
     rebuild = 0.0
-    if not cached:
+    if not cached:  # both paths build left / right; the dense path also multiplies them
         rebuild = costs.steps_seconds([(out_features, in_features, rank, 1)], train=train, threads=threads)
-        rebuild += factor_ops * costs.copy_seconds(weights * element_size, train=train, threads=threads)
     return costs.prefers(factorized, dense, rebuild)
 
 
@@ -278,12 +272,9 @@ def pick(table: tuple, tokens: Any) -> Any:
 
 
 @torch.compiler.assume_constant_result
-def _low_rank_table(device, in_features, out_features, rank, train, cached, factor_ops) -> tuple:
+def _low_rank_table(device, in_features, out_features, rank, train, cached) -> tuple:
     return tuple(
-        [
-            (b, _low_rank_is_faster(device, b, in_features, out_features, rank, train, cached, factor_ops))
-            for b in TOKEN_BUCKETS
-        ]
+        [(b, _low_rank_is_faster(device, b, in_features, out_features, rank, train, cached)) for b in TOKEN_BUCKETS]
     )
 
 
@@ -295,13 +286,12 @@ def low_rank_is_faster(
     rank: int,
     train: bool,
     cached: bool,
-    factor_ops: int = 0,
 ) -> bool:
     """See :func:`_low_rank_is_faster`; under ``torch.compile``, decided per bucket of token counts."""
     if torch.compiler.is_compiling():
-        table = _low_rank_table(device, in_features, out_features, rank, train, cached, factor_ops)
+        table = _low_rank_table(device, in_features, out_features, rank, train, cached)
         return pick(table, tokens)
-    return _low_rank_is_faster(device, tokens, in_features, out_features, rank, train, cached, factor_ops)
+    return _low_rank_is_faster(device, tokens, in_features, out_features, rank, train, cached)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..functional.matmul import low_rank_linear, matmul
 from ..functional.svd import truncated_svd
 from ._common import check_features, check_linear, copy_bias, product_init_std, reset_bias
 from ._fast import device_key, layer_cache, low_rank_is_faster, prepare_forward, resolve_mode, tokens_of
@@ -116,7 +117,7 @@ class LowRankLinear(nn.Module):
 
     def to_dense(self) -> torch.Tensor:
         """The represented weight, ``(out_features, in_features)``."""
-        return self.left @ self.right
+        return matmul(self.left, self.right)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -129,7 +130,7 @@ class LowRankLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cached = prepare_forward(self, [self.left, self.right, self.bias])
         if self.use_factorized(tokens_of(x, self.in_features)):
-            return F.linear(F.linear(x, self.right), self.left, self.bias)
+            return low_rank_linear(x, self.left, self.right, self.bias)
         weight = layer_cache(self).get("dense", [self.left, self.right], self.to_dense) if cached else self.to_dense()
         return F.linear(x, weight, self.bias)
 

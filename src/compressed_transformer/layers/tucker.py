@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..functional.matmul import low_rank_linear, matmul
 from ..functional.tucker import (
     hooi,
     hosvd,
@@ -17,7 +18,6 @@ from ..functional.tucker import (
     tucker_linear_macs,
     tucker_linear_rank,
     tucker_params,
-    tucker_to_dense,
 )
 from ._common import check_features, check_linear, copy_bias, product_init_std, reset_bias, resolve_modes
 from ._fast import device_key, layer_cache, low_rank_is_faster, params_of, prepare_forward, resolve_mode, tokens_of
@@ -143,12 +143,16 @@ class TuckerLinear(nn.Module):
         return tucker_linear_macs(self.out_modes, self.in_modes, self.ranks)
 
     def reconstruction_macs(self) -> int:
-        """Multiply-adds to rebuild the dense weight."""
-        sizes, total = list(self.ranks), 0
-        for k, n in enumerate(self.out_modes + self.in_modes):
-            total += math.prod(sizes) * n
-            sizes[k] = n
-        return total
+        """Multiply-adds to rebuild the dense weight: both Kronecker sides by
+        :func:`~compressed_transformer.functional.tucker.kron_matmul`, then ``left @ right``."""
+        d = len(self.out_modes)
+        rank = tucker_linear_rank(self.ranks, d)
+
+        def kron_side(modes: list[int], ranks: list[int]) -> int:
+            return sum(math.prod(modes[: k + 1]) * math.prod(ranks[k:]) * rank for k in range(len(modes)))
+
+        sides = kron_side(self.out_modes, self.ranks[:d]) + kron_side(self.in_modes, self.ranks[d:])
+        return sides + rank * self.in_features * self.out_features
 
     def use_factorized(self, tokens: int, *, train: bool | None = None, cached: bool | None = None) -> bool:
         """Whether the forward runs the two thin GEMMs (rather than one with ``W``) for ``tokens`` input vectors.
@@ -163,9 +167,7 @@ class TuckerLinear(nn.Module):
         train, cached = resolve_mode(self, params, train, cached)
         rank = tucker_linear_rank(self.ranks, len(self.out_modes))
         device = device_key(self.core)
-        return low_rank_is_faster(
-            device, tokens, self.in_features, self.out_features, rank, train, cached, len(self.ranks) + 2
-        )
+        return low_rank_is_faster(device, tokens, self.in_features, self.out_features, rank, train, cached)
 
     def forward_path(self, tokens: int, *, train: bool | None = None) -> str:
         """``"low-rank"`` or ``"dense"``: the path taken for ``tokens`` vectors."""
@@ -173,9 +175,10 @@ class TuckerLinear(nn.Module):
         return "low-rank" if factorized else "dense"
 
     def to_dense(self) -> torch.Tensor:
-        """The represented weight, ``(out_features, in_features)``."""
-        full = tucker_to_dense(self.core, [*params_of(self, "out_factors"), *params_of(self, "in_factors")])
-        return full.reshape(self.out_features, self.in_features)
+        """The represented weight, ``(out_features, in_features)``: ``left @ right`` of
+        :func:`~compressed_transformer.functional.tucker.tucker_linear_factors` (one GEMM through rank ``R``)."""
+        left, right = tucker_linear_factors(self.core, params_of(self, "out_factors"), params_of(self, "in_factors"))
+        return matmul(left, right)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -197,7 +200,7 @@ class TuckerLinear(nn.Module):
                 left, right = layer_cache(self).get("factors", params, build)
             else:
                 left, right = tucker_linear_factors(self.core, outs, ins)
-            return F.linear(F.linear(x, right), left, self.bias)
+            return low_rank_linear(x, left, right, self.bias)
         weight = layer_cache(self).get("dense", params, self.to_dense) if cached else self.to_dense()
         return F.linear(x, weight, self.bias)
 

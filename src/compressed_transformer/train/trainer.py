@@ -18,7 +18,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -70,7 +70,9 @@ RESUMABLE_KEYS = (
     "save_every",
     "download",
     "eval_max_sentences",
+    "precision",
 )
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 class TrainingDiverged(RuntimeError):
@@ -102,6 +104,8 @@ class TrainConfig:
         init_from: a trained dense checkpoint to convert (``compress_``) and fine-tune instead of training from
             scratch.
         device: ``auto``, ``cpu``, ``cuda``.
+        precision: of the training forward and backward: ``bf16`` (``torch.autocast`` to bfloat16; parameters,
+            optimiser state and validation stay float32), ``fp32``, or ``auto`` (``bf16`` on CUDA, ``fp32`` on CPU).
         download: fetch missing data files (needs internet).
         progress: show a tqdm bar (rank 0).
     """
@@ -133,6 +137,7 @@ class TrainConfig:
     kl_weight: float = 1.0
     init_from: str = ""
     device: str = "auto"
+    precision: str = "auto"
     download: bool = False
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -146,6 +151,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"learning rate must be positive, got {self.lr}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -217,6 +224,13 @@ def _convert_from_dense(model_config: TransformerConfig, state: dict[str, Any]) 
         if hasattr(module, "dropout") and isinstance(module.dropout, nn.Dropout):
             module.dropout.p = model_config.dropout
     return model
+
+
+def training_autocast(precision: str, device: torch.device) -> AbstractContextManager:
+    """The context the training forward runs in for a :attr:`TrainConfig.precision` on ``device``."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def _validate(
@@ -399,7 +413,7 @@ def _train(
         from tqdm import tqdm
 
         progress = tqdm(total=total_steps, initial=global_step, unit="step", dynamic_ncols=True, mininterval=2.0)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if ctx.device.type == "cuda" else nullcontext()
+    autocast = training_autocast(cfg.precision, ctx.device)
 
     # ---- train -------------------------------------------------------------------------------------------------
     model.train()

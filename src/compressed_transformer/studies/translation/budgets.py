@@ -113,6 +113,7 @@ class StudyConfig:
         budget: ``full``, ``small`` or ``tiny``.
         rows: the rows to run, in any order (``()``: all of the dataset's rows).
         device: ``auto``, ``cpu``, ``cuda``.
+        precision: of training (see :class:`~compressed_transformer.train.trainer.TrainConfig`).
         max_minutes / fine_tune_minutes: override the budget's per-row bound of from-scratch / fine-tuning runs.
         beam: override the budget's test-set beam.
         seed: seeds every row.
@@ -125,6 +126,7 @@ class StudyConfig:
     budget: str = "small"
     rows: tuple[str, ...] = ()
     device: str = "auto"
+    precision: str = "auto"
     max_minutes: float | None = None
     fine_tune_minutes: float | None = None
     beam: int | None = None

@@ -42,6 +42,7 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
         budget=args.budget,
         rows=tuple(r for r in rows if r),
         device=args.device,
+        precision=args.precision,
         max_minutes=args.max_minutes,
         fine_tune_minutes=args.fine_tune_minutes,
         beam=args.beam,
@@ -89,6 +90,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--data-dir", help="the dataset's folder (default $COMPRESSED_TRANSFORMER_DATA/<dataset>, else data/<dataset>)"
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "bf16", "fp32"),
+        help="training: bf16 autocast or fp32 (auto: bf16 on CUDA)",
+    )
     parser.add_argument("--max-minutes", type=float, help="bound of each training run (default: the budget's)")
     parser.add_argument("--fine-tune-minutes", type=float, help="bound of each fine-tuning run (default: the budget's)")
     parser.add_argument("--beam", type=int, help="test-set beam (default: the budget's)")

@@ -76,6 +76,7 @@ def row_train_config(row: Row, study: StudyConfig, out: Path) -> TrainConfig:
         seed=study.seed,
         init_from=str(out / "rows" / "original" / "checkpoint_best.pt") if row.route == "convert" else "",
         device=study.device,
+        precision=study.precision,
         progress=study.progress,
         extra=extra,
         **schedule,
