@@ -74,10 +74,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         bias: ``(out_features,)`` or ``None``.
     """
     out_features, in_features = weight.shape
-    thin = in_features <= THIN_COLUMNS and in_features < out_features
-    needs_grad = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    large = x.numel() // max(x.shape[-1], 1) * out_features >= MIN_ORIENTED_OUTPUT
-    if not (thin and large and x.device.type == "cpu" and torch.is_grad_enabled() and needs_grad):
+    if (  # cheapest tests first: this runs for every small GEMM of a TT sweep
+        in_features > THIN_COLUMNS
+        or in_features >= out_features
+        or x.numel() * out_features < MIN_ORIENTED_OUTPUT * in_features  # tokens * out_features
+        or x.device.type != "cpu"
+        or not torch.is_grad_enabled()
+        or not (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    ):
         return F.linear(x, weight, bias)
     if torch.is_autocast_enabled("cpu"):  # cast where autograd sees it: the Function's backward runs uncast
         dtype = torch.get_autocast_dtype("cpu")
