@@ -7,6 +7,7 @@ import torch
 
 from compressed_transformer.models.transformer import (
     FFN_METHODS,
+    FeedForward,
     FFNSpec,
     Transformer,
     TransformerConfig,
@@ -180,3 +181,16 @@ def test_tied_and_untied_embeddings() -> None:
     untied = Transformer(tiny(share_embeddings=False, tie_output=False))
     assert untied.src_embed is not untied.tgt_embed and untied.output is not None
     assert parameter_report(untied)["embeddings"] == 2 * parameter_report(tied)["embeddings"]
+
+
+def test_activation_dropout_is_the_ffn_hidden_dropout_only() -> None:
+    legacy = preset("tiny", dropout=0.2)
+    assert legacy.activation_dropout is None and legacy.ffn_dropout == 0.2
+    old = {k: v for k, v in legacy.to_dict().items() if k != "activation_dropout"}  # a checkpoint from before
+    assert TransformerConfig.from_dict(old) == legacy
+    model = Transformer(legacy.replace(activation_dropout=0.0))
+    ffn = [m.dropout.p for m in model.modules() if isinstance(m, FeedForward)]
+    others = [m.p for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and ".ffn." not in n]
+    assert ffn and set(ffn) == {0.0} and others and set(others) == {0.2}
+    with pytest.raises(ValueError, match="activation_dropout"):
+        preset("tiny", activation_dropout=1.0)

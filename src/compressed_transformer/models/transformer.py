@@ -131,8 +131,12 @@ class TransformerConfig:
         enc_layers: encoder blocks.
         dec_layers: decoder blocks.
         d_ff: inner width of the feed-forward blocks.
-        dropout: dropout on sub-layer outputs, embeddings and the FFN hidden layer.
+        dropout: dropout on sub-layer outputs and embeddings (Vaswani et al.'s residual dropout).
         attn_dropout: dropout on attention weights.
+        activation_dropout: dropout on the FFN hidden activation (fairseq's ``--activation-dropout``; Vaswani et
+            al. use none). ``None``: the same as ``dropout``, this project's behaviour before the setting existed.
+            With a rank-bottlenecked ``fc2`` (Tucker rank 2 is rank 4) hidden dropout can make the block's output
+            mostly noise, and a post-norm model can come to depend on that noise (see ``docs/results.md``).
         norm_first: pre-norm (``True``, LayerNorm before each sub-layer, plus a final one) or post-norm (the paper).
         share_embeddings: one embedding table for source and target (joint vocabulary).
         tie_output: the output projection reuses the target embedding (Press & Wolf 2017).
@@ -150,6 +154,7 @@ class TransformerConfig:
     d_ff: int = 2048
     dropout: float = 0.1
     attn_dropout: float = 0.0
+    activation_dropout: float | None = None
     norm_first: bool = False
     share_embeddings: bool = True
     tie_output: bool = True
@@ -170,8 +175,8 @@ class TransformerConfig:
             raise ValueError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
         if (self.d_model // self.heads) % 2:
             raise ValueError(f"head width d_model/heads={self.d_model // self.heads} must be even")
-        for name in ("dropout", "attn_dropout", "label_smoothing"):
-            if not 0.0 <= getattr(self, name) < 1.0:
+        for name in ("dropout", "attn_dropout", "label_smoothing", "activation_dropout"):
+            if getattr(self, name) is not None and not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"TransformerConfig.{name} must be in [0, 1), got {getattr(self, name)}")
         if len({self.pad_id, self.bos_id, self.eos_id}) != 3:
             raise ValueError("pad_id, bos_id and eos_id must differ")
@@ -193,6 +198,11 @@ class TransformerConfig:
 
     def replace(self, **changes: Any) -> TransformerConfig:
         return replace(self, **changes)
+
+    @property
+    def ffn_dropout(self) -> float:
+        """The dropout applied to the FFN hidden activation (``activation_dropout``, else ``dropout``)."""
+        return self.dropout if self.activation_dropout is None else self.activation_dropout
 
 
 PRESETS: dict[str, TransformerConfig] = {
@@ -349,7 +359,7 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.norm_first = config.norm_first
         self.self_attn = MultiHeadAttention(config.d_model, config.heads, config.attn_dropout)
-        self.ffn = FeedForward(config.d_model, config.d_ff, config.dropout, ffn_method, ffn_options)
+        self.ffn = FeedForward(config.d_model, config.d_ff, config.ffn_dropout, ffn_method, ffn_options)
         self.norm1 = nn.LayerNorm(config.d_model)
         self.norm2 = nn.LayerNorm(config.d_model)
         self.dropout = nn.Dropout(config.dropout)
@@ -372,7 +382,7 @@ class DecoderLayer(nn.Module):
         self.norm_first = config.norm_first
         self.self_attn = MultiHeadAttention(config.d_model, config.heads, config.attn_dropout)
         self.cross_attn = MultiHeadAttention(config.d_model, config.heads, config.attn_dropout)
-        self.ffn = FeedForward(config.d_model, config.d_ff, config.dropout, ffn_method, ffn_options)
+        self.ffn = FeedForward(config.d_model, config.d_ff, config.ffn_dropout, ffn_method, ffn_options)
         self.norm1 = nn.LayerNorm(config.d_model)
         self.norm2 = nn.LayerNorm(config.d_model)
         self.norm3 = nn.LayerNorm(config.d_model)

@@ -73,6 +73,8 @@ RESUMABLE_KEYS = (
     "precision",
 )
 PRECISIONS = ("auto", "bf16", "fp32")
+# Model settings a conversion run may change from its dense checkpoint's (FFN spec and regularisation).
+DROPOUTS = ("ffn", "dropout", "attn_dropout", "activation_dropout")
 
 
 class TrainingDiverged(RuntimeError):
@@ -202,8 +204,8 @@ def _convert_from_dense(model_config: TransformerConfig, state: dict[str, Any]) 
     """The conversion route: load a trained dense model, ``compress_`` the chosen FFN linears in place."""
     dense_config = TransformerConfig.from_dict(state["model_config"])
     check_same_config(
-        {k: v for k, v in dense_config.to_dict().items() if k not in ("ffn", "dropout", "attn_dropout")},
-        {k: v for k, v in model_config.to_dict().items() if k not in ("ffn", "dropout", "attn_dropout")},
+        {k: v for k, v in dense_config.to_dict().items() if k not in DROPOUTS},
+        {k: v for k, v in model_config.to_dict().items() if k not in DROPOUTS},
         "--init-from checkpoint does not fit this model: its config",
     )
     if dense_config.ffn.method != "dense" and dense_config.ffn.blocks != "none":
@@ -222,7 +224,8 @@ def _convert_from_dense(model_config: TransformerConfig, state: dict[str, Any]) 
             compress_(model, model_config.ffn.method, filter=lambda name, _: name in fc2, **fc2_options(options))
     for module in model.modules():
         if hasattr(module, "dropout") and isinstance(module.dropout, nn.Dropout):
-            module.dropout.p = model_config.dropout
+            ffn = isinstance(module, FeedForward)
+            module.dropout.p = model_config.ffn_dropout if ffn else model_config.dropout
     return model
 
 
