@@ -806,7 +806,7 @@ def run_bench(config: BenchConfig, argv: list[str] | None = None) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     argv = sys.argv if argv is None else argv
-    if argv and Path(argv[0]).name == "compressed-transformer":
+    if argv and Path(argv[0]).name in ("compressed-transformer", "__main__.py"):  # the script or python -m package
         command = shlex.join(["compressed-transformer", *argv[1:]])
     elif argv:
         command = shlex.join(["python", "-m", "compressed_transformer.bench", *argv[1:]])
