@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .costs import CPU_COSTS, CostModel
-from .matmul import linear, oriented_matmul
+from .matmul import linear, matmul, oriented_matmul
 
 __all__ = [
     "TTPlan",
@@ -368,7 +368,7 @@ def tt_matrix_rebuild(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     a, b = tt_matrix_merge(cores[:half]), tt_matrix_merge(cores[half:])
     _, o1, i1, r = a.shape
     _, o2, i2, _ = b.shape
-    w = (a.reshape(o1 * i1, r) @ b.reshape(r, o2 * i2)).reshape(o1, i1, o2, i2)
+    w = matmul(a.reshape(o1 * i1, r), b.reshape(r, o2 * i2)).reshape(o1, i1, o2, i2)  # thin: oriented backward
     return w.permute(0, 2, 1, 3).reshape(o1 * o2, i1 * i2)
 
 
