@@ -50,6 +50,8 @@ def test_presets() -> None:
     assert (base.d_model, base.d_ff, base.heads, base.enc_layers, base.dec_layers) == (512, 2048, 8, 6, 6)
     assert (iwslt.d_model, iwslt.d_ff, iwslt.heads, iwslt.enc_layers) == (512, 1024, 4, 6)
     assert small.d_model == 256 and small.enc_layers == 3
+    # Vaswani et al. and fairseq put no dropout on the FFN hidden layer (see TransformerConfig.activation_dropout)
+    assert base.ffn_dropout == iwslt.ffn_dropout == 0.0 and (base.dropout, iwslt.dropout) == (0.1, 0.3)
     with pytest.raises(ValueError, match="unknown preset"):
         preset("huge")
 
