@@ -72,7 +72,10 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
     model, train = build_configs(args)
     assert (model.d_ff, model.heads, model.ffn.method, model.ffn.blocks) == (48, 4, "tucker", "decoder")
     assert model.ffn.options == {"ranks": 2}
-    assert (train.lr, train.max_steps) == (0.003, 7)
+    assert (train.lr, train.max_steps, train.precision) == (0.003, 7, "auto")
+    flags = ["--precision", "bf16", "--model", "activation_dropout=0.0"]
+    model, train = build_configs(parser().parse_args(["translate", "train", "--config", str(toml), *flags]))
+    assert (train.precision, model.activation_dropout, model.dropout) == ("bf16", 0.0, 0.0)  # tiny: dropout 0
     args = parser().parse_args(["translate", "train", "--config", str(toml), "--ffn", "svd", "--ffn-opt", "rank=3"])
     assert build_configs(args)[0].ffn.options == {"rank": 3}
     toml.write_text("[model]\nwidth = 3\n")

@@ -23,8 +23,10 @@ from compressed_transformer.studies.translation import (
     describe_blocks,
     load_row_model,
     row_model_config,
+    row_train_config,
     rows_for,
 )
+from compressed_transformer.studies.translation.cli import config_from_args
 
 DE = ["ein", "zwei", "drei", "vier", "fünf", "hund", "katze", "maus", "haus", "baum"]
 EN = ["one", "two", "three", "four", "five", "dog", "cat", "mouse", "house", "tree"]
@@ -62,6 +64,16 @@ def study_argv(data: Path, out: Path, rows: str) -> list[str]:
 
 def test_study_is_a_cli_subcommand() -> None:
     assert "compressed_transformer.studies.translation" in cli.SUBCOMMAND_MODULES
+
+
+def test_precision_reaches_every_row(tmp_path: Path) -> None:
+    args = parser().parse_args([*study_argv(tmp_path, tmp_path / "s", "original,tt-all"), "--precision", "fp32"])
+    study = config_from_args(args)
+    rows = rows_for("plain", preset("tiny"))
+    assert {row_train_config(rows[n], study, tmp_path).precision for n in ("original", "tt-all")} == {"fp32"}
+    assert row_train_config(rows["original"], StudyConfig("plain", "x", "y", "tiny"), tmp_path).precision == "auto"
+    with pytest.raises(SystemExit):
+        parser().parse_args([*study_argv(tmp_path, tmp_path / "s", "original"), "--precision", "fp16"])
 
 
 def test_rows_and_blocks_of_each_budget() -> None:
