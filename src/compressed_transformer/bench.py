@@ -564,9 +564,8 @@ def bench_transformer(
     models = {v: build_transformer(v, spec, device, dtype) for v in variants}
     fns: dict[str, dict[str, Callable[[], Any]]] = {"train": {}, "greedy": {}, "beam": {}}
     for variant, model in models.items():
-        runner = _maybe_compile(
-            model, "train" in compiled, compile_mode
-        )  # decoding runs eager: its shapes change every step
+        # decoding runs eager: its shapes change every step
+        runner = _maybe_compile(model, "train" in compiled, compile_mode)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def train_step(model=model, runner=runner, optimizer=optimizer) -> None:

@@ -248,6 +248,8 @@ def _decoding_flags(parser: argparse.ArgumentParser) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``translate`` subcommand (with ``train``, ``eval``, ``translate``) to the main parser."""
+    from compressed_transformer.train.trainer import PRECISIONS  # the trainer itself loads only when training
+
     parser = subparsers.add_parser("translate", help="train / evaluate / run the German-English Transformer")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
@@ -278,9 +280,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--save-every", type=int)
     train.add_argument("--log-every", type=int)
     train.add_argument("--device", help="auto, cpu, cuda")
-    train.add_argument(
-        "--precision", choices=("auto", "bf16", "fp32"), help="bf16 autocast or fp32 (auto: bf16 on CUDA)"
-    )
+    train.add_argument("--precision", choices=PRECISIONS, help="bf16 autocast or fp32 (auto: bf16 on CUDA)")
     train.add_argument("--download", action="store_true", help="download missing data files (needs internet)")
     train.add_argument("--no-progress", action="store_true", help="print JSON log lines instead of a tqdm bar")
     train.set_defaults(func=_train)

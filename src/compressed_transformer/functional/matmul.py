@@ -13,13 +13,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear", "low_rank_linear", "matmul", "oriented_matmul"]
+__all__ = ["autocast_inputs", "linear", "low_rank_linear", "matmul", "oriented_matmul"]
 
 # A result with at most this many columns (and more rows than columns) is computed transposed on CPU.
 THIN_COLUMNS = 64
 # Gradients smaller than this (elements of the layer's output) are cheap in any order: below it the custom
 # autograd Function's own cost (tens of microseconds) outweighs the saving.
 MIN_ORIENTED_OUTPUT = 1 << 14
+
+
+def autocast_inputs(device_type: str, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """``tensors`` cast to the autocast dtype when autocast is on for ``device_type`` (``None`` passes through).
+
+    A custom autograd Function must cast its inputs before ``apply``, where autograd sees the cast: its backward
+    runs outside autocast, and would otherwise meet gradients and saved tensors of different dtypes.
+    """
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
 def oriented_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -83,11 +95,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         or not (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     ):
         return F.linear(x, weight, bias)
-    if torch.is_autocast_enabled("cpu"):  # cast where autograd sees it: the Function's backward runs uncast
-        dtype = torch.get_autocast_dtype("cpu")
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    return _Linear.apply(x, weight, bias)
+    return _Linear.apply(*autocast_inputs("cpu", x, weight, bias))
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .costs import CPU_COSTS, CostModel
-from .matmul import linear, matmul, oriented_matmul
+from .matmul import autocast_inputs, linear, matmul, oriented_matmul
 
 __all__ = [
     "TTPlan",
@@ -419,10 +419,7 @@ class _SharedMatrixBmm(torch.autograd.Function):
 
 
 def _shared_bmm(matrix: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    device = t.device.type
-    if torch.is_autocast_enabled(device):  # cast here, where autograd sees it: the Function's backward runs uncast
-        dtype = torch.get_autocast_dtype(device)
-        matrix, t = matrix.to(dtype), t.to(dtype)
+    matrix, t = autocast_inputs(t.device.type, matrix, t)
     if torch.is_grad_enabled() and (matrix.requires_grad or t.requires_grad):
         return _SharedMatrixBmm.apply(matrix, t)
     return torch.bmm(matrix.expand(t.shape[0], *matrix.shape), t)

@@ -74,7 +74,7 @@ RESUMABLE_KEYS = (
 )
 PRECISIONS = ("auto", "bf16", "fp32")
 # Model settings a conversion run may change from its dense checkpoint's (FFN spec and regularisation).
-DROPOUTS = ("ffn", "dropout", "attn_dropout", "activation_dropout")
+CONVERSION_MAY_CHANGE = ("ffn", "dropout", "attn_dropout", "activation_dropout")
 
 
 class TrainingDiverged(RuntimeError):
@@ -204,8 +204,8 @@ def _convert_from_dense(model_config: TransformerConfig, state: dict[str, Any]) 
     """The conversion route: load a trained dense model, ``compress_`` the chosen FFN linears in place."""
     dense_config = TransformerConfig.from_dict(state["model_config"])
     check_same_config(
-        {k: v for k, v in dense_config.to_dict().items() if k not in DROPOUTS},
-        {k: v for k, v in model_config.to_dict().items() if k not in DROPOUTS},
+        {k: v for k, v in dense_config.to_dict().items() if k not in CONVERSION_MAY_CHANGE},
+        {k: v for k, v in model_config.to_dict().items() if k not in CONVERSION_MAY_CHANGE},
         "--init-from checkpoint does not fit this model: its config",
     )
     if dense_config.ffn.method != "dense" and dense_config.ffn.blocks != "none":

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ...train.trainer import PRECISIONS
 from .budgets import BUDGETS, StudyConfig
 from .report import format_table
 from .rows import DATASETS, ROW_NAMES
@@ -93,7 +94,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--precision",
         default="auto",
-        choices=("auto", "bf16", "fp32"),
+        choices=PRECISIONS,
         help="training: bf16 autocast or fp32 (auto: bf16 on CUDA)",
     )
     parser.add_argument("--max-minutes", type=float, help="bound of each training run (default: the budget's)")
