@@ -130,9 +130,18 @@ class PrunedLinear(nn.Module):
         """Fraction of pruned weights."""
         return 1.0 - float(self.mask.sum()) / self.mask.numel()
 
+    def mask_as_weight(self) -> torch.Tensor:
+        """The mask as 0/1 values of ``weight``'s dtype. Multiplying by it is 4x faster than by the ``bool`` mask
+        (no type promotion); it is cached while the mask is unchanged, at the cost of one weight's memory
+        (counted by :func:`~compressed_transformer.layers._fast.cache_nbytes`)."""
+        if torch.compiler.is_compiling():
+            return self.mask.to(self.weight.dtype)
+        dtype = self.weight.dtype
+        return mask_cache(self).get("mask", [self.mask], lambda: self.mask.to(dtype), (dtype,))
+
     def to_dense(self) -> torch.Tensor:
         """The effective weight ``mask * weight``, ``(out_features, in_features)``."""
-        return self.weight * self.mask
+        return self.weight * self.mask_as_weight()
 
     def num_stored_params(self) -> int:
         """Kept (unmasked) weights plus bias."""
@@ -158,7 +167,7 @@ class PrunedLinear(nn.Module):
         if not prepare_forward(self, [self.weight, self.bias]):
             if self.use_sparse(tokens, train=True):
                 pattern = mask_cache(self).get("pattern", [self.mask], lambda: csr_pattern(self.mask))
-                return masked_csr_linear(x, self.weight, self.bias, pattern)
+                return masked_csr_linear(x, self.weight, self.bias, pattern, self.mask_as_weight)
             return F.linear(x, self.to_dense(), self.bias)
         tensors, cache = [self.weight, self.mask], layer_cache(self)
         if self.use_sparse(tokens):
