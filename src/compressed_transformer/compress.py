@@ -14,7 +14,7 @@ from torch import nn
 from .functional.sparsity import global_magnitude_threshold
 from .functional.tt import max_tt_ranks, resolve_tt_ranks, tt_matrix_from_dense, tt_matrix_params, tt_matrix_to_dense
 from .functional.tucker import hosvd, resolve_tucker_ranks, tucker_params, tucker_to_dense
-from .layers import METHODS, LowRankLinear, PrunedLinear, SparseVDLinear, TTLinear, TuckerLinear
+from .layers import METHODS, PrunedLinear, layer_options
 from .layers._common import resolve_modes
 
 __all__ = ["CompressionReport", "LayerReport", "compress_", "select_linears"]
@@ -336,17 +336,9 @@ def _allocate_tucker(linears, ratio: float, options: dict[str, Any]) -> list[dic
 
 
 def _layer_options(layer: nn.Module) -> dict[str, Any]:
-    if isinstance(layer, TTLinear):
-        return {"in_modes": layer.in_modes, "out_modes": layer.out_modes, "ranks": layer.ranks}
-    if isinstance(layer, TuckerLinear):
-        return {"in_modes": layer.in_modes, "out_modes": layer.out_modes, "ranks": layer.ranks}
-    if isinstance(layer, LowRankLinear):
-        return {"rank": layer.rank}
     if isinstance(layer, PrunedLinear):
         return {"sparsity": round(layer.sparsity, 6)}
-    if isinstance(layer, SparseVDLinear):
-        return {"threshold": layer.threshold}
-    raise AssertionError(type(layer))
+    return layer_options(layer)
 
 
 def compress_(
@@ -413,9 +405,7 @@ def compress_(
                 new_layers.append(cls.from_linear(linear, **layer_options))
             except TypeError as error:
                 raise ValueError(f"invalid options for method {method!r} on layer {name!r}: {error}") from None
-        aliases: dict[int, list[str]] = {}
-        for qualified, module in model.named_modules(remove_duplicate=False):
-            aliases.setdefault(id(module), []).append(qualified)
+        aliases = module_aliases(model)
         report = CompressionReport(method)
         for (name, linear), layer in zip(linears, new_layers, strict=True):
             weight = linear.weight.detach()
@@ -431,7 +421,21 @@ def compress_(
                     rel_error=_relative(weight.double(), layer.to_dense().detach().double()),
                 )
             )
-            for alias in aliases[id(linear)]:  # a module shared by several parents is replaced everywhere
-                parent_name, _, child = alias.rpartition(".")
-                setattr(model.get_submodule(parent_name), child, layer)
+            replace_module(model, aliases[id(linear)], layer)
     return report
+
+
+def module_aliases(model: nn.Module) -> dict[int, list[str]]:
+    """Every qualified name of each submodule of ``model``, keyed by ``id`` (a module shared by several parents
+    has several)."""
+    aliases: dict[int, list[str]] = {}
+    for qualified, module in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(qualified)
+    return aliases
+
+
+def replace_module(model: nn.Module, names: list[str], new: nn.Module) -> None:
+    """Put ``new`` at each qualified name of ``names`` (the aliases of one module, see :func:`module_aliases`)."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)

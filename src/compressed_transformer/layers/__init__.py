@@ -26,6 +26,8 @@ __all__ = [
     "TTLinear",
     "TuckerLinear",
     "build_linear",
+    "layer_options",
+    "method_of",
     "model_kl",
 ]
 
@@ -38,6 +40,36 @@ METHODS: dict[str, type[nn.Module]] = {
     "svd-o": SparseVDLinear,
 }
 COMPRESSED_LAYERS = tuple(METHODS.values())
+
+
+def method_of(layer: nn.Module) -> str:
+    """The method name of a compressed layer (``"tt"``, ...).
+
+    Raises:
+        TypeError: if ``layer`` is not one of :data:`COMPRESSED_LAYERS`.
+    """
+    for name, cls in METHODS.items():
+        if type(layer) is cls:
+            return name
+    raise TypeError(f"{type(layer).__name__} is not a compressed layer of this package")
+
+
+def layer_options(layer: nn.Module) -> dict:
+    """The constructor options that give ``layer``'s structure (``METHODS[method](in, out, bias, **options)``
+    builds a layer whose ``state_dict`` fits ``layer``'s): modes and ranks of TT / Tucker, the rank of SVD, the
+    threshold of Sparse VD; none for pruning, whose mask is a buffer of the ``state_dict``.
+
+    Raises:
+        TypeError: if ``layer`` is not one of :data:`COMPRESSED_LAYERS`.
+    """
+    method = method_of(layer)
+    if method in ("tt", "tucker"):
+        return {"in_modes": list(layer.in_modes), "out_modes": list(layer.out_modes), "ranks": list(layer.ranks)}
+    if method == "svd":
+        return {"rank": layer.rank}
+    if method == "svd-o":
+        return {"threshold": layer.threshold}
+    return {}
 
 
 def build_linear(

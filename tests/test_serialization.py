@@ -1,0 +1,188 @@
+"""save_compressed / load_compressed_: a fresh dense model becomes the saved compressed one, exactly."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.testing import assert_close
+
+from compressed_transformer.compress import compress_
+from compressed_transformer.layers import METHODS, PrunedLinear, SparseVDLinear, TTLinear
+from compressed_transformer.serialization import (
+    FORMAT,
+    layer_structure,
+    load_compressed_,
+    read_structure,
+    restructure_,
+    save_compressed,
+)
+
+OPTIONS = {
+    "tt": {"ranks": 3},
+    "tucker": {"ranks": 2},
+    "svd": {"rank": 5},
+    "prune": {"sparsity": 0.7},
+    "svd-o": {},
+}
+
+
+def encoder_layer(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.TransformerEncoderLayer(32, 4, 96, dropout=0.0, batch_first=True).eval()
+
+
+def perturb_(model: nn.Module) -> None:
+    """Move every parameter away from its conversion values (as fine-tuning would)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+        for m in model.modules():
+            if isinstance(m, PrunedLinear):
+                m.weight.mul_(m.mask)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_fresh_dense_model_loads_into_the_saved_compressed_model(method: str, tmp_path) -> None:
+    model = encoder_layer(0)
+    compress_(model, method, filter=r"linear[12]", **OPTIONS[method])
+    perturb_(model)
+    path = tmp_path / "model.safetensors"
+    save_compressed(model, path)
+
+    fresh = encoder_layer(1)  # another initialisation, still dense
+    assert isinstance(fresh.linear1, nn.Linear)
+    load_compressed_(fresh, path)
+    assert layer_structure(fresh) == layer_structure(model)
+    assert type(fresh.linear1) is METHODS[method] and type(fresh.linear2) is METHODS[method]
+    expected, got = model.state_dict(), fresh.state_dict()
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        assert_close(fresh(x), model(x), atol=0, rtol=0)
+
+
+def test_mixed_methods_shared_modules_and_tied_weights_round_trip(tmp_path) -> None:
+    torch.manual_seed(0)
+    shared = nn.Linear(16, 24)
+    model = nn.ModuleDict({"a": shared, "b": shared, "c": nn.Linear(24, 16), "emb": nn.Embedding(10, 16)})
+    model["out"] = nn.Linear(16, 10, bias=False)
+    model["out"].weight = model["emb"].weight  # tied, as in a Transformer's embedding and output projection
+    compress_(model, "tt", filter="^a$", ranks=2)
+    compress_(model, "svd-o", filter="^c$", threshold=2.5)
+    assert model["a"] is model["b"]
+    path = tmp_path / "mixed.safetensors"
+    save_compressed(model, path, metadata={"note": "hello"})
+
+    torch.manual_seed(1)
+    fresh_shared = nn.Linear(16, 24)
+    fresh = nn.ModuleDict({"a": fresh_shared, "b": fresh_shared, "c": nn.Linear(24, 16), "emb": nn.Embedding(10, 16)})
+    fresh["out"] = nn.Linear(16, 10, bias=False)
+    fresh["out"].weight = fresh["emb"].weight
+    load_compressed_(fresh, path)
+    assert isinstance(fresh["a"], TTLinear) and fresh["a"] is fresh["b"]  # replaced once, under both names
+    assert isinstance(fresh["c"], SparseVDLinear) and fresh["c"].threshold == 2.5
+    assert fresh["out"].weight is fresh["emb"].weight
+    assert torch.equal(fresh["emb"].weight, model["emb"].weight)
+    assert_close(fresh["a"].to_dense(), model["a"].to_dense(), atol=0, rtol=0)
+    structure, header = read_structure(path)
+    assert header["format"] == FORMAT and header["note"] == "hello"
+    assert set(structure) == {"a", "c"}
+
+
+def test_loading_into_the_same_compressed_model_keeps_its_layers(tmp_path) -> None:
+    model = encoder_layer(0)
+    compress_(model, "svd", filter=r"linear1", rank=4)
+    path = tmp_path / "m.safetensors"
+    save_compressed(model, path)
+    other = encoder_layer(1)
+    compress_(other, "svd", filter=r"linear1", rank=4)
+    layer = other.linear1
+    load_compressed_(other, path)
+    assert other.linear1 is layer  # same structure: kept, weights loaded into it
+    assert torch.equal(layer.left, model.linear1.left)
+
+
+def test_uncompressed_models_round_trip_too(tmp_path) -> None:
+    model = encoder_layer(0)
+    path = tmp_path / "dense.safetensors"
+    save_compressed(model, path)
+    fresh = encoder_layer(1)
+    load_compressed_(fresh, path)
+    assert torch.equal(fresh.linear1.weight, model.linear1.weight)
+    assert read_structure(path)[0] == {}
+
+
+def test_bad_files_and_mismatched_models_get_clear_errors(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_compressed_(encoder_layer(0), tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="cannot read"):
+        read_structure(junk)
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, plain)
+    with pytest.raises(ValueError, match="not written by compressed_transformer"):
+        load_compressed_(encoder_layer(0), plain)
+
+    model = encoder_layer(0)
+    compress_(model, "tt", filter=r"linear1", ranks=2)
+    path = tmp_path / "tt.safetensors"
+    save_compressed(model, path)
+    with pytest.raises(ValueError, match="no module 'linear1'"):
+        load_compressed_(nn.Sequential(nn.Linear(32, 96)), path)
+    wrong_shape = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    untouched = wrong_shape.linear1
+    with pytest.raises(
+        ValueError, match=re.escape("is nn.Linear(in=32, out=64, bias=True) but the saved layer is 32->96")
+    ):
+        load_compressed_(wrong_shape, path)
+    assert wrong_shape.linear1 is untouched  # a failed restructure changes nothing
+    other = encoder_layer(1)
+    compress_(other, "svd", filter=r"linear1", rank=3)
+    with pytest.raises(ValueError, match=re.escape("is a LowRankLinear; expected nn.Linear or a 'tt' layer")):
+        load_compressed_(other, path)
+    with pytest.raises(ValueError, match="unknown method 'zip'"):
+        restructure_(
+            encoder_layer(0),
+            {"linear1": {"method": "zip", "in_features": 32, "out_features": 96, "bias": True, "options": {}}},
+        )
+    with pytest.raises(ValueError, match="invalid structure entry"):
+        restructure_(encoder_layer(0), {"linear1": {"method": "tt"}})
+    with pytest.raises(ValueError, match="cannot build 'tt'"):
+        restructure_(
+            encoder_layer(0),
+            {
+                "linear1": {
+                    "method": "tt",
+                    "in_features": 32,
+                    "out_features": 96,
+                    "bias": True,
+                    "options": {"ranks": [1, 2]},
+                }
+            },
+        )
+    with pytest.raises(ValueError, match="reserved"):
+        save_compressed(model, tmp_path / "x.safetensors", metadata={"format": "mine"})
+    with pytest.raises(ValueError, match="strings"):
+        save_compressed(model, tmp_path / "x.safetensors", metadata={"n": 3})
+
+
+def test_weights_that_do_not_fit_raise_value_error(tmp_path) -> None:
+    model = encoder_layer(0)
+    compress_(model, "prune", filter=r"linear1", sparsity=0.5)
+    path = tmp_path / "m.safetensors"
+    save_compressed(model, path)
+    bigger = nn.TransformerEncoderLayer(32, 4, 96, dropout=0.0, batch_first=True)
+    bigger.extra = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="do not fit"):
+        load_compressed_(bigger, path)
+    load_compressed_(bigger, path, strict=False)  # the extra module is left as it was
+    assert torch.equal(bigger.linear1.mask, model.linear1.mask)
+    assert json.loads(read_structure(path)[1]["compressed_layers"])["linear1"]["method"] == "prune"
