@@ -112,7 +112,28 @@ def test_train_eval_translate_end_to_end(
 
     monkeypatch.setattr("sys.stdin", io.StringIO("ein hund\nein baum\n"))
     assert run(["translate", "translate", "--checkpoint", checkpoint, "--beam", "1"]) == 0
-    assert len(capsys.readouterr().out.splitlines()) == 2
+    from_checkpoint = capsys.readouterr().out.splitlines()
+    assert len(from_checkpoint) == 2
+
+    # export: the folder (or its model.safetensors) translates exactly as the checkpoint does
+    exported = tmp_path / "exported"
+    assert run(["translate", "export", "--checkpoint", checkpoint, "--out", str(exported)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["file_bytes"] >= report["stored_bytes"] > 0
+    assert (exported / "model.safetensors").is_file() and (exported / "spm.model").is_file()
+    for source in (exported, exported / "model.safetensors"):
+        monkeypatch.setattr("sys.stdin", io.StringIO("ein hund\nein baum\n"))
+        assert run(["translate", "translate", "--checkpoint", str(source), "--beam", "1"]) == 0
+        assert capsys.readouterr().out.splitlines() == from_checkpoint
+    from compressed_transformer.train.checkpoint import load_checkpoint, load_model
+
+    original, reloaded = load_model(load_checkpoint(checkpoint)), load_model(load_checkpoint(exported))
+    assert type(reloaded.encoder[0].ffn.fc1).__name__ == "LowRankLinear"
+    for key, value in original.state_dict().items():
+        assert torch.equal(value, reloaded.state_dict()[key]), key
+    (exported / "spm.model").unlink()
+    with pytest.raises(FileNotFoundError, match="needs its tokenizer"):
+        load_checkpoint(exported)
 
 
 def test_bad_input_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -238,8 +238,30 @@ def _translate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from compressed_transformer.size import compression_ratio, stored_bytes
+    from compressed_transformer.train.checkpoint import export_model, load_checkpoint, load_model
+
+    state = load_checkpoint(args.checkpoint)
+    weights = export_model(state, args.out)
+    model = load_model(state)
+    print(
+        json.dumps(
+            {
+                "weights": str(weights),
+                "file_bytes": weights.stat().st_size,
+                "stored_bytes": stored_bytes(model),
+                "compression_ratio": round(compression_ratio(model), 4),
+            }
+        )
+    )
+    return 0
+
+
 def _decoding_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="checkpoint_best.pt / checkpoint_last.pt of a run")
+    parser.add_argument(
+        "--checkpoint", required=True, help="checkpoint_best.pt / checkpoint_last.pt of a run, or an exported folder"
+    )
     parser.add_argument("--beam", type=int, default=5, help="beam size (1 = greedy; default 5)")
     parser.add_argument("--length-penalty", type=float, default=1.0, help="score / length**penalty (default 1.0)")
     parser.add_argument("--max-tokens", type=int, default=4000, help="source tokens per decoding batch")
@@ -303,3 +325,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--input", default="-", help="input file (default stdin)")
     run.add_argument("--output", default="-", help="output file (default stdout)")
     run.set_defaults(func=_translate)
+
+    export = actions.add_parser(
+        "export", help="write a checkpoint's model as model.safetensors + spm.model (no optimiser state)"
+    )
+    export.add_argument("--checkpoint", required=True, help="checkpoint_best.pt / checkpoint_last.pt of a run")
+    export.add_argument("--out", required=True, help="folder to write (eval / translate --checkpoint read it)")
+    export.set_defaults(func=_export)

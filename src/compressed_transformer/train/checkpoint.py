@@ -4,10 +4,16 @@ A checkpoint is a ``torch.save`` dict with ``model_config`` (a :class:`Transform
 ``model`` (state dict of the unwrapped model), ``tokenizer`` (sentencepiece model bytes), and, for training
 checkpoints, ``train_config``, ``optimizer``, ``scheduler``, ``rng`` and ``position`` (epoch, step in epoch, global
 step) plus ``best_bleu``.
+
+:func:`export_model` writes a trained model for sharing: a folder with ``model.safetensors`` (weights, the structure
+of every compressed layer and the model config in its header, see :mod:`compressed_transformer.serialization`) and
+``spm.model``. :func:`load_checkpoint` and :func:`load_model` read such a folder (or its ``model.safetensors``) as
+they read a checkpoint.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from collections.abc import Callable
@@ -19,8 +25,10 @@ import torch
 from compressed_transformer.models.transformer import Transformer, TransformerConfig
 
 __all__ = [
+    "EXPORT_WEIGHTS",
     "capture_rng",
     "check_same_config",
+    "export_model",
     "load_checkpoint",
     "load_model",
     "restore_rng",
@@ -58,14 +66,58 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     write_atomic(path, lambda handle: torch.save(state, handle))
 
 
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_TOKENIZER = "spm.model"
+
+
+def export_model(state: dict[str, Any], out_dir: str | Path) -> Path:
+    """Write the model of checkpoint ``state`` to ``out_dir``: ``model.safetensors`` (weights, compressed-layer
+    structure, model config as JSON under the header key ``model_config``) and ``spm.model``. Optimiser and
+    training state are left out. Returns the weights file.
+
+    Raises:
+        ValueError: if the weights do not fit the checkpoint's model config.
+    """
+    from compressed_transformer.serialization import save_compressed
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_model(state)
+    weights = out / EXPORT_WEIGHTS
+    save_compressed(model, weights, metadata={"model_config": json.dumps(state["model_config"], sort_keys=True)})
+    (out / EXPORT_TOKENIZER).write_bytes(bytes(state["tokenizer"]))
+    return weights
+
+
+def _load_export(path: Path) -> dict[str, Any]:
+    from compressed_transformer.serialization import read_structure
+
+    weights = path / EXPORT_WEIGHTS if path.is_dir() else path
+    _, header = read_structure(weights)
+    if "model_config" not in header:
+        raise ValueError(f"{weights} has no model config in its header; it was not written by export_model")
+    tokenizer = weights.parent / EXPORT_TOKENIZER
+    if not tokenizer.is_file():
+        raise FileNotFoundError(f"{tokenizer} is missing: an exported model needs its tokenizer beside its weights")
+    return {
+        "model_config": json.loads(header["model_config"]),
+        "tokenizer": tokenizer.read_bytes(),
+        "weights_file": str(weights),
+    }
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint`.
+    """Load a checkpoint written by :func:`save_checkpoint`, or a model written by :func:`export_model` (its
+    folder or its ``model.safetensors``: the state then has ``model_config``, ``tokenizer`` and ``weights_file``,
+    which :func:`load_model` reads).
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
         ValueError: if the file is not a checkpoint of this package.
     """
     path = Path(path)
+    if (path.is_dir() and (path / EXPORT_WEIGHTS).is_file()) or (path.suffix == ".safetensors" and path.is_file()):
+        return _load_export(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
@@ -78,13 +130,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def load_model(state: dict[str, Any], device: str | torch.device = "cpu") -> Transformer:
-    """Rebuild the model a checkpoint describes and load its weights.
+    """Rebuild the model a checkpoint (or an exported model) describes and load its weights.
 
     Raises:
         ValueError: if the weights do not fit the stored config.
     """
     config = TransformerConfig.from_dict(state["model_config"])
     model = Transformer(config)
+    if "weights_file" in state:  # an exported model
+        from compressed_transformer.serialization import load_compressed_
+
+        return load_compressed_(model, state["weights_file"]).to(device)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:
