@@ -9,9 +9,10 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from compressed_transformer.compress import CompressionReport, compress_, select_linears
-from compressed_transformer.layers import METHODS, PrunedLinear
-from compressed_transformer.size import compression_ratio, stored_params
+from compressed_transformer.compress import CompressionReport, compress_, compress_embeddings_, select_linears
+from compressed_transformer.functional.svd import truncated_svd
+from compressed_transformer.layers import METHODS, LowRankEmbedding, LowRankLinear, PrunedLinear
+from compressed_transformer.size import compression_ratio, dense_params, stored_params
 
 ALL = list(METHODS)
 RATIO_METHODS = ["prune", "svd", "tt", "tucker"]
@@ -294,3 +295,58 @@ def test_a_failure_leaves_the_model_untouched(method: str, options) -> None:
     assert dict(model.named_modules()) == before
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, state[name])
+
+
+class _TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(40, 12, padding_idx=0)
+        self.proj = nn.Linear(12, 12)
+        self.head = nn.Linear(12, 40)  # a bias the tie does not cover
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.proj(self.embed(ids))))
+
+
+def test_compress_embeddings_keeps_the_tie_and_matches_the_svd_of_the_table() -> None:
+
+    model = _TiedLM()
+    ids = torch.tensor([[0, 5, 39, 2], [7, 7, 1, 0]])
+    with torch.no_grad():
+        reference = model(ids)
+        left, right = truncated_svd(model.embed.weight.double(), rank=3)
+        low_rank_table = (left @ right).float()
+    dense_total = dense_params(model)
+    report = compress_embeddings_(model, rank=3)
+    assert isinstance(model.embed, LowRankEmbedding) and isinstance(model.head, LowRankLinear)
+    assert model.head.left is model.embed.left and model.head.right is model.embed.right
+    assert report.rows[0].options == {"rank": 3, "tied": ["head"]}
+    assert report.rows[0].params_after == 3 * (40 + 12)
+    torch.testing.assert_close(model.embed.weight[1:], low_rank_table[1:], atol=1e-5, rtol=1e-5)
+    assert not model.embed.weight[0].any()  # the padding row stays exactly zero
+    torch.testing.assert_close(model.head.to_dense(), model.embed.weight)
+    # sizes: the factors count once; the dense model is what it was (the tied table counted once)
+    assert dense_params(model) == dense_total
+    stored = 3 * (40 + 12) + 40 + (12 * 12 + 12)
+    assert stored_params(model) == stored
+    assert compression_ratio(model) == pytest.approx(dense_total / stored)
+    # full rank reproduces the dense model; training reaches the shared factors through both uses
+    full = _TiedLM()
+    compress_embeddings_(full, rank=12)
+    torch.testing.assert_close(full(ids), reference, atol=1e-5, rtol=1e-5)
+    full(ids).sum().backward()
+    assert full.embed.left.grad is not None and full.embed.left.grad[1:].abs().sum() > 0
+
+
+def test_compress_embeddings_rejects_bad_input_and_leaves_the_model_alone() -> None:
+
+    model = _TiedLM()
+    with pytest.raises(ValueError, match="rank"):
+        compress_embeddings_(model, rank=13)
+    assert type(model.embed) is nn.Embedding and model.head.weight is model.embed.weight
+    with pytest.raises(ValueError, match=r"selects no nn\.Embedding"):
+        compress_embeddings_(model, rank=2, filter="proj")
+    with pytest.raises(ValueError, match=r"has no nn\.Embedding"):
+        compress_embeddings_(nn.Sequential(nn.Linear(2, 2)), rank=1)

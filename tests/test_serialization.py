@@ -11,8 +11,15 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.testing import assert_close
 
-from compressed_transformer.compress import compress_
-from compressed_transformer.layers import METHODS, PrunedLinear, SparseVDLinear, TTLinear
+from compressed_transformer.compress import compress_, compress_embeddings_
+from compressed_transformer.layers import (
+    METHODS,
+    LowRankEmbedding,
+    LowRankLinear,
+    PrunedLinear,
+    SparseVDLinear,
+    TTLinear,
+)
 from compressed_transformer.serialization import (
     FORMAT,
     layer_structure,
@@ -186,3 +193,41 @@ def test_weights_that_do_not_fit_raise_value_error(tmp_path) -> None:
     load_compressed_(bigger, path, strict=False)  # the extra module is left as it was
     assert torch.equal(bigger.linear1.mask, model.linear1.mask)
     assert json.loads(read_structure(path)[1]["compressed_layers"])["linear1"]["method"] == "prune"
+
+
+class TinyLM(nn.Module):
+    """An embedding, a hidden layer and an output projection tied to the embedding (as in most language models)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(50, 16, padding_idx=0)
+        self.hidden = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 50, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.hidden(self.embed(ids))))
+
+
+def test_low_rank_embeddings_and_their_tied_projection_round_trip(tmp_path) -> None:
+    model = TinyLM(0)
+    compress_embeddings_(model, rank=4)
+    compress_(model, "tt", filter="hidden", ranks=2)
+    perturb_(model)
+    assert model.head.left is model.embed.left  # still tied after "fine-tuning"
+    path = tmp_path / "lm.safetensors"
+    save_compressed(model, path)
+    structure = read_structure(path)[0]
+    assert structure["embed"]["method"] == "svd-embedding" and structure["head"]["tied_to"] == "embed"
+
+    fresh = TinyLM(1)
+    load_compressed_(fresh, path)
+    assert isinstance(fresh.embed, LowRankEmbedding) and isinstance(fresh.head, LowRankLinear)
+    assert fresh.head.left is fresh.embed.left and fresh.head.right is fresh.embed.right
+    assert layer_structure(fresh) == layer_structure(model)
+    ids = torch.tensor([[0, 3, 49, 7]])
+    with torch.no_grad():
+        assert_close(fresh(ids), model(ids), atol=0, rtol=0)
+    load_compressed_(fresh, path)  # loading again keeps the layers (and the tie)
+    assert fresh.head.left is fresh.embed.left

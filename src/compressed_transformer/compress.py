@@ -14,10 +14,10 @@ from torch import nn
 from .functional.sparsity import global_magnitude_threshold
 from .functional.tt import max_tt_ranks, resolve_tt_ranks, tt_matrix_from_dense, tt_matrix_params, tt_matrix_to_dense
 from .functional.tucker import hosvd, resolve_tucker_ranks, tucker_params, tucker_to_dense
-from .layers import METHODS, PrunedLinear, layer_options
-from .layers._common import resolve_modes
+from .layers import METHODS, LowRankEmbedding, LowRankLinear, PrunedLinear, layer_options
+from .layers._common import copy_bias, resolve_modes
 
-__all__ = ["CompressionReport", "LayerReport", "compress_", "select_linears"]
+__all__ = ["CompressionReport", "LayerReport", "compress_", "compress_embeddings_", "select_linears"]
 
 Filter = str | Callable[[str, nn.Module], bool] | None
 
@@ -113,27 +113,32 @@ def select_linears(model: nn.Module, filter: Filter = None) -> list[tuple[str, n
     Raises:
         ValueError: if the model has no ``nn.Linear``, the filter is malformed, or it selects nothing.
     """
-    linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
-    if not linears:
-        raise ValueError(f"the model ({type(model).__name__}) has no nn.Linear module to compress")
+    return _select(model, filter, nn.Linear)
+
+
+def _select(model: nn.Module, filter: Filter, kind: type[nn.Module]) -> list[tuple[str, nn.Module]]:
+    what = f"nn.{kind.__name__}"
+    candidates = [(n, m) for n, m in model.named_modules() if type(m) is kind]
+    if not candidates:
+        raise ValueError(f"the model ({type(model).__name__}) has no {what} module to compress")
     if filter is None:
-        return linears
+        return candidates
     if isinstance(filter, str):
         try:
             pattern = re.compile(filter)
         except re.error as error:
             raise ValueError(f"filter {filter!r} is not a valid regular expression: {error}") from None
-        chosen = [(n, m) for n, m in linears if pattern.search(n)]
+        chosen = [(n, m) for n, m in candidates if pattern.search(n)]
         others = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if n and pattern.search(n)]
     elif callable(filter):
-        chosen = [(n, m) for n, m in linears if filter(n, m)]
+        chosen = [(n, m) for n, m in candidates if filter(n, m)]
         others = []
     else:
         raise ValueError(f"filter must be None, a regex string or a callable (name, module) -> bool, got {filter!r}")
     if not chosen:
-        names = ", ".join(n for n, _ in linears[:12]) + (" ..." if len(linears) > 12 else "")
-        hint = f"; it matches only modules that are not nn.Linear: {', '.join(others[:8])}" if others else ""
-        raise ValueError(f"filter {filter!r} selects no nn.Linear{hint}. The nn.Linear modules are: {names}")
+        names = ", ".join(n for n, _ in candidates[:12]) + (" ..." if len(candidates) > 12 else "")
+        hint = f"; it matches only modules that are not {what}: {', '.join(others[:8])}" if others else ""
+        raise ValueError(f"filter {filter!r} selects no {what}{hint}. The {what} modules are: {names}")
     return chosen
 
 
@@ -439,3 +444,74 @@ def replace_module(model: nn.Module, names: list[str], new: nn.Module) -> None:
     for name in names:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
+
+
+def compress_embeddings_(model: nn.Module, *, rank: int, filter: Filter = None) -> CompressionReport:
+    """Replace the selected ``nn.Embedding`` modules of ``model`` by rank-``rank`` :class:`~compressed_transformer.
+    layers.LowRankEmbedding` tables (truncated SVD of the trained table), in place.
+
+    An ``nn.Linear`` whose weight *is* a selected table (a tied output projection) becomes a
+    :class:`~compressed_transformer.layers.LowRankLinear` that shares the new table's two factors, so the tie
+    holds through training and the factors are stored once (its bias, if any, is kept). A table shared by several
+    parents is replaced everywhere.
+
+    Args:
+        model: any ``nn.Module``; its submodules are replaced.
+        rank: inner rank, in ``[1, min(num_embeddings, embedding_dim)]`` of every selected table.
+        filter: which ``nn.Embedding`` modules, as in :func:`compress_`.
+
+    Returns:
+        a :class:`CompressionReport` with one row per table (``in_features`` = vocabulary size, ``out_features`` =
+        width; ``options["tied"]`` names the tied projections, whose parameters are the table's).
+
+    Raises:
+        ValueError: for a rank out of range, a malformed filter or one that selects nothing, or a model without
+            ``nn.Embedding``; a failure leaves ``model`` untouched.
+    """
+    embeddings = _select(model, filter, nn.Embedding)
+    if any(name == "" for name, _ in embeddings):
+        raise ValueError(
+            "compress_embeddings_ replaces submodules, but the model itself is an nn.Embedding; "
+            "use LowRankEmbedding.from_embedding(embedding, rank=...) instead"
+        )
+    aliases = module_aliases(model)
+    tied = {
+        id(table): [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and m.weight is table.weight]
+        for _, table in embeddings
+    }
+    with torch.no_grad():
+        plan = []
+        for name, table in embeddings:
+            layer = LowRankEmbedding.from_embedding(table, rank=rank)
+            projections = []
+            for tied_name, linear in tied[id(table)]:
+                projection = LowRankLinear(
+                    linear.in_features,
+                    linear.out_features,
+                    linear.bias is not None,
+                    rank=rank,
+                    device=layer.left.device,
+                    dtype=layer.left.dtype,
+                )
+                projection.left, projection.right = layer.left, layer.right  # (vocab, r) @ (r, width): the tie
+                copy_bias(projection.bias, linear)
+                projections.append((tied_name, linear, projection))
+            plan.append((name, table, layer, projections))
+        report = CompressionReport("svd-embedding")
+        for name, table, layer, projections in plan:
+            report.rows.append(
+                LayerReport(
+                    name=name,
+                    method="svd-embedding",
+                    in_features=table.num_embeddings,
+                    out_features=table.embedding_dim,
+                    options={"rank": rank, "tied": [n for n, _, _ in projections]},
+                    params_before=table.weight.numel(),
+                    params_after=layer.num_stored_params(),
+                    rel_error=_relative(table.weight.detach().double(), layer.to_dense().detach().double()),
+                )
+            )
+            replace_module(model, aliases[id(table)], layer)
+            for _, linear, projection in projections:
+                replace_module(model, aliases[id(linear)], projection)
+    return report

@@ -31,9 +31,18 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from .compress import module_aliases, replace_module
-from .layers import COMPRESSED_LAYERS, METHODS, layer_options, method_of
+from .layers import (
+    COMPRESSED_EMBEDDINGS,
+    COMPRESSED_LAYERS,
+    METHODS,
+    LowRankEmbedding,
+    LowRankLinear,
+    layer_options,
+    method_of,
+)
 
 __all__ = [
+    "EMBEDDING_METHOD",
     "FORMAT",
     "layer_spec",
     "layer_structure",
@@ -48,13 +57,25 @@ _FORMAT_KEY = "format"
 _LAYERS_KEY = "compressed_layers"
 
 
+EMBEDDING_METHOD = "svd-embedding"
+
+
 def layer_spec(layer: nn.Module) -> dict[str, Any]:
-    """``{"method", "in_features", "out_features", "bias", "options"}`` of a compressed layer: what it takes to
-    build a layer whose ``state_dict`` fits ``layer``'s.
+    """What it takes to build a layer whose ``state_dict`` fits ``layer``'s: ``{"method", "in_features",
+    "out_features", "bias", "options"}`` for a compressed linear layer, ``{"method": "svd-embedding",
+    "num_embeddings", "embedding_dim", "padding_idx", "options"}`` for a low-rank embedding.
 
     Raises:
         TypeError: if ``layer`` is not one of this package's compressed layers.
     """
+    if isinstance(layer, LowRankEmbedding):
+        return {
+            "method": EMBEDDING_METHOD,
+            "num_embeddings": layer.num_embeddings,
+            "embedding_dim": layer.embedding_dim,
+            "padding_idx": layer.padding_idx,
+            "options": {"rank": layer.rank},
+        }
     return {
         "method": method_of(layer),
         "in_features": layer.in_features,
@@ -65,55 +86,123 @@ def layer_spec(layer: nn.Module) -> dict[str, Any]:
 
 
 def layer_structure(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """``{qualified name: layer_spec(layer)}`` for every compressed layer of ``model`` (a layer shared by several
-    parents appears under its first name)."""
-    return {name: layer_spec(m) for name, m in model.named_modules() if isinstance(m, COMPRESSED_LAYERS)}
+    """``{qualified name: layer_spec(layer)}`` for every compressed layer and low-rank embedding of ``model`` (a
+    module shared by several parents appears under its first name). A low-rank linear layer that shares its factors
+    with a low-rank embedding (a tied output projection, see :func:`~compressed_transformer.compress.
+    compress_embeddings_`) has ``"tied_to"``: the embedding's name."""
+    named = [(n, m) for n, m in model.named_modules() if isinstance(m, COMPRESSED_LAYERS + COMPRESSED_EMBEDDINGS)]
+    tables = {id(m.left): n for n, m in named if isinstance(m, LowRankEmbedding)}
+    structure = {}
+    for name, module in named:
+        spec = layer_spec(module)
+        if isinstance(module, LowRankLinear) and id(module.left) in tables:
+            spec["tied_to"] = tables[id(module.left)]
+        structure[name] = spec
+    return structure
+
+
+def _fields(name: str, spec: Any, keys: tuple[str, ...]) -> tuple:
+    try:
+        return (*(spec[k] for k in keys), dict(spec["options"]))
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"invalid structure entry for layer {name!r}: {spec!r} ({error!r} missing)") from None
+
+
+def _current_spec(module: nn.Module, modules: dict[str, nn.Module]) -> dict[str, Any] | None:
+    """``layer_spec`` of ``module`` as :func:`layer_structure` would record it, or ``None`` if it is not
+    compressed."""
+    if not isinstance(module, COMPRESSED_LAYERS + COMPRESSED_EMBEDDINGS):
+        return None
+    spec = layer_spec(module)
+    if isinstance(module, LowRankLinear):
+        for other_name, other in modules.items():
+            if isinstance(other, LowRankEmbedding) and other.left is module.left:
+                spec["tied_to"] = other_name
+                break
+    return spec
+
+
+def _new_embedding(name: str, module: nn.Module, spec: dict[str, Any]) -> LowRankEmbedding:
+    num, dim, padding_idx, options = _fields(name, spec, ("num_embeddings", "embedding_dim", "padding_idx"))
+    if type(module) is not nn.Embedding:
+        raise ValueError(
+            f"module {name!r} is a {type(module).__name__}; expected nn.Embedding or a low-rank embedding like the "
+            "saved one"
+        )
+    found = (module.num_embeddings, module.embedding_dim, module.padding_idx)
+    if found != (num, dim, padding_idx):
+        raise ValueError(
+            f"module {name!r} is nn.Embedding({found[0]}, {found[1]}, padding_idx={found[2]}) but the saved table "
+            f"is {num}x{dim}, padding_idx={padding_idx}"
+        )
+    factory = {"device": module.weight.device, "dtype": module.weight.dtype}
+    try:
+        return LowRankEmbedding(num, dim, padding_idx=padding_idx, **factory, **options)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"layer {name!r}: cannot build a low-rank embedding with {options}: {error}") from None
+
+
+def _new_linear(name: str, module: nn.Module, spec: dict[str, Any]) -> nn.Module:
+    in_features, out_features, bias, options = _fields(name, spec, ("in_features", "out_features", "bias"))
+    method = spec["method"]
+    if method not in METHODS:
+        raise ValueError(f"layer {name!r}: unknown method {method!r}; known: {', '.join([*METHODS, EMBEDDING_METHOD])}")
+    if not isinstance(module, nn.Linear):
+        raise ValueError(
+            f"module {name!r} is a {type(module).__name__}; expected nn.Linear or a {method!r} layer like the saved one"
+        )
+    found = (module.in_features, module.out_features, module.bias is not None)
+    if found != (in_features, out_features, bool(bias)):
+        raise ValueError(
+            f"module {name!r} is nn.Linear(in={found[0]}, out={found[1]}, bias={found[2]}) but the saved layer "
+            f"is {in_features}->{out_features}, bias={bias}"
+        )
+    factory = {"device": module.weight.device, "dtype": module.weight.dtype}
+    try:
+        return METHODS[method](in_features, out_features, bool(bias), **factory, **options)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"layer {name!r}: cannot build {method!r} with options {options}: {error}") from None
 
 
 def restructure_(model: nn.Module, structure: dict[str, dict[str, Any]]) -> nn.Module:
-    """Replace the ``nn.Linear`` at each name of ``structure`` (see :func:`layer_structure`) by a freshly
-    initialised compressed layer of that structure, on the linear's device and dtype, in place. A module that
-    already has the recorded structure is kept. Every new layer is built before any is swapped, so a failure
-    leaves ``model`` untouched.
+    """Give ``model`` the compressed layers of ``structure`` (see :func:`layer_structure`), in place: the
+    ``nn.Linear`` / ``nn.Embedding`` at each name becomes a freshly initialised layer of the recorded structure,
+    on its device and dtype; a tied projection shares its embedding's new factors. A module that already has the
+    recorded structure is kept. Every new layer is built before any is swapped, so a failure leaves ``model``
+    untouched.
 
     Returns:
         ``model``.
 
     Raises:
-        ValueError: for a name that ``model`` lacks, a module there that is neither an ``nn.Linear`` nor a layer
-            of the recorded structure, a linear of other features or bias, or an invalid structure entry.
+        ValueError: for a name that ``model`` lacks, a module there of another kind or size, or an invalid
+            structure entry.
     """
     modules = dict(model.named_modules())
+    built: dict[str, nn.Module] = {}  # name -> the module it will hold
     swaps = []
-    for name, spec in structure.items():
-        try:
-            method, options = spec["method"], dict(spec["options"])
-            in_features, out_features, bias = spec["in_features"], spec["out_features"], bool(spec["bias"])
-        except (KeyError, TypeError) as error:
-            raise ValueError(f"invalid structure entry for layer {name!r}: {spec!r} ({error!r} missing)") from None
-        if method not in METHODS:
-            raise ValueError(f"layer {name!r}: unknown method {method!r}; known: {', '.join(METHODS)}")
+    ordered = sorted(structure.items(), key=lambda item: not isinstance(item[1], dict) or "tied_to" in item[1])
+    for name, spec in ordered:  # tables before the projections tied to them
+        if not isinstance(spec, dict) or "method" not in spec:
+            raise ValueError(f"invalid structure entry for layer {name!r}: {spec!r}")
         module = modules.get(name)
         if module is None:
             raise ValueError(f"the model has no module {name!r} (the saved model's architecture differs)")
-        if isinstance(module, COMPRESSED_LAYERS) and layer_spec(module) == spec:
+        if _current_spec(module, modules) == spec:
+            built[name] = module
             continue
-        if not isinstance(module, nn.Linear):
-            raise ValueError(
-                f"module {name!r} is a {type(module).__name__}; expected nn.Linear or a {method!r} layer like the "
-                "saved one"
-            )
-        found = (module.in_features, module.out_features, module.bias is not None)
-        if found != (in_features, out_features, bias):
-            raise ValueError(
-                f"module {name!r} is nn.Linear(in={found[0]}, out={found[1]}, bias={found[2]}) but the saved layer "
-                f"is {in_features}->{out_features}, bias={bias}"
-            )
-        factory = {"device": module.weight.device, "dtype": module.weight.dtype}
-        try:
-            layer = METHODS[method](in_features, out_features, bias, **factory, **options)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"layer {name!r}: cannot build {method!r} with options {options}: {error}") from None
+        if spec["method"] == EMBEDDING_METHOD:
+            layer = _new_embedding(name, module, spec)
+        else:
+            layer = _new_linear(name, module, spec)
+        if "tied_to" in spec:
+            table = built.get(spec["tied_to"])
+            if not isinstance(layer, LowRankLinear) or not isinstance(table, LowRankEmbedding):
+                raise ValueError(f"layer {name!r} is tied to {spec['tied_to']!r}, which is not a low-rank embedding")
+            if (table.left.shape, table.right.shape) != (layer.left.shape, layer.right.shape):
+                raise ValueError(f"layer {name!r} does not fit the factors of {spec['tied_to']!r} it is tied to")
+            layer.left, layer.right = table.left, table.right
+        built[name] = layer
         swaps.append((module, layer))
     aliases = module_aliases(model)
     for module, layer in swaps:

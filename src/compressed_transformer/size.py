@@ -8,7 +8,9 @@ Conventions (documented in the README):
 * **bytes**: parameters times the element size, plus, for sparse layers, the index cost of a CSR layout:
   one column index per nonzero and ``out_features + 1`` row pointers, int32 when every index fits, else int64.
 * **compression ratio** = dense size / compressed size, where the dense size counts every compressed layer as
-  the ``nn.Linear`` it replaces (``in * out`` weights plus ``out`` biases).
+  the ``nn.Linear`` it replaces (``in * out`` weights plus ``out`` biases), and a low-rank embedding as the full
+  table. A tied output projection that shares a low-rank table's factors adds only its bias, as the tied dense
+  projection added nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import COMPRESSED_LAYERS, PrunedLinear, SparseVDLinear
+from .layers import COMPRESSED_EMBEDDINGS, COMPRESSED_LAYERS, LowRankEmbedding, PrunedLinear, SparseVDLinear
 
 __all__ = ["compression_ratio", "dense_bytes", "dense_params", "stored_bytes", "stored_params"]
 
@@ -44,12 +46,16 @@ def _walk(
     if id(module) in seen:
         return 0, 0
     seen.add(id(module))
-    if isinstance(module, COMPRESSED_LAYERS):
-        seen.update(id(p) for p in module.parameters())
-        if dense_linear:
-            n = module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)
-            element = next(module.parameters()).element_size()
+    if isinstance(module, COMPRESSED_LAYERS + COMPRESSED_EMBEDDINGS):
+        params = list(module.parameters())
+        element = params[0].element_size()
+        shared = [p for p in params if id(p) in seen]
+        seen.update(id(p) for p in params)
+        if shared:  # factors of a table counted already (a tied output projection): the rest alone counts
+            n = sum(p.numel() for p in params if id(p) not in {id(s) for s in shared})
             return n, n * element
+        if dense_linear:
+            return _dense_numel(module), _dense_numel(module) * element
         return leaf_params(module), leaf_bytes(module)
     params = nbytes = 0
     for p in module.parameters(recurse=False):
@@ -60,6 +66,13 @@ def _walk(
         p, b = _walk(child, leaf_params, leaf_bytes, dense_linear, seen)
         params, nbytes = params + p, nbytes + b
     return params, nbytes
+
+
+def _dense_numel(module: nn.Module) -> int:
+    """Entries of the dense module a compressed one replaces (``nn.Linear`` weight and bias, or the table)."""
+    if isinstance(module, LowRankEmbedding):
+        return module.num_embeddings * module.embedding_dim
+    return module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)
 
 
 def _stored_layer_bytes(module: nn.Module) -> int:

@@ -1,4 +1,5 @@
-"""Drop-in replacements for ``nn.Linear``: TT, Tucker, low-rank (SVD), magnitude-pruned and Sparse VD layers.
+"""Drop-in replacements for ``nn.Linear``: TT, Tucker, low-rank (SVD), magnitude-pruned and Sparse VD layers; and
+for ``nn.Embedding``: a low-rank table.
 
 Every layer takes ``(in_features, out_features, bias=True, *, <method options>, device=None, dtype=None)``, maps
 ``(..., in_features)`` to ``(..., out_features)``, has ``from_linear(linear, *, ...)`` to initialise it from a
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .embedding import LowRankEmbedding
 from .low_rank import LowRankLinear
 from .pruned import PrunedLinear
 from .sparse_vd import SparseVDLinear, model_kl
@@ -18,8 +20,10 @@ from .tt import TTLinear
 from .tucker import TuckerLinear
 
 __all__ = [
+    "COMPRESSED_EMBEDDINGS",
     "COMPRESSED_LAYERS",
     "METHODS",
+    "LowRankEmbedding",
     "LowRankLinear",
     "PrunedLinear",
     "SparseVDLinear",
@@ -40,6 +44,8 @@ METHODS: dict[str, type[nn.Module]] = {
     "svd-o": SparseVDLinear,
 }
 COMPRESSED_LAYERS = tuple(METHODS.values())
+# Replacements for ``nn.Embedding`` (``compress_embeddings_``).
+COMPRESSED_EMBEDDINGS = (LowRankEmbedding,)
 
 
 def method_of(layer: nn.Module) -> str:

@@ -22,12 +22,13 @@ lowercased 13a-tokenised BLEU on a 0-1 scale, comparable with the seed's figures
 (for IWSLT'14 in fairseq's prepared layout the references are already tokenised and are not re-tokenised).
 """
 
+from ...layers import LowRankEmbedding
 from .budgets import BUDGETS, Budget, Schedule, StudyConfig
 from .budgets import _budget as _budget
 from .cli import config_from_args as config_from_args
 from .cli import main as main
 from .cli import register
-from .compression import LowRankEmbedding, factorize_embeddings_, row_prepare
+from .compression import factorize_embeddings_, row_prepare
 from .report import format_table, plot_bleu_vs_ratio, write_outputs
 from .rows import (
     ATTENTION_PROJECTIONS,
