@@ -21,6 +21,7 @@ from compressed_transformer.studies.translation import (
     LowRankEmbedding,
     StudyConfig,
     describe_blocks,
+    factorize_embeddings_,
     load_row_model,
     row_model_config,
     row_train_config,
@@ -109,6 +110,20 @@ def test_low_rank_embedding_matches_truncated_svd() -> None:
     assert torch.count_nonzero(low.weight[0]) == 0  # the padding row stays zero
     with pytest.raises(ValueError, match="rank"):
         LowRankEmbedding(20, 8, rank=9)
+
+
+def test_tied_logits_of_a_low_rank_table_go_through_its_factors() -> None:
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny")).double()
+    factorize_embeddings_(model, rank=4)
+    hidden = torch.randn(3, 5, model.config.d_model, dtype=torch.float64, requires_grad=True)
+    logits = model.logits(hidden)
+    expected = torch.nn.functional.linear(hidden, model.tgt_embed.left @ model.tgt_embed.right)
+    torch.testing.assert_close(logits, expected)
+    grads = torch.autograd.grad(logits.square().sum(), [hidden, model.tgt_embed.left, model.tgt_embed.right])
+    want = torch.autograd.grad(expected.square().sum(), [hidden, model.tgt_embed.left, model.tgt_embed.right])
+    for got, ref in zip(grads, want, strict=True):
+        torch.testing.assert_close(got, ref)
 
 
 def test_tiny_study_end_to_end_then_skips_finished_rows(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..functional.matmul import matmul
+from ..functional.matmul import low_rank_linear, matmul
 from ..functional.svd import truncated_svd
 
 __all__ = ["LowRankEmbedding"]
@@ -100,6 +100,16 @@ class LowRankEmbedding(nn.Module):
         """The represented table (computed, not stored), so code reading ``.weight`` (a tied output projection)
         keeps working."""
         return self.to_dense()
+
+    def attend(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden @ E^T``, the logits of a tied output projection, through the factors: ``(hidden right^T)
+        left^T`` costs ``rank (embedding_dim + num_embeddings)`` multiply-adds per vector instead of
+        ``embedding_dim num_embeddings``, and never builds the table.
+
+        Shape:
+            ``(..., embedding_dim)`` -> ``(..., num_embeddings)``.
+        """
+        return low_rank_linear(hidden, self.left, self.right)
 
     def num_stored_params(self) -> int:
         """``rank * (num_embeddings + embedding_dim)``."""

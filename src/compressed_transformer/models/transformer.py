@@ -503,6 +503,8 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``(..., d) -> (..., vocab)``."""
+        if self.output is None and hasattr(self.tgt_embed, "attend"):  # a LowRankEmbedding: through its factors
+            return self.tgt_embed.attend(hidden)
         if self.output is None:
             return F.linear(hidden, self.tgt_embed.weight)
         return self.output(hidden)
