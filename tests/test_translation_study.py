@@ -28,6 +28,7 @@ from compressed_transformer.studies.translation import (
     rows_for,
 )
 from compressed_transformer.studies.translation.cli import config_from_args
+from compressed_transformer.train.checkpoint import export_model, load_checkpoint, load_model
 
 DE = ["ein", "zwei", "drei", "vier", "fünf", "hund", "katze", "maus", "haus", "baum"]
 EN = ["one", "two", "three", "four", "five", "dog", "cat", "mouse", "house", "tree"]
@@ -159,6 +160,14 @@ def test_tiny_study_end_to_end_then_skips_finished_rows(tmp_path: Path, capsys: 
     for name in ("tt-all", "tt-all+attn+emb"):
         model, _ = load_row_model(study, name)
         assert parameter_report(model)["total"] == rows[name]["params"]
+    # the checkpoint carries its compressed layers, so the generic loader (translate eval / export) rebuilds the
+    # attention + embedding row without the study's help, and export round-trips it
+    checkpoint = out / "rows" / "tt-all+attn+emb" / "checkpoint_best.pt"
+    generic = load_model(load_checkpoint(checkpoint)).eval()
+    exported = load_model(load_checkpoint(export_model(load_checkpoint(checkpoint), tmp_path / "exported"))).eval()
+    for key, value in model.state_dict().items():
+        assert torch.equal(generic.state_dict()[key], value) and torch.equal(exported.state_dict()[key], value), key
+    assert type(exported.src_embed).__name__ == "LowRankEmbedding" and exported.tgt_embed is exported.src_embed
     assert original["params"] / rows["tt-all"]["params"] == pytest.approx(rows["tt-all"]["ratio"])
     with torch.device("meta"):
         dense = Transformer(preset("tiny", vocab_size=model.config.vocab_size))

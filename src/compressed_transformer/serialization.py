@@ -124,18 +124,16 @@ def _current_spec(module: nn.Module, modules: dict[str, nn.Module]) -> dict[str,
 
 def _new_embedding(name: str, module: nn.Module, spec: dict[str, Any]) -> LowRankEmbedding:
     num, dim, padding_idx, options = _fields(name, spec, ("num_embeddings", "embedding_dim", "padding_idx"))
-    if type(module) is not nn.Embedding:
-        raise ValueError(
-            f"module {name!r} is a {type(module).__name__}; expected nn.Embedding or a low-rank embedding like the "
-            "saved one"
-        )
+    if type(module) is not nn.Embedding and not isinstance(module, LowRankEmbedding):
+        raise ValueError(f"module {name!r} is a {type(module).__name__}; expected nn.Embedding or a low-rank embedding")
     found = (module.num_embeddings, module.embedding_dim, module.padding_idx)
     if found != (num, dim, padding_idx):
         raise ValueError(
             f"module {name!r} is nn.Embedding({found[0]}, {found[1]}, padding_idx={found[2]}) but the saved table "
             f"is {num}x{dim}, padding_idx={padding_idx}"
         )
-    factory = {"device": module.weight.device, "dtype": module.weight.dtype}
+    first = next(module.parameters())
+    factory = {"device": first.device, "dtype": first.dtype}
     try:
         return LowRankEmbedding(num, dim, padding_idx=padding_idx, **factory, **options)
     except (TypeError, ValueError) as error:
@@ -147,17 +145,16 @@ def _new_linear(name: str, module: nn.Module, spec: dict[str, Any]) -> nn.Module
     method = spec["method"]
     if method not in METHODS:
         raise ValueError(f"layer {name!r}: unknown method {method!r}; known: {', '.join([*METHODS, EMBEDDING_METHOD])}")
-    if not isinstance(module, nn.Linear):
-        raise ValueError(
-            f"module {name!r} is a {type(module).__name__}; expected nn.Linear or a {method!r} layer like the saved one"
-        )
+    if not isinstance(module, (nn.Linear, *COMPRESSED_LAYERS)):
+        raise ValueError(f"module {name!r} is a {type(module).__name__}; expected nn.Linear or a compressed layer")
     found = (module.in_features, module.out_features, module.bias is not None)
     if found != (in_features, out_features, bool(bias)):
         raise ValueError(
-            f"module {name!r} is nn.Linear(in={found[0]}, out={found[1]}, bias={found[2]}) but the saved layer "
-            f"is {in_features}->{out_features}, bias={bias}"
+            f"module {name!r} is {type(module).__name__}(in={found[0]}, out={found[1]}, bias={found[2]}) but the "
+            f"saved layer is {in_features}->{out_features}, bias={bias}"
         )
-    factory = {"device": module.weight.device, "dtype": module.weight.dtype}
+    first = next(module.parameters())
+    factory = {"device": first.device, "dtype": first.dtype}
     try:
         return METHODS[method](in_features, out_features, bool(bias), **factory, **options)
     except (TypeError, ValueError) as error:
@@ -166,10 +163,10 @@ def _new_linear(name: str, module: nn.Module, spec: dict[str, Any]) -> nn.Module
 
 def restructure_(model: nn.Module, structure: dict[str, dict[str, Any]]) -> nn.Module:
     """Give ``model`` the compressed layers of ``structure`` (see :func:`layer_structure`), in place: the
-    ``nn.Linear`` / ``nn.Embedding`` at each name becomes a freshly initialised layer of the recorded structure,
-    on its device and dtype; a tied projection shares its embedding's new factors. A module that already has the
-    recorded structure is kept. Every new layer is built before any is swapped, so a failure leaves ``model``
-    untouched.
+    ``nn.Linear`` / ``nn.Embedding`` (or compressed layer of another structure) at each name becomes a freshly
+    initialised layer of the recorded structure, on its device and dtype; a tied projection shares its embedding's
+    new factors. A module that already has the recorded structure is kept. Every new layer is built before any is
+    swapped, so a failure leaves ``model`` untouched.
 
     Returns:
         ``model``.

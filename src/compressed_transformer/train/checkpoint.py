@@ -1,7 +1,9 @@
 """Atomic checkpoints that carry everything needed to rebuild the model and resume the run.
 
 A checkpoint is a ``torch.save`` dict with ``model_config`` (a :class:`TransformerConfig` as a dict, FFN spec included),
-``model`` (state dict of the unwrapped model), ``tokenizer`` (sentencepiece model bytes), and, for training
+``model`` (state dict of the unwrapped model), ``structure`` (its compressed layers, see
+:func:`compressed_transformer.serialization.layer_structure`: what the config cannot describe, such as low-rank
+attention projections or embeddings), ``tokenizer`` (sentencepiece model bytes), and, for training
 checkpoints, ``train_config``, ``optimizer``, ``scheduler``, ``rng`` and ``position`` (epoch, step in epoch, global
 step) plus ``best_bleu``.
 
@@ -141,6 +143,10 @@ def load_model(state: dict[str, Any], device: str | torch.device = "cpu") -> Tra
         from compressed_transformer.serialization import load_compressed_
 
         return load_compressed_(model, state["weights_file"]).to(device)
+    if state.get("structure"):  # compressed layers beyond the config's FFN spec (e.g. attention, embeddings)
+        from compressed_transformer.serialization import restructure_
+
+        restructure_(model, state["structure"])
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:

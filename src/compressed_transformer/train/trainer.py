@@ -43,6 +43,7 @@ from compressed_transformer.models.transformer import (
     parameter_report,
 )
 from compressed_transformer.provenance import git_revision
+from compressed_transformer.serialization import layer_structure
 from compressed_transformer.train import distributed
 from compressed_transformer.train.checkpoint import (
     capture_rng,
@@ -396,11 +397,14 @@ def _train(
         report = parameter_report(model)
         log(f"parameters: {report}; compression ratio vs dense: {compression_ratio(model_config, model)}")
 
+    structure = layer_structure(model)
+
     def state(position: dict[str, int]) -> dict[str, Any]:
         return {
             "model_config": model_config.to_dict(),
             "train_config": cfg.to_dict(),
             "model": model.state_dict(),
+            "structure": structure,  # compressed layers the config does not describe (attention, embeddings)
             "tokenizer": tokenizer.model_proto,
             "optimizer": optimizer.state_dict(),
             "scheduler": schedule.state_dict(),
