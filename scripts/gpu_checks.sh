@@ -2,9 +2,10 @@
 # Everything this project checks on a CUDA machine, in one go (about 3 minutes on one H200):
 #   1. the CUDA tests (every fast path in f32/bf16 against float64, autocast, inductor, beam search);
 #   2. the benchmark, eager, whole grid with the Transformer rows;
-#   3. the benchmark's compiled subset (inductor) at the FFN shapes.
+#   3. the benchmark's compiled subset (inductor) at the FFN shapes;
+#   4. the whole-Transformer step compiled with CUDA graphs (reduce-overhead) at 128x32 tokens per step.
 #
-#   scripts/gpu_checks.sh OUT_DIR        (writes OUT_DIR/{tests.log,bench-cuda/,bench-cuda-compiled/})
+#   scripts/gpu_checks.sh OUT_DIR        (writes OUT_DIR/{tests.log,bench-cuda/,bench-cuda-compiled/,bench-cuda-graphs/})
 #
 # Run from the repository root with the package importable (pip install -e ., or PYTHONPATH=src).
 set -uo pipefail
@@ -24,4 +25,8 @@ timeout 600 "$python" -m compressed_transformer bench --compile on --shapes 512x
     --tokens 1,512,4096,16384 --layers dense,tt-r2,tt-r8,tucker-r2,svd-r64,prune-0.9 --no-transformer \
     --out "$out/bench-cuda-compiled" >"$out/bench-cuda-compiled.log" 2>&1 || status=1
 tail -16 "$out/bench-cuda-compiled.log"
+timeout 600 "$python" -m compressed_transformer bench --compile on --compile-mode reduce-overhead \
+    --transformer-batch 128 --layers dense --shapes 512x2048 --tokens 1 \
+    --out "$out/bench-cuda-graphs" >"$out/bench-cuda-graphs.log" 2>&1 || status=1
+tail -8 "$out/bench-cuda-graphs.log"
 exit $status
