@@ -139,6 +139,7 @@ ROW_NAMES: dict[str, tuple[str, ...]] = {
         "svd-o-all",
         "tt-all-convert",
         "tt-all+attn",
+        "tt-all+emb",
         "tt-all+attn+emb",
     ),
     "iwslt14": ("original", "tt-all", "tt-1/2", "tucker-all"),
@@ -203,6 +204,12 @@ def rows_for(dataset: str, base: TransformerConfig) -> dict[str, Row]:
             FFNSpec("tt", tt, "all"),
             attention=attention,
             note="TT FFNs and low-rank attention projections, from scratch",
+        ),
+        Row(
+            "tt-all+emb",
+            FFNSpec("tt", tt, "all"),
+            embed_rank=side_rank,
+            note="TT FFNs and a low-rank embedding/output table (attention dense), from scratch",
         ),
         Row(
             "tt-all+attn+emb",
