@@ -18,9 +18,10 @@ class LowRankEmbedding(nn.Module):
     """An embedding table of rank ``r``: ``E = left @ right`` with ``left`` ``(num_embeddings, r)`` and ``right``
     ``(r, embedding_dim)``, the factorised embedding of ALBERT (Lan et al. 2020, https://arxiv.org/abs/1909.11942).
 
-    A lookup costs ``r * embedding_dim`` multiply-adds per token; ``weight`` rebuilds the full table (for a tied
-    output projection). Stores ``r * (num_embeddings + embedding_dim)`` parameters instead of
-    ``num_embeddings * embedding_dim``.
+    A lookup costs ``r * embedding_dim`` multiply-adds per token; :meth:`attend` gives the logits of a tied output
+    projection through the factors, and ``weight`` rebuilds the full table for code that reads it. Stores
+    ``r * (num_embeddings + embedding_dim)`` parameters instead of ``num_embeddings * embedding_dim``. Replace a
+    model's tables with :func:`~compressed_transformer.compress.compress_embeddings_`.
 
     Args:
         num_embeddings: vocabulary size.
