@@ -264,8 +264,8 @@ def _load_row_model(row: Row, state: dict[str, Any], device: torch.device | str 
 def load_row_model(study: StudyConfig, row: str, checkpoint: str | Path | None = None) -> tuple[Transformer, Tokenizer]:
     """Rebuild a row's trained model (in eval mode) and tokenizer from its checkpoint (default: its best).
 
-    Rows that compress attention projections or embeddings need this (``translate eval`` rebuilds a checkpoint from
-    its model config alone, which describes only the FFN blocks).
+    Works for every checkpoint of the study; checkpoints without a ``structure`` entry (written before it existed)
+    need it for rows that compress attention projections or embeddings, which the model config does not describe.
 
     Raises:
         ValueError: for a row the study does not have.
