@@ -150,7 +150,13 @@ def load_model(state: dict[str, Any], device: str | torch.device = "cpu") -> Tra
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:
-        raise ValueError(f"checkpoint weights do not match its model config: {error}") from error
+        hint = (
+            ""
+            if "structure" in state
+            else " (a study row with low-rank attention or embeddings, saved before checkpoints recorded their "
+            "compressed layers, loads with compressed_transformer.studies.translation.load_row_model)"
+        )
+        raise ValueError(f"checkpoint weights do not match its model config{hint}: {error}") from error
     return model.to(device)
 
 
