@@ -49,7 +49,7 @@ def test_bench_writes_rows_table_and_plot(tmp_path) -> None:
             assert r["ratio_to_dense"] == 1.0 and r["macs"] == (3 if r["pass"] == "train" else 1) * r["tokens"] * 512
     model_rows = [r for r in saved["rows"] if r["layer"].startswith("transformer-")]
     assert {(r["ffn"], r["pass"]) for r in model_rows} == {
-        (f, p) for f in ("dense", "tt", "tucker") for p in ("train", "greedy", "beam")
+        (f, p) for f in ("dense", "tt", "tucker", "tt+emb") for p in ("train", "greedy", "beam")
     }
 
 
@@ -108,6 +108,10 @@ def test_transformer_variants_swap_every_ffn_linear() -> None:
         kinds = {type(m).__name__ for n, m in model.named_modules() if n.endswith(("ffn.fc1", "ffn.fc2"))}
         assert kinds == {cls}
         assert isinstance(model, nn.Module)
+    model = bench.build_transformer("tt+emb", spec, torch.device("cpu"), torch.float32)
+    assert type(model.src_embed).__name__ == "LowRankEmbedding" and model.tgt_embed is model.src_embed
+    with pytest.raises(ValueError, match="unknown transformer variant 'tucker\\+emb'"):
+        bench.build_transformer("tucker+emb", spec, torch.device("cpu"), torch.float32)
 
 
 def test_clock_choice_follows_device_and_threads(monkeypatch) -> None:

@@ -492,26 +492,35 @@ def bench_layers(
 # --- whole Transformer ----------------------------------------------------------------------------------------------
 
 
+TRANSFORMER_VARIANTS = ("dense", "tt", "tucker", "tt+emb")
+
+
 def build_transformer(variant: str, spec: TransformerBench, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The benchmark Transformer with every FFN linear ``dense``, ``tt`` or ``tucker`` (the model's own
-    :class:`~compressed_transformer.models.transformer.FFNSpec`, as the translation study builds it).
+    :class:`~compressed_transformer.models.transformer.FFNSpec`, as the translation study builds it); ``tt+emb``:
+    TT FFNs and the shared embedding / tied output table low-rank, rank ``d_model / 4`` (the study's ``tt-all+emb``).
 
     Raises:
         ValueError: for an unknown variant.
     """
+    from .compress import compress_embeddings_
     from .models.transformer import FFNSpec, Transformer, preset
 
     options = {"dense": {}, "tt": {"ranks": list(spec.tt_ranks)}, "tucker": {"ranks": spec.tucker_ranks}}
-    if variant not in options:
-        raise ValueError(f"unknown transformer variant {variant!r}; use dense, tt or tucker")
+    method, low_rank_table = variant.removesuffix("+emb"), variant.endswith("+emb")
+    if method not in options or (low_rank_table and method != "tt"):
+        raise ValueError(f"unknown transformer variant {variant!r}; use {', '.join(TRANSFORMER_VARIANTS)}")
     torch.manual_seed(0)
     config = preset(
         spec.preset,
         vocab_size=spec.vocab_size,
         max_positions=max(1024, 2 * spec.length),
-        ffn=FFNSpec(variant, options[variant]),
+        ffn=FFNSpec(method, options[method]),
     )
-    return Transformer(config).to(device=device, dtype=dtype)
+    model = Transformer(config)
+    if low_rank_table:
+        compress_embeddings_(model, rank=max(1, config.d_model // 4), filter=r"^(src|tgt)_embed$")
+    return model.to(device=device, dtype=dtype)
 
 
 def _greedy(model: nn.Module, src: torch.Tensor, steps: int) -> torch.Tensor:
@@ -556,7 +565,7 @@ def bench_transformer(
     """Rows of the whole-model part: a training step, a greedy and a beam decoding pass per variant."""
     from .size import stored_params
 
-    variants = ("dense", "tt", "tucker")
+    variants = TRANSFORMER_VARIANTS
     gen = torch.Generator().manual_seed(1)
     src = torch.randint(4, spec.vocab_size, (spec.batch, spec.length), generator=gen).to(device)
     tgt = torch.randint(4, spec.vocab_size, (spec.batch, spec.length + 1), generator=gen).to(device)
@@ -708,7 +717,7 @@ def markdown(result: dict) -> str:
             "| FFN | params | train step ms | ratio | greedy ms | ratio | beam ms | ratio |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for ffn in ("dense", "tt", "tucker"):
+        for ffn in TRANSFORMER_VARIANTS:
             by_pass = {r["pass"]: r for r in model_rows if r["ffn"] == ffn}
             if not by_pass:
                 continue
