@@ -21,8 +21,10 @@ Tied parameters (e.g. a shared embedding and output projection) are stored once,
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -90,6 +92,11 @@ def layer_structure(model: nn.Module) -> dict[str, dict[str, Any]]:
     module shared by several parents appears under its first name). A low-rank linear layer that shares its factors
     with a low-rank embedding (a tied output projection, see :func:`~compressed_transformer.compress.
     compress_embeddings_`) has ``"tied_to"``: the embedding's name."""
+    return dict(_structure_by_module(model).values())
+
+
+def _structure_by_module(model: nn.Module) -> dict[int, tuple[str, dict[str, Any]]]:
+    """``{id(module): (name, spec)}`` of :func:`layer_structure`."""
     named = [(n, m) for n, m in model.named_modules() if isinstance(m, COMPRESSED_LAYERS + COMPRESSED_EMBEDDINGS)]
     tables = {id(m.left): n for n, m in named if isinstance(m, LowRankEmbedding)}
     structure = {}
@@ -97,7 +104,7 @@ def layer_structure(model: nn.Module) -> dict[str, dict[str, Any]]:
         spec = layer_spec(module)
         if isinstance(module, LowRankLinear) and id(module.left) in tables:
             spec["tied_to"] = tables[id(module.left)]
-        structure[name] = spec
+        structure[id(module)] = (name, spec)
     return structure
 
 
@@ -108,18 +115,13 @@ def _fields(name: str, spec: Any, keys: tuple[str, ...]) -> tuple:
         raise ValueError(f"invalid structure entry for layer {name!r}: {spec!r} ({error!r} missing)") from None
 
 
-def _current_spec(module: nn.Module, modules: dict[str, nn.Module]) -> dict[str, Any] | None:
-    """``layer_spec`` of ``module`` as :func:`layer_structure` would record it, or ``None`` if it is not
-    compressed."""
-    if not isinstance(module, COMPRESSED_LAYERS + COMPRESSED_EMBEDDINGS):
-        return None
-    spec = layer_spec(module)
-    if isinstance(module, LowRankLinear):
-        for other_name, other in modules.items():
-            if isinstance(other, LowRankEmbedding) and other.left is module.left:
-                spec["tied_to"] = other_name
-                break
-    return spec
+def _build(name: str, module: nn.Module, what: str, build: Callable[..., nn.Module]) -> nn.Module:
+    """``build(device=, dtype=)`` on ``module``'s device and dtype; its errors name the layer and ``what``."""
+    first = next(module.parameters())
+    try:
+        return build(device=first.device, dtype=first.dtype)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"layer {name!r}: cannot build {what}: {error}") from None
 
 
 def _new_embedding(name: str, module: nn.Module, spec: dict[str, Any]) -> LowRankEmbedding:
@@ -132,12 +134,8 @@ def _new_embedding(name: str, module: nn.Module, spec: dict[str, Any]) -> LowRan
             f"module {name!r} is nn.Embedding({found[0]}, {found[1]}, padding_idx={found[2]}) but the saved table "
             f"is {num}x{dim}, padding_idx={padding_idx}"
         )
-    first = next(module.parameters())
-    factory = {"device": first.device, "dtype": first.dtype}
-    try:
-        return LowRankEmbedding(num, dim, padding_idx=padding_idx, **factory, **options)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"layer {name!r}: cannot build a low-rank embedding with {options}: {error}") from None
+    build = functools.partial(LowRankEmbedding, num, dim, padding_idx=padding_idx, **options)
+    return _build(name, module, f"a low-rank embedding with {options}", build)
 
 
 def _new_linear(name: str, module: nn.Module, spec: dict[str, Any]) -> nn.Module:
@@ -153,12 +151,8 @@ def _new_linear(name: str, module: nn.Module, spec: dict[str, Any]) -> nn.Module
             f"module {name!r} is {type(module).__name__}(in={found[0]}, out={found[1]}, bias={found[2]}) but the "
             f"saved layer is {in_features}->{out_features}, bias={bias}"
         )
-    first = next(module.parameters())
-    factory = {"device": first.device, "dtype": first.dtype}
-    try:
-        return METHODS[method](in_features, out_features, bool(bias), **factory, **options)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"layer {name!r}: cannot build {method!r} with options {options}: {error}") from None
+    build = functools.partial(METHODS[method], in_features, out_features, bool(bias), **options)
+    return _build(name, module, f"{method!r} with options {options}", build)
 
 
 def restructure_(model: nn.Module, structure: dict[str, dict[str, Any]]) -> nn.Module:
@@ -176,6 +170,7 @@ def restructure_(model: nn.Module, structure: dict[str, dict[str, Any]]) -> nn.M
             structure entry.
     """
     modules = dict(model.named_modules())
+    current = _structure_by_module(model)
     built: dict[str, nn.Module] = {}  # name -> the module it will hold
     swaps = []
     ordered = sorted(structure.items(), key=lambda item: not isinstance(item[1], dict) or "tied_to" in item[1])
@@ -185,7 +180,7 @@ def restructure_(model: nn.Module, structure: dict[str, dict[str, Any]]) -> nn.M
         module = modules.get(name)
         if module is None:
             raise ValueError(f"the model has no module {name!r} (the saved model's architecture differs)")
-        if _current_spec(module, modules) == spec:
+        if id(module) in current and current[id(module)][1] == spec:
             built[name] = module
             continue
         if spec["method"] == EMBEDDING_METHOD:

@@ -49,10 +49,10 @@ def _walk(
     if isinstance(module, COMPRESSED_LAYERS + COMPRESSED_EMBEDDINGS):
         params = list(module.parameters())
         element = params[0].element_size()
-        shared = [p for p in params if id(p) in seen]
+        shared = {id(p) for p in params} & seen
         seen.update(id(p) for p in params)
         if shared:  # factors of a table counted already (a tied output projection): the rest alone counts
-            n = sum(p.numel() for p in params if id(p) not in {id(s) for s in shared})
+            n = sum(p.numel() for p in params if id(p) not in shared)
             return n, n * element
         if dense_linear:
             return _dense_numel(module), _dense_numel(module) * element

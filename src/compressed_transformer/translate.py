@@ -243,8 +243,8 @@ def _export(args: argparse.Namespace) -> int:
     from compressed_transformer.train.checkpoint import export_model, load_checkpoint, load_model
 
     state = load_checkpoint(args.checkpoint)
-    weights = export_model(state, args.out)
     model = load_model(state)
+    weights = export_model(state, args.out, model)
     print(
         json.dumps(
             {

@@ -72,10 +72,11 @@ EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_TOKENIZER = "spm.model"
 
 
-def export_model(state: dict[str, Any], out_dir: str | Path) -> Path:
+def export_model(state: dict[str, Any], out_dir: str | Path, model: Transformer | None = None) -> Path:
     """Write the model of checkpoint ``state`` to ``out_dir``: ``model.safetensors`` (weights, compressed-layer
     structure, model config as JSON under the header key ``model_config``) and ``spm.model``. Optimiser and
-    training state are left out. Returns the weights file.
+    training state are left out. Returns the weights file. ``model``: ``load_model(state)`` if the caller has
+    built it already.
 
     Raises:
         ValueError: if the weights do not fit the checkpoint's model config.
@@ -84,7 +85,7 @@ def export_model(state: dict[str, Any], out_dir: str | Path) -> Path:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = load_model(state)
+    model = load_model(state) if model is None else model
     weights = out / EXPORT_WEIGHTS
     save_compressed(model, weights, metadata={"model_config": json.dumps(state["model_config"], sort_keys=True)})
     (out / EXPORT_TOKENIZER).write_bytes(bytes(state["tokenizer"]))
