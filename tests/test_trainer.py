@@ -254,3 +254,54 @@ def test_write_atomic_replaces_whole_files_only(tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["result.json"]  # no temporary left behind
     write_text_atomic(path, "new ü")
     assert path.read_text(encoding="utf-8") == "new ü"
+
+
+def test_keep_checkpoints_and_their_average(tmp_path: Path) -> None:
+    from compressed_transformer.train.checkpoint import average_checkpoints, step_checkpoints
+
+    data = write_corpus(tmp_path / "data")
+    run = tmp_path / "run"
+    train(model_config(), config(data, run, max_steps=10, eval_every=2, keep_checkpoints=3))
+    kept = step_checkpoints(run)
+    assert [p.name for p in kept] == ["checkpoint_step6.pt", "checkpoint_step8.pt", "checkpoint_step10.pt"]
+    states = [load_checkpoint(p) for p in kept]
+    assert "optimizer" not in states[0] and states[-1]["position"]["global_step"] == 10
+    last = load_checkpoint(run / "checkpoint_last.pt")
+    for name, value in last["model"].items():  # the step-10 file holds the final weights
+        torch.testing.assert_close(states[-1]["model"][name], value, rtol=0, atol=0, msg=name)
+
+    average = average_checkpoints(states)
+    assert average["averaged_steps"] == [6, 8, 10]
+    for name, value in average["model"].items():
+        expected = sum(s["model"][name].double() for s in states) / 3
+        torch.testing.assert_close(value, expected.to(value.dtype), msg=name)
+    assert not torch.equal(average["model"]["tgt_embed.weight"], states[-1]["model"]["tgt_embed.weight"])
+    model = load_model(average)  # loads as the run's model and translates
+    translate(model, Tokenizer(average["tokenizer"]), ["ein hund"], beam=1)
+    single = average_checkpoints(states[-1:])
+    for name, value in single["model"].items():
+        torch.testing.assert_close(value, states[-1]["model"][name], rtol=0, atol=0)
+
+
+def test_average_checkpoints_rejects_different_models(tmp_path: Path) -> None:
+    from compressed_transformer.train.checkpoint import average_checkpoints
+
+    data = write_corpus(tmp_path / "data")
+    train(model_config(), config(data, tmp_path / "a", max_steps=2))
+    train(model_config(d_ff=48), config(data, tmp_path / "b", max_steps=2))
+    a, b = (load_checkpoint(tmp_path / run / "checkpoint_last.pt") for run in ("a", "b"))
+    with pytest.raises(ValueError, match="at least one"):
+        average_checkpoints([])
+    with pytest.raises(ValueError, match="different model_config"):
+        average_checkpoints([a, b])
+    changed = {**a, "model": {**a["model"], "extra.weight": torch.zeros(2)}}
+    with pytest.raises(ValueError, match="different parameters"):
+        average_checkpoints([a, changed])
+    mask = {**a, "model": {**a["model"], "mask": torch.tensor([1, 0])}}
+    other = {**a, "model": {**a["model"], "mask": torch.tensor([0, 1])}}
+    with pytest.raises(ValueError, match=r"'mask'.*cannot be averaged"):
+        average_checkpoints([mask, other])
+    same = average_checkpoints([mask, mask])
+    assert torch.equal(same["model"]["mask"], torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="keep_checkpoints must be >= 0"):
+        config(data, tmp_path / "c", max_steps=2, keep_checkpoints=-1)

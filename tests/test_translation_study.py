@@ -28,7 +28,7 @@ from compressed_transformer.studies.translation import (
     rows_for,
 )
 from compressed_transformer.studies.translation.cli import config_from_args
-from compressed_transformer.train.checkpoint import export_model, load_checkpoint, load_model
+from compressed_transformer.train.checkpoint import export_model, load_checkpoint, load_model, step_checkpoints
 
 DE = ["ein", "zwei", "drei", "vier", "fünf", "hund", "katze", "maus", "haus", "baum"]
 EN = ["one", "two", "three", "four", "five", "dog", "cat", "mouse", "house", "tree"]
@@ -315,3 +315,27 @@ def test_study_parallel_script(tmp_path: Path) -> None:
 
     bad = subprocess.run(["bash", str(script)], capture_output=True, text=True)
     assert bad.returncode == 2 and "study_parallel.sh DATASET OUT" in bad.stderr
+
+
+def test_model_changes_and_checkpoint_averaging(tmp_path: Path) -> None:
+    data = write_corpus(tmp_path / "data", pairs=16)
+    out = tmp_path / "study"
+    argv = [*study_argv(data, out, "original"), "--model", "dropout=0.2", "--model", "d_ff=48", "--average", "2"]
+    assert run(argv) == 0
+    (row,) = json.loads((out / "results.json").read_text())["rows"]
+    assert row["model"]["dropout"] == 0.2 and row["model"]["d_ff"] == 48
+    assert row["checkpoint"].endswith("checkpoint_average.pt") and row["train"]["keep_checkpoints"] == 2
+    folder = out / "rows" / "original"
+    kept = [load_checkpoint(p) for p in step_checkpoints(folder)]
+    assert len(kept) == 2
+    average = load_checkpoint(folder / "checkpoint_average.pt")
+    assert average["averaged_steps"] == [s["position"]["global_step"] for s in kept]
+    name = "tgt_embed.weight"
+    torch.testing.assert_close(average["model"][name], (kept[0]["model"][name] + kept[1]["model"][name]) / 2)
+    # the same folder with another model is another study
+    with pytest.raises(ValueError, match=r"different model config.*dropout"):
+        run([*study_argv(data, out, "original"), "--model", "dropout=0.1", "--model", "d_ff=48"])
+    with pytest.raises(ValueError, match=r"unknown model settings \['drop'\]"):
+        run([*study_argv(data, out, "original"), "--model", "drop=0.1"])
+    with pytest.raises(ValueError, match="average must be >= 0"):
+        StudyConfig("plain", "x", "y", "tiny", average=-1)

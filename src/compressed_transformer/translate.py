@@ -126,6 +126,7 @@ def build_configs(args: argparse.Namespace):
         "kl_weight": args.kl_weight,
         "spm_type": args.spm_type,
         "precision": args.precision,
+        "keep_checkpoints": args.keep_checkpoints,
     }
     train.update({k: v for k, v in flags.items() if v is not None})
     if args.download:
@@ -258,6 +259,35 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _average(args: argparse.Namespace) -> int:
+    from compressed_transformer.train.checkpoint import (
+        average_checkpoints,
+        load_checkpoint,
+        load_model,
+        save_checkpoint,
+        step_checkpoints,
+    )
+
+    paths: list[Path] = []
+    for item in map(Path, args.checkpoints):
+        if item.is_dir():
+            found = step_checkpoints(item)
+            if not found:
+                raise FileNotFoundError(f"{item} has no checkpoint_step<N>.pt files (train with --keep-checkpoints N)")
+            paths.extend(found)
+        else:
+            paths.append(item)
+    if args.last is not None:
+        if args.last < 1:
+            raise ValueError(f"--last must be >= 1, got {args.last}")
+        paths = paths[-args.last :]
+    state = average_checkpoints([load_checkpoint(path) for path in paths])
+    load_model(state)  # the average must load as the model it claims to be before it is written
+    save_checkpoint(args.out, state)
+    print(json.dumps({"out": args.out, "averaged": [str(p) for p in paths], "steps": state["averaged_steps"]}))
+    return 0
+
+
 def _decoding_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint", required=True, help="checkpoint_best.pt / checkpoint_last.pt of a run, or an exported folder"
@@ -303,6 +333,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--log-every", type=int)
     train.add_argument("--device", help="auto, cpu, cuda")
     train.add_argument("--precision", choices=PRECISIONS, help="bf16 autocast or fp32 (auto: bf16 on CUDA)")
+    train.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        metavar="N",
+        help="also keep the model of the last N validations as checkpoint_step<N>.pt (for translate average)",
+    )
     train.add_argument("--download", action="store_true", help="download missing data files (needs internet)")
     train.add_argument("--no-progress", action="store_true", help="print JSON log lines instead of a tqdm bar")
     train.set_defaults(func=_train)
@@ -332,3 +368,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--checkpoint", required=True, help="checkpoint_best.pt / checkpoint_last.pt of a run")
     export.add_argument("--out", required=True, help="folder to write (eval / translate --checkpoint read it)")
     export.set_defaults(func=_export)
+
+    average = actions.add_parser(
+        "average", help="average the weights of several checkpoints of one run into one checkpoint"
+    )
+    average.add_argument(
+        "checkpoints", nargs="+", help="checkpoint files, or run folders (their checkpoint_step<N>.pt, oldest first)"
+    )
+    average.add_argument("--last", type=int, help="average only the last N of them")
+    average.add_argument("--out", required=True, help="checkpoint to write (eval / translate / export read it)")
+    average.set_defaults(func=_average)

@@ -46,12 +46,14 @@ from compressed_transformer.provenance import git_revision
 from compressed_transformer.serialization import layer_structure
 from compressed_transformer.train import distributed
 from compressed_transformer.train.checkpoint import (
+    STEP_CHECKPOINT,
     capture_rng,
     check_same_config,
     load_checkpoint,
     load_model,
     restore_rng,
     save_checkpoint,
+    step_checkpoints,
 )
 from compressed_transformer.train.schedule import InverseSqrtSchedule
 
@@ -72,6 +74,7 @@ RESUMABLE_KEYS = (
     "download",
     "eval_max_sentences",
     "precision",
+    "keep_checkpoints",
 )
 PRECISIONS = ("auto", "bf16", "fp32")
 # Model settings a conversion run may change from its dense checkpoint's (FFN spec and regularisation).
@@ -103,6 +106,9 @@ class TrainConfig:
         log_every / eval_every / save_every: in optimiser steps (``eval_every = 0``: at each epoch's end).
         eval_beam: beam used for validation BLEU (1 = greedy).
         eval_max_sentences: validate BLEU on at most this many sentences (0 = all).
+        keep_checkpoints: at every validation also write ``checkpoint_step<N>.pt`` (the model, without optimiser
+            state) and keep the newest this many of them, for :func:`~compressed_transformer.train.checkpoint.
+            average_checkpoints` (``translate average``). 0: none.
         kl_weight: weight of the Sparse VD KL term (per training target token).
         init_from: a trained dense checkpoint to convert (``compress_``) and fine-tune instead of training from
             scratch.
@@ -137,6 +143,7 @@ class TrainConfig:
     save_every: int = 500
     eval_beam: int = 1
     eval_max_sentences: int = 0
+    keep_checkpoints: int = 0
     kl_weight: float = 1.0
     init_from: str = ""
     device: str = "auto"
@@ -152,6 +159,8 @@ class TrainConfig:
         for name in ("max_tokens", "accum_steps", "max_len", "log_every", "save_every", "eval_beam"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"TrainConfig.keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
         if self.lr <= 0:
             raise ValueError(f"learning rate must be positive, got {self.lr}")
         if self.precision not in PRECISIONS:
@@ -399,17 +408,21 @@ def _train(
 
     structure = layer_structure(model)
 
-    def state(position: dict[str, int]) -> dict[str, Any]:
+    def model_state(position: dict[str, int]) -> dict[str, Any]:
         return {
             "model_config": model_config.to_dict(),
             "train_config": cfg.to_dict(),
             "model": model.state_dict(),
             "structure": structure,  # compressed layers the config does not describe (attention, embeddings)
             "tokenizer": tokenizer.model_proto,
+            "position": position,
+        }
+
+    def state(position: dict[str, int]) -> dict[str, Any]:
+        return model_state(position) | {
             "optimizer": optimizer.state_dict(),
             "scheduler": schedule.state_dict(),
             "rng": capture_rng(),
-            "position": position,
             "best_bleu": best_bleu,
             "trained_seconds": trained_seconds,
         }
@@ -456,6 +469,10 @@ def _train(
         if result["valid_bleu"] > best_bleu:
             best_bleu = result["valid_bleu"]
             save_checkpoint(out / "checkpoint_best.pt", state(position))
+        if cfg.keep_checkpoints:
+            save_checkpoint(out / STEP_CHECKPOINT.format(step=global_step), model_state(position))
+            for old in step_checkpoints(out)[: -cfg.keep_checkpoints]:
+                old.unlink()
 
     while not stop_now():
         if step_in_epoch >= steps_per_epoch:

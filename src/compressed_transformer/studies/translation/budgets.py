@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ...models.transformer import TransformerConfig, preset
@@ -118,6 +118,10 @@ class StudyConfig:
         beam: override the budget's test-set beam.
         seed: seeds every row.
         progress: tqdm bars while training.
+        model: changes to the budget's model for every row (``TransformerConfig`` fields other than ``ffn``,
+            e.g. ``{"dropout": 0.3}``).
+        average: score each row with the mean weights of its last ``average`` validation checkpoints
+            (``TrainConfig.keep_checkpoints``) instead of its best one; 0: the best one.
     """
 
     dataset: str
@@ -132,6 +136,8 @@ class StudyConfig:
     beam: int | None = None
     seed: int = 1
     progress: bool = True
+    model: dict[str, Any] = field(default_factory=dict)
+    average: int = 0
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -148,6 +154,13 @@ class StudyConfig:
                 raise ValueError(f"{name} must be > 0 minutes, got {value}")
         if self.beam is not None and self.beam < 1:
             raise ValueError(f"beam must be >= 1, got {self.beam}")
+        if self.average < 0:
+            raise ValueError(f"average must be >= 0 checkpoints, got {self.average}")
+        known = set(TransformerConfig.__dataclass_fields__) - {"ffn"}
+        unknown = sorted(set(self.model) - known)
+        if unknown:
+            raise ValueError(f"unknown model settings {unknown}; known: {sorted(known)}")
+        self.base_model  # noqa: B018 (bad values fail here, before any row runs)
 
     @property
     def resolved_budget(self) -> Budget:
@@ -157,7 +170,7 @@ class StudyConfig:
     def base_model(self) -> TransformerConfig:
         """The ``original`` row's model."""
         budget = self.resolved_budget
-        return preset(budget.preset, vocab_size=budget.vocab_size)
+        return preset(budget.preset, **{"vocab_size": budget.vocab_size, **self.model})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"resolved_budget": asdict(self.resolved_budget)}

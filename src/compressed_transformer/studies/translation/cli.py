@@ -35,6 +35,9 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
     """
     if args.dataset == "plain" and not args.data_dir:
         raise ValueError("a 'plain' study needs --data-dir (a folder of train/valid/test.{de,en} files)")
+    from ...translate import parse_option
+
+    model = dict(parse_option(text) for text in args.model or [])
     rows = () if args.rows in (None, "", "all") else tuple(dict.fromkeys(r.strip() for r in args.rows.split(",")))
     return StudyConfig(
         dataset=args.dataset,
@@ -49,6 +52,8 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
         beam=args.beam,
         seed=args.seed,
         progress=not args.no_progress,
+        model=model,
+        average=args.average or 0,
     )
 
 
@@ -101,6 +106,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--fine-tune-minutes", type=float, help="bound of each fine-tuning run (default: the budget's)")
     parser.add_argument("--beam", type=int, help="test-set beam (default: the budget's)")
     parser.add_argument("--seed", type=int, default=1, help="seed of every row")
+    parser.add_argument(
+        "--model",
+        action="append",
+        metavar="KEY=VALUE",
+        help="change the budget's model for every row, e.g. dropout=0.3 (repeatable)",
+    )
+    parser.add_argument(
+        "--average",
+        type=int,
+        metavar="N",
+        help="score each row with the mean weights of its last N validation checkpoints (default: its best one)",
+    )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (1 is fastest on a busy CPU)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     parser.add_argument(

@@ -32,7 +32,14 @@ from ...models.transformer import (
     resolve_blocks,
 )
 from ...size import stored_params
-from ...train.checkpoint import check_same_config, load_checkpoint, write_text_atomic
+from ...train.checkpoint import (
+    average_checkpoints,
+    check_same_config,
+    load_checkpoint,
+    save_checkpoint,
+    step_checkpoints,
+    write_text_atomic,
+)
 from ...train.distributed import resolve_device
 from ...train.trainer import RESUMABLE_KEYS, TrainConfig, train
 from .budgets import StudyConfig
@@ -78,6 +85,7 @@ def row_train_config(row: Row, study: StudyConfig, out: Path) -> TrainConfig:
         device=study.device,
         precision=study.precision,
         progress=study.progress,
+        keep_checkpoints=study.average,
         extra=extra,
         **schedule,
     )
@@ -282,11 +290,20 @@ def load_row_model(study: StudyConfig, row: str, checkpoint: str | Path | None =
 def _score_row(
     plan: _Plan, study: StudyConfig, test: ParallelCorpus, tokenized_refs: bool, device: torch.device
 ) -> RowResult:
-    """Decode the test set with the row's best checkpoint; sizes, ratios, BLEU and timings."""
+    """Decode the test set with the row's best checkpoint (or the average of its last ``study.average``); sizes,
+    ratios, BLEU and timings."""
     folder = plan.folder
     summary = json.loads((folder / "summary.json").read_text())
-    checkpoint = folder / "checkpoint_best.pt"
-    state = load_checkpoint(checkpoint)
+    if study.average:
+        kept = step_checkpoints(folder)[-study.average :]
+        if not kept:
+            raise FileNotFoundError(f"{folder} has no checkpoint_step<N>.pt to average (it ran without --average)")
+        checkpoint = folder / "checkpoint_average.pt"
+        state = average_checkpoints([load_checkpoint(path) for path in kept])
+        save_checkpoint(checkpoint, state)
+    else:
+        checkpoint = folder / "checkpoint_best.pt"
+        state = load_checkpoint(checkpoint)
     model = _load_row_model(plan.row, state, device)
     tokenizer = Tokenizer(state["tokenizer"])
     beam = study.beam or study.resolved_budget.beam
