@@ -89,7 +89,8 @@ def test_train_eval_translate_end_to_end(
     data = write_corpus(tmp_path / "data")
     out = tmp_path / "run"
     argv = [*TRAIN, "--data-dir", str(data), "--out", str(out), "--max-steps", "4", "--no-progress"]
-    assert run([*argv, "--ffn", "svd", "--ffn-opt", "rank=2", "--ffn-blocks", "encoder", "--lr", "3e-3"]) == 0
+    svd = ["--ffn", "svd", "--ffn-opt", "rank=2", "--ffn-blocks", "encoder", "--lr", "3e-3"]
+    assert run([*argv, *svd, "--eval-every", "2", "--keep-checkpoints", "2"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 4 and summary["ffn"]["method"] == "svd"
     assert (out / "command.txt").read_text().strip()
@@ -134,6 +135,25 @@ def test_train_eval_translate_end_to_end(
     (exported / "spm.model").unlink()
     with pytest.raises(FileNotFoundError, match="needs its tokenizer"):
         load_checkpoint(exported)
+
+    # average: the run kept its last two validation checkpoints (steps 4 and 6, across the resume)
+    averaged = tmp_path / "average.pt"
+    assert run(["translate", "average", str(out), "--out", str(averaged)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["steps"] == [4, 6] and [Path(p).name for p in report["averaged"]] == [
+        "checkpoint_step4.pt",
+        "checkpoint_step6.pt",
+    ]
+    assert run(["translate", "average", str(out), "--last", "1", "--out", str(tmp_path / "one.pt")]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == [6]
+    step6 = load_checkpoint(out / "checkpoint_step6.pt")["model"]
+    assert all(torch.equal(v, load_checkpoint(tmp_path / "one.pt")["model"][k]) for k, v in step6.items())
+    argv = ["translate", "eval", "--checkpoint", str(averaged), "--src", str(src), "--ref", str(ref)]
+    assert run(argv) == 0 and json.loads(capsys.readouterr().out)["sentences"] == 2
+    with pytest.raises(FileNotFoundError, match="has no checkpoint_step"):
+        run(["translate", "average", str(data), "--out", str(tmp_path / "x.pt")])
+    with pytest.raises(ValueError, match="--last must be >= 1"):
+        run(["translate", "average", str(out), "--last", "0", "--out", str(tmp_path / "x.pt")])
 
 
 def test_bad_input_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
