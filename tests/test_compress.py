@@ -350,3 +350,55 @@ def test_compress_embeddings_rejects_bad_input_and_leaves_the_model_alone() -> N
         compress_embeddings_(model, rank=2, filter="proj")
     with pytest.raises(ValueError, match=r"has no nn\.Embedding"):
         compress_embeddings_(nn.Sequential(nn.Linear(2, 2)), rank=1)
+
+
+def test_tt_embeddings_keep_the_tie_and_match_the_tt_svd_of_the_table() -> None:
+    from compressed_transformer.functional import tt_matrix_from_dense, tt_matrix_to_dense
+    from compressed_transformer.layers import TTEmbedding, TTLinear
+
+    model = _TiedLM()
+    ids = torch.tensor([[0, 5, 39, 2], [7, 7, 1, 0]])
+    with torch.no_grad():
+        reference = model(ids)
+        expected = tt_matrix_to_dense(tt_matrix_from_dense(model.embed.weight.double(), [5, 8], [3, 4], ranks=3))
+    dense_total = dense_params(model)
+    report = compress_embeddings_(model, "tt", ranks=3, voc_modes=[5, 8], emb_modes=[3, 4])
+    assert isinstance(model.embed, TTEmbedding) and isinstance(model.head, TTLinear)
+    assert model.head.cores is model.embed.cores
+    row = report.rows[0]
+    assert row.method == "tt-embedding" and row.options == {"ranks": [1, 3, 1], "voc_modes": [5, 8], "tied": ["head"]}
+    stored_table = 5 * 3 * 3 + 3 * 8 * 4
+    assert row.params_after == stored_table
+    torch.testing.assert_close(model.embed.weight[1:], expected[1:].float(), atol=1e-5, rtol=1e-5)
+    assert not model.embed.weight[0].any()
+    # the projection is the table (its bias kept): through the shared cores, without building the table
+    hidden = torch.randn(3, 12)
+    torch.testing.assert_close(model.head(hidden), hidden @ model.embed.table.to_dense().T + model.head.bias)
+    assert dense_params(model) == dense_total
+    assert stored_params(model) == stored_table + 40 + (12 * 12 + 12)
+    # full ranks reproduce the model; training reaches the shared cores through both uses
+    full = _TiedLM()
+    compress_embeddings_(full, "tt", ranks=64, voc_modes=[5, 8], emb_modes=[3, 4])
+    torch.testing.assert_close(full(ids), reference, atol=1e-5, rtol=1e-5)
+    full(ids).sum().backward()
+    assert all(core.grad is not None and core.grad.abs().sum() > 0 for core in full.embed.cores)
+
+
+def test_compress_embeddings_tt_errors_leave_the_model_alone() -> None:
+    model = _TiedLM()
+    with pytest.raises(ValueError, match="pad its 40 rows"):  # a tied table needs exact vocabulary modes
+        compress_embeddings_(model, "tt", ranks=2, voc_modes=[7, 6], emb_modes=[3, 4])
+    assert type(model.embed) is nn.Embedding and model.head.weight is model.embed.weight
+    with pytest.raises(ValueError, match="unknown embedding method"):
+        compress_embeddings_(model, "tucker", ranks=2)
+    with pytest.raises(ValueError, match=r"unknown options \['rank'\] for 'tt'"):
+        compress_embeddings_(model, "tt", rank=2)
+    with pytest.raises(ValueError, match="needs rank="):
+        compress_embeddings_(model, "svd")
+    with pytest.raises(ValueError, match="ranks= and/or eps="):
+        compress_embeddings_(model, "tt")
+    assert type(model.embed) is nn.Embedding and type(model.head) is nn.Linear
+    # an untied table may pad its vocabulary
+    untied = nn.ModuleDict({"embed": nn.Embedding(41, 12)})
+    compress_embeddings_(untied, "tt", ranks=2, voc_modes=[7, 6], emb_modes=[3, 4])
+    assert untied["embed"].to_dense().shape == (41, 12)

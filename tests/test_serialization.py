@@ -233,3 +233,24 @@ def test_low_rank_embeddings_and_their_tied_projection_round_trip(tmp_path) -> N
         assert_close(fresh(ids), model(ids), atol=0, rtol=0)
     load_compressed_(fresh, path)  # loading again keeps the layers (and the tie)
     assert fresh.head.left is fresh.embed.left
+
+
+def test_tt_embeddings_and_their_tied_projection_round_trip(tmp_path) -> None:
+    from compressed_transformer.layers import TTEmbedding, TTLinear
+
+    model = TinyLM(0)
+    compress_embeddings_(model, "tt", ranks=3, voc_modes=[5, 10], emb_modes=[4, 4])
+    perturb_(model)
+    path = tmp_path / "lm.safetensors"
+    save_compressed(model, path)
+    structure = read_structure(path)[0]
+    assert set(structure) == {"embed", "head"}  # the table's own TTLinear is part of the table
+    assert structure["embed"]["method"] == "tt-embedding" and structure["head"]["tied_to"] == "embed"
+    fresh = TinyLM(1)
+    load_compressed_(fresh, path)
+    assert isinstance(fresh.embed, TTEmbedding) and isinstance(fresh.head, TTLinear)
+    assert fresh.head.cores is fresh.embed.cores
+    assert layer_structure(fresh) == layer_structure(model)
+    ids = torch.tensor([[0, 3, 49, 7]])
+    with torch.no_grad():
+        assert_close(fresh(ids), model(ids), atol=0, rtol=0)

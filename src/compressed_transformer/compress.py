@@ -14,10 +14,17 @@ from torch import nn
 from .functional.sparsity import global_magnitude_threshold
 from .functional.tt import max_tt_ranks, resolve_tt_ranks, tt_matrix_from_dense, tt_matrix_params, tt_matrix_to_dense
 from .functional.tucker import hosvd, resolve_tucker_ranks, tucker_params, tucker_to_dense
-from .layers import METHODS, LowRankEmbedding, LowRankLinear, PrunedLinear, layer_options
+from .layers import METHODS, LowRankEmbedding, LowRankLinear, PrunedLinear, TTEmbedding, TTLinear, layer_options
 from .layers._common import copy_bias, resolve_modes
 
-__all__ = ["CompressionReport", "LayerReport", "compress_", "compress_embeddings_", "select_linears"]
+__all__ = [
+    "EMBEDDING_METHODS",
+    "CompressionReport",
+    "LayerReport",
+    "compress_",
+    "compress_embeddings_",
+    "select_linears",
+]
 
 Filter = str | Callable[[str, nn.Module], bool] | None
 
@@ -446,66 +453,103 @@ def replace_module(model: nn.Module, names: list[str], new: nn.Module) -> None:
         setattr(model.get_submodule(parent_name), child, new)
 
 
-def compress_embeddings_(model: nn.Module, *, rank: int, filter: Filter = None) -> CompressionReport:
-    """Replace the selected ``nn.Embedding`` modules of ``model`` by rank-``rank`` :class:`~compressed_transformer.
-    layers.LowRankEmbedding` tables (truncated SVD of the trained table), in place.
+EMBEDDING_METHODS = ("svd", "tt")
+
+
+def _tied_projection(method: str, layer: nn.Module, linear: nn.Linear, name: str) -> nn.Module:
+    """The compressed layer that replaces ``linear``, an output projection tied to the table ``layer`` replaces:
+    it shares ``layer``'s factors (``svd``) or cores (``tt``) and keeps ``linear``'s bias."""
+    factory = {"device": linear.weight.device, "dtype": linear.weight.dtype}
+    bias = linear.bias is not None
+    if method == "svd":
+        projection = LowRankLinear(linear.in_features, linear.out_features, bias, rank=layer.rank, **factory)
+        projection.left, projection.right = layer.left, layer.right  # (vocab, r) @ (r, width): the tie
+    else:
+        if math.prod(layer.voc_modes) != layer.num_embeddings:
+            raise ValueError(
+                f"{name!r} is tied to a table whose TT vocabulary modes {layer.voc_modes} pad its "
+                f"{layer.num_embeddings} rows to {math.prod(layer.voc_modes)}; a tied projection needs voc_modes "
+                f"that multiply to exactly {layer.num_embeddings}"
+            )
+        projection = TTLinear(
+            linear.in_features,
+            linear.out_features,
+            bias,
+            in_modes=layer.emb_modes,
+            out_modes=layer.voc_modes,
+            ranks=layer.ranks,
+            **factory,
+        )
+        projection.cores = layer.cores  # the same ParameterList: the tie
+    copy_bias(projection.bias, linear)
+    return projection
+
+
+def compress_embeddings_(
+    model: nn.Module, method: str = "svd", *, filter: Filter = None, **options: Any
+) -> CompressionReport:
+    """Replace the selected ``nn.Embedding`` modules of ``model`` by compressed tables, in place:
+
+    * ``"svd"`` (``rank=``): :class:`~compressed_transformer.layers.LowRankEmbedding`, the truncated SVD of the
+      trained table (ALBERT's factorised embedding);
+    * ``"tt"`` (``ranks=`` and/or ``eps=``, optional ``voc_modes=`` / ``emb_modes=``):
+      :class:`~compressed_transformer.layers.TTEmbedding`, the TT-SVD of the table (Hrinchuk et al. 2020).
 
     An ``nn.Linear`` whose weight *is* a selected table (a tied output projection) becomes a
-    :class:`~compressed_transformer.layers.LowRankLinear` that shares the new table's two factors, so the tie
-    holds through training and the factors are stored once (its bias, if any, is kept). A table shared by several
-    parents is replaced everywhere.
+    :class:`~compressed_transformer.layers.LowRankLinear` / :class:`~compressed_transformer.layers.TTLinear` that
+    shares the new table's factors / cores, so the tie holds through training and they are stored once (its bias,
+    if any, is kept). A table shared by several parents is replaced everywhere.
 
     Args:
         model: any ``nn.Module``; its submodules are replaced.
-        rank: inner rank, in ``[1, min(num_embeddings, embedding_dim)]`` of every selected table.
+        method: ``"svd"`` or ``"tt"``.
         filter: which ``nn.Embedding`` modules, as in :func:`compress_`.
+        **options: the method's options (above).
 
     Returns:
         a :class:`CompressionReport` with one row per table (``in_features`` = vocabulary size, ``out_features`` =
         width; ``options["tied"]`` names the tied projections, whose parameters are the table's).
 
     Raises:
-        ValueError: for a rank out of range, a malformed filter or one that selects nothing, or a model without
-            ``nn.Embedding``; a failure leaves ``model`` untouched.
+        ValueError: for an unknown method or options, options out of range, a malformed filter or one that selects
+            nothing, a model without ``nn.Embedding``, or a tied TT table with padded vocabulary modes; a failure
+            leaves ``model`` untouched.
     """
+    if method not in EMBEDDING_METHODS:
+        raise ValueError(f"unknown embedding method {method!r}; choose one of {', '.join(EMBEDDING_METHODS)}")
+    known = {"svd": {"rank"}, "tt": {"ranks", "eps", "voc_modes", "emb_modes"}}[method]
+    if set(options) - known:
+        raise ValueError(f"unknown options {sorted(set(options) - known)} for {method!r}; known: {sorted(known)}")
+    if method == "svd" and "rank" not in options:
+        raise ValueError("compress_embeddings_(model, 'svd') needs rank=")
     embeddings = _select(model, filter, nn.Embedding)
     if any(name == "" for name, _ in embeddings):
         raise ValueError(
             "compress_embeddings_ replaces submodules, but the model itself is an nn.Embedding; "
-            "use LowRankEmbedding.from_embedding(embedding, rank=...) instead"
+            "use LowRankEmbedding.from_embedding / TTEmbedding.from_embedding instead"
         )
     aliases = module_aliases(model)
     tied = {
         id(table): [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and m.weight is table.weight]
         for _, table in embeddings
     }
+    build = LowRankEmbedding.from_embedding if method == "svd" else TTEmbedding.from_embedding
     with torch.no_grad():
         plan = []
         for name, table in embeddings:
-            layer = LowRankEmbedding.from_embedding(table, rank=rank)
-            projections = []
-            for tied_name, linear in tied[id(table)]:
-                projection = LowRankLinear(
-                    linear.in_features,
-                    linear.out_features,
-                    linear.bias is not None,
-                    rank=rank,
-                    device=layer.left.device,
-                    dtype=layer.left.dtype,
-                )
-                projection.left, projection.right = layer.left, layer.right  # (vocab, r) @ (r, width): the tie
-                copy_bias(projection.bias, linear)
-                projections.append((tied_name, linear, projection))
+            layer = build(table, **options)
+            projections = [(n, linear, _tied_projection(method, layer, linear, n)) for n, linear in tied[id(table)]]
             plan.append((name, table, layer, projections))
-        report = CompressionReport("svd-embedding")
+        report = CompressionReport(f"{method}-embedding")
         for name, table, layer, projections in plan:
+            chosen = {"rank": layer.rank} if method == "svd" else {"ranks": layer.ranks, "voc_modes": layer.voc_modes}
             report.rows.append(
                 LayerReport(
                     name=name,
-                    method="svd-embedding",
+                    method=f"{method}-embedding",
                     in_features=table.num_embeddings,
                     out_features=table.embedding_dim,
-                    options={"rank": rank, "tied": [n for n, _, _ in projections]},
+                    options={**chosen, "tied": [n for n, _, _ in projections]},
                     params_before=table.weight.numel(),
                     params_after=layer.num_stored_params(),
                     rel_error=_relative(table.weight.detach().double(), layer.to_dense().detach().double()),

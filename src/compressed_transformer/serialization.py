@@ -39,12 +39,15 @@ from .layers import (
     METHODS,
     LowRankEmbedding,
     LowRankLinear,
+    TTEmbedding,
+    TTLinear,
     layer_options,
     method_of,
 )
 
 __all__ = [
     "EMBEDDING_METHOD",
+    "EMBEDDING_METHODS",
     "FORMAT",
     "layer_spec",
     "layer_structure",
@@ -60,23 +63,31 @@ _LAYERS_KEY = "compressed_layers"
 
 
 EMBEDDING_METHOD = "svd-embedding"
+# Structure method name -> compressed table class.
+EMBEDDING_METHODS: dict[str, type[nn.Module]] = {EMBEDDING_METHOD: LowRankEmbedding, "tt-embedding": TTEmbedding}
 
 
 def layer_spec(layer: nn.Module) -> dict[str, Any]:
     """What it takes to build a layer whose ``state_dict`` fits ``layer``'s: ``{"method", "in_features",
-    "out_features", "bias", "options"}`` for a compressed linear layer, ``{"method": "svd-embedding",
-    "num_embeddings", "embedding_dim", "padding_idx", "options"}`` for a low-rank embedding.
+    "out_features", "bias", "options"}`` for a compressed linear layer, ``{"method": "svd-embedding" or
+    "tt-embedding", "num_embeddings", "embedding_dim", "padding_idx", "options"}`` for a compressed table.
 
     Raises:
         TypeError: if ``layer`` is not one of this package's compressed layers.
     """
-    if isinstance(layer, LowRankEmbedding):
+    if isinstance(layer, COMPRESSED_EMBEDDINGS):
+        tt = isinstance(layer, TTEmbedding)
+        options = (
+            {"voc_modes": layer.voc_modes, "emb_modes": layer.emb_modes, "ranks": layer.ranks}
+            if tt
+            else {"rank": layer.rank}
+        )
         return {
-            "method": EMBEDDING_METHOD,
+            "method": "tt-embedding" if tt else EMBEDDING_METHOD,
             "num_embeddings": layer.num_embeddings,
             "embedding_dim": layer.embedding_dim,
             "padding_idx": layer.padding_idx,
-            "options": {"rank": layer.rank},
+            "options": options,
         }
     return {
         "method": method_of(layer),
@@ -88,24 +99,35 @@ def layer_spec(layer: nn.Module) -> dict[str, Any]:
 
 
 def layer_structure(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """``{qualified name: layer_spec(layer)}`` for every compressed layer and low-rank embedding of ``model`` (a
-    module shared by several parents appears under its first name). A low-rank linear layer that shares its factors
-    with a low-rank embedding (a tied output projection, see :func:`~compressed_transformer.compress.
-    compress_embeddings_`) has ``"tied_to"``: the embedding's name."""
+    """``{qualified name: layer_spec(layer)}`` for every compressed layer and compressed table of ``model`` (a
+    module shared by several parents appears under its first name). A low-rank / TT linear layer that shares its
+    factors / cores with a low-rank / TT table (a tied output projection, see :func:`~compressed_transformer.
+    compress.compress_embeddings_`) has ``"tied_to"``: the table's name."""
     return dict(_structure_by_module(model).values())
 
 
 def _structure_by_module(model: nn.Module) -> dict[int, tuple[str, dict[str, Any]]]:
     """``{id(module): (name, spec)}`` of :func:`layer_structure`."""
     named = [(n, m) for n, m in model.named_modules() if isinstance(m, COMPRESSED_LAYERS + COMPRESSED_EMBEDDINGS)]
-    tables = {id(m.left): n for n, m in named if isinstance(m, LowRankEmbedding)}
+    inner = {id(m.table) for _, m in named if isinstance(m, TTEmbedding)}  # a TT table's own TTLinear
+    named = [(n, m) for n, m in named if id(m) not in inner]
+    tables = {id(_first_factor(m)): n for n, m in named if isinstance(m, COMPRESSED_EMBEDDINGS)}
     structure = {}
     for name, module in named:
         spec = layer_spec(module)
-        if isinstance(module, LowRankLinear) and id(module.left) in tables:
-            spec["tied_to"] = tables[id(module.left)]
+        if isinstance(module, LowRankLinear | TTLinear) and id(_first_factor(module)) in tables:
+            spec["tied_to"] = tables[id(_first_factor(module))]
         structure[id(module)] = (name, spec)
     return structure
+
+
+def _first_factor(module: nn.Module) -> torch.Tensor | None:
+    """The parameter a table shares with a tied projection (``left`` of a low-rank pair, the first TT core)."""
+    if isinstance(module, LowRankEmbedding | LowRankLinear):
+        return module.left
+    if isinstance(module, TTEmbedding | TTLinear):
+        return module.cores[0]
+    return None
 
 
 def _fields(name: str, spec: Any, keys: tuple[str, ...]) -> tuple:
@@ -124,25 +146,27 @@ def _build(name: str, module: nn.Module, what: str, build: Callable[..., nn.Modu
         raise ValueError(f"layer {name!r}: cannot build {what}: {error}") from None
 
 
-def _new_embedding(name: str, module: nn.Module, spec: dict[str, Any]) -> LowRankEmbedding:
+def _new_embedding(name: str, module: nn.Module, spec: dict[str, Any]) -> nn.Module:
     num, dim, padding_idx, options = _fields(name, spec, ("num_embeddings", "embedding_dim", "padding_idx"))
-    if type(module) is not nn.Embedding and not isinstance(module, LowRankEmbedding):
-        raise ValueError(f"module {name!r} is a {type(module).__name__}; expected nn.Embedding or a low-rank embedding")
+    if type(module) is not nn.Embedding and not isinstance(module, COMPRESSED_EMBEDDINGS):
+        raise ValueError(f"module {name!r} is a {type(module).__name__}; expected nn.Embedding or a compressed table")
     found = (module.num_embeddings, module.embedding_dim, module.padding_idx)
     if found != (num, dim, padding_idx):
         raise ValueError(
             f"module {name!r} is nn.Embedding({found[0]}, {found[1]}, padding_idx={found[2]}) but the saved table "
             f"is {num}x{dim}, padding_idx={padding_idx}"
         )
-    build = functools.partial(LowRankEmbedding, num, dim, padding_idx=padding_idx, **options)
-    return _build(name, module, f"a low-rank embedding with {options}", build)
+    build = functools.partial(EMBEDDING_METHODS[spec["method"]], num, dim, padding_idx=padding_idx, **options)
+    return _build(name, module, f"a {spec['method']} table with {options}", build)
 
 
 def _new_linear(name: str, module: nn.Module, spec: dict[str, Any]) -> nn.Module:
     in_features, out_features, bias, options = _fields(name, spec, ("in_features", "out_features", "bias"))
     method = spec["method"]
     if method not in METHODS:
-        raise ValueError(f"layer {name!r}: unknown method {method!r}; known: {', '.join([*METHODS, EMBEDDING_METHOD])}")
+        raise ValueError(
+            f"layer {name!r}: unknown method {method!r}; known: {', '.join([*METHODS, *EMBEDDING_METHODS])}"
+        )
     if not isinstance(module, (nn.Linear, *COMPRESSED_LAYERS)):
         raise ValueError(f"module {name!r} is a {type(module).__name__}; expected nn.Linear or a compressed layer")
     found = (module.in_features, module.out_features, module.bias is not None)
@@ -183,23 +207,34 @@ def restructure_(model: nn.Module, structure: dict[str, dict[str, Any]]) -> nn.M
         if id(module) in current and current[id(module)][1] == spec:
             built[name] = module
             continue
-        if spec["method"] == EMBEDDING_METHOD:
+        if spec["method"] in EMBEDDING_METHODS:
             layer = _new_embedding(name, module, spec)
         else:
             layer = _new_linear(name, module, spec)
         if "tied_to" in spec:
-            table = built.get(spec["tied_to"])
-            if not isinstance(layer, LowRankLinear) or not isinstance(table, LowRankEmbedding):
-                raise ValueError(f"layer {name!r} is tied to {spec['tied_to']!r}, which is not a low-rank embedding")
-            if (table.left.shape, table.right.shape) != (layer.left.shape, layer.right.shape):
-                raise ValueError(f"layer {name!r} does not fit the factors of {spec['tied_to']!r} it is tied to")
-            layer.left, layer.right = table.left, table.right
+            _tie(name, layer, built.get(spec["tied_to"]), spec["tied_to"])
         built[name] = layer
         swaps.append((module, layer))
     aliases = module_aliases(model)
     for module, layer in swaps:
         replace_module(model, aliases[id(module)], layer)
     return model
+
+
+def _tie(name: str, layer: nn.Module, table: nn.Module | None, table_name: str) -> None:
+    """Make the projection ``layer`` share the factors / cores of ``table``."""
+    if isinstance(layer, LowRankLinear) and isinstance(table, LowRankEmbedding):
+        mine, theirs = [layer.left, layer.right], [table.left, table.right]
+    elif isinstance(layer, TTLinear) and isinstance(table, TTEmbedding):
+        mine, theirs = list(layer.cores), list(table.cores)
+    else:
+        raise ValueError(f"layer {name!r} is tied to {table_name!r}, which is not a compressed table of its kind")
+    if [p.shape for p in mine] != [p.shape for p in theirs]:
+        raise ValueError(f"layer {name!r} does not fit the factors of {table_name!r} it is tied to")
+    if isinstance(layer, LowRankLinear):
+        layer.left, layer.right = table.left, table.right
+    else:
+        layer.cores = table.cores
 
 
 def save_compressed(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> None:

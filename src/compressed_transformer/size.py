@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import COMPRESSED_EMBEDDINGS, COMPRESSED_LAYERS, LowRankEmbedding, PrunedLinear, SparseVDLinear
+from .layers import COMPRESSED_EMBEDDINGS, COMPRESSED_LAYERS, PrunedLinear, SparseVDLinear
 
 __all__ = ["compression_ratio", "dense_bytes", "dense_params", "stored_bytes", "stored_params"]
 
@@ -70,7 +70,7 @@ def _walk(
 
 def _dense_numel(module: nn.Module) -> int:
     """Entries of the dense module a compressed one replaces (``nn.Linear`` weight and bias, or the table)."""
-    if isinstance(module, LowRankEmbedding):
+    if isinstance(module, COMPRESSED_EMBEDDINGS):
         return module.num_embeddings * module.embedding_dim
     return module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)
 

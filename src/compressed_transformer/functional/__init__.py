@@ -17,6 +17,7 @@ from .tt import (
     tt_matrix_params,
     tt_matrix_plan,
     tt_matrix_rebuild,
+    tt_matrix_rows,
     tt_matrix_to_dense,
     tt_plan_chunk,
     tt_plan_macs,
@@ -25,6 +26,7 @@ from .tt import (
     tt_plan_steps,
     tt_svd,
     tt_to_dense,
+    tt_vocab_modes,
 )
 from .tucker import (
     hooi,
@@ -72,6 +74,7 @@ __all__ = [
     "tt_matrix_params",
     "tt_matrix_plan",
     "tt_matrix_rebuild",
+    "tt_matrix_rows",
     "tt_matrix_to_dense",
     "tt_plan_chunk",
     "tt_plan_macs",
@@ -80,6 +83,7 @@ __all__ = [
     "tt_plan_steps",
     "tt_svd",
     "tt_to_dense",
+    "tt_vocab_modes",
     "tucker_linear_apply",
     "tucker_linear_factors",
     "tucker_linear_macs",

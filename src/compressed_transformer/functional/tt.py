@@ -37,6 +37,7 @@ __all__ = [
     "tt_matrix_params",
     "tt_matrix_plan",
     "tt_matrix_rebuild",
+    "tt_matrix_rows",
     "tt_matrix_to_dense",
     "tt_plan_chunk",
     "tt_plan_macs",
@@ -45,6 +46,7 @@ __all__ = [
     "tt_plan_steps",
     "tt_svd",
     "tt_to_dense",
+    "tt_vocab_modes",
 ]
 
 
@@ -652,6 +654,54 @@ def tt_matrix_plan(
     """
     args = (tuple(out_modes), tuple(in_modes), tuple(ranks), int(tokens), bool(train), int(threads), costs)
     return _best_plan(*args, element_size, bool(cached_factors))
+
+
+def tt_matrix_rows(cores: Sequence[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``W[rows]`` of a TT-matrix, without building ``W``: the lookup of a TT embedding table (Hrinchuk et
+    al. 2020, *Tensorized Embedding Layers*).
+
+    Row ``n`` has the multi-index ``(n_1, .., n_d)`` of ``n`` in ``(o_1, .., o_d)`` (row-major, as
+    :func:`tt_matrix_to_dense` orders rows); its entries are the products of the cores' slices ``G_k[:, n_k]``,
+    contracted core by core: ``sum_k i_1..i_k r_{k-1} r_k`` multiply-adds per row.
+
+    Args:
+        cores: TT-matrix cores ``(r_{k-1}, o_k, i_k, r_k)``.
+        rows: integer tensor of any shape with entries in ``[0, prod o_k)``.
+
+    Returns:
+        ``(*rows.shape, prod i_k)``.
+    """
+    out_modes = [c.shape[1] for c in cores]
+    flat = rows.reshape(-1)
+    strides = [math.prod(out_modes[k + 1 :]) for k in range(len(cores))]
+    result, width = None, 1  # (N, i_1..i_k, r_k)
+    for core, stride, o in zip(cores, strides, out_modes, strict=True):
+        index = torch.div(flat, stride, rounding_mode="floor") % o
+        piece = core.index_select(1, index).permute(1, 0, 2, 3)  # (N, r_{k-1}, i_k, r_k)
+        n, r, i, s = piece.shape
+        width *= i
+        if result is None:
+            result = piece.reshape(n, i, s)
+        else:
+            result = torch.bmm(result, piece.reshape(n, r, i * s)).reshape(n, width, s)
+    return result.reshape(*rows.shape, width)
+
+
+def tt_vocab_modes(num_embeddings: int, d: int, *, slack: float = 1.5, max_padding: float = 0.1) -> list[int]:
+    """``d`` balanced modes whose product is the smallest ``n >= num_embeddings`` with no mode above
+    ``slack * n ** (1 / d)`` (a vocabulary size that factorises badly, e.g. a prime, is padded with unused rows, as
+    Hrinchuk et al. 2020 do); ``factorize(num_embeddings, d)`` when no such ``n`` is within ``max_padding``.
+
+    Raises:
+        ValueError: if ``num_embeddings < 1`` or ``d < 1``.
+    """
+    if num_embeddings < 1 or d < 1:
+        raise ValueError(f"tt_vocab_modes needs num_embeddings >= 1 and d >= 1, got {num_embeddings}, {d}")
+    for n in range(num_embeddings, int(num_embeddings * (1 + max_padding)) + 2):
+        modes = factorize(n, d)
+        if modes[0] <= slack * n ** (1.0 / d):
+            return modes
+    return factorize(num_embeddings, d)
 
 
 def tt_matrix_params(out_modes: Sequence[int], in_modes: Sequence[int], ranks: Sequence[int]) -> int:

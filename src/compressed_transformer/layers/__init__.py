@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .embedding import LowRankEmbedding
+from .embedding import LowRankEmbedding, TTEmbedding
 from .low_rank import LowRankLinear
 from .pruned import PrunedLinear
 from .sparse_vd import SparseVDLinear, model_kl
@@ -27,6 +27,7 @@ __all__ = [
     "LowRankLinear",
     "PrunedLinear",
     "SparseVDLinear",
+    "TTEmbedding",
     "TTLinear",
     "TuckerLinear",
     "build_linear",
@@ -45,7 +46,7 @@ METHODS: dict[str, type[nn.Module]] = {
 }
 COMPRESSED_LAYERS = tuple(METHODS.values())
 # Replacements for ``nn.Embedding`` (``compress_embeddings_``).
-COMPRESSED_EMBEDDINGS = (LowRankEmbedding,)
+COMPRESSED_EMBEDDINGS = (LowRankEmbedding, TTEmbedding)
 
 
 def method_of(layer: nn.Module) -> str:

@@ -1,8 +1,9 @@
-"""Low-rank embedding table (the factorised embedding of ALBERT)."""
+"""Compressed embedding tables: low-rank (the factorised embedding of ALBERT) and tensor-train (Hrinchuk et al.)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -10,8 +11,10 @@ from torch import nn
 
 from ..functional.matmul import low_rank_linear, matmul
 from ..functional.svd import truncated_svd
+from ..functional.tt import factorize, tt_matrix_from_dense, tt_matrix_rows, tt_vocab_modes
+from .tt import TTLinear
 
-__all__ = ["LowRankEmbedding"]
+__all__ = ["LowRankEmbedding", "TTEmbedding"]
 
 
 class LowRankEmbedding(nn.Module):
@@ -121,3 +124,177 @@ class LowRankEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}, padding_idx={self.padding_idx}"
+
+
+class TTEmbedding(nn.Module):
+    """An embedding table stored as a TT-matrix (Hrinchuk et al. 2020, *Tensorized Embedding Layers*,
+    https://arxiv.org/abs/1901.10787): the ``(V', embedding_dim)`` table, ``V' = prod(voc_modes) >= V``, has
+    TT-matrix cores ``(r_{k-1}, v_k, e_k, r_k)`` over vocabulary modes ``v_k`` and embedding modes ``e_k``; rows
+    ``V..V'-1`` pad a vocabulary that factorises badly and are never looked up.
+
+    A lookup contracts the cores' slices of each id (:func:`~compressed_transformer.functional.tt.tt_matrix_rows`)
+    and never builds the table. The table is held by ``table``, a bias-free :class:`~compressed_transformer.layers.
+    TTLinear` from ``embedding_dim`` to ``V'`` features, so :meth:`attend` (the logits of a tied output projection)
+    is that layer's factorised, cost-chosen product, and a tied ``nn.Linear`` can become a ``TTLinear`` sharing the
+    cores (:func:`~compressed_transformer.compress.compress_embeddings_`).
+
+    Args:
+        num_embeddings: vocabulary size ``V``.
+        embedding_dim: width of each embedding.
+        padding_idx: this id embeds to zeros and passes no gradient (as in ``nn.Embedding``); ``to_dense`` and
+            :meth:`attend` see a zero row there too.
+        voc_modes: vocabulary modes, product ``>= num_embeddings``; default :func:`~compressed_transformer.
+            functional.tt.tt_vocab_modes` with as many modes as ``emb_modes`` (3 when both are omitted).
+        emb_modes: factors of ``embedding_dim``; balanced when omitted.
+        ranks: ``int`` cap or the full list of ``d + 1`` TT-ranks.
+        device: parameter device.
+        dtype: parameter dtype.
+
+    Shape:
+        input ``(...)`` integer ids, output ``(..., embedding_dim)``.
+
+    Raises:
+        ValueError: for modes that do not fit the table or invalid ranks.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
+        *,
+        voc_modes: Sequence[int] | None = None,
+        emb_modes: Sequence[int] | None = None,
+        ranks: int | Sequence[int] = 8,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if num_embeddings < 1 or embedding_dim < 1:
+            raise ValueError(f"a table needs num_embeddings, embedding_dim >= 1, got {num_embeddings}, {embedding_dim}")
+        if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
+            raise ValueError(f"padding_idx {padding_idx} is outside a vocabulary of {num_embeddings}")
+        d = len(voc_modes) if voc_modes is not None else len(emb_modes) if emb_modes is not None else 3
+        voc_modes = [int(m) for m in voc_modes] if voc_modes is not None else tt_vocab_modes(num_embeddings, d)
+        emb_modes = [int(m) for m in emb_modes] if emb_modes is not None else factorize(embedding_dim, d)
+        if len(voc_modes) != len(emb_modes):
+            raise ValueError(f"voc_modes {voc_modes} and emb_modes {emb_modes} need the same length")
+        if math.prod(voc_modes) < num_embeddings:
+            raise ValueError(f"prod(voc_modes)={math.prod(voc_modes)} is below num_embeddings={num_embeddings}")
+        if math.prod(emb_modes) != embedding_dim:
+            raise ValueError(f"prod(emb_modes)={math.prod(emb_modes)} must equal embedding_dim={embedding_dim}")
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padding_idx = None if padding_idx is None else padding_idx % num_embeddings
+        self.voc_modes, self.emb_modes = voc_modes, emb_modes
+        self.table = TTLinear(
+            embedding_dim,
+            math.prod(voc_modes),
+            bias=False,
+            in_modes=emb_modes,
+            out_modes=voc_modes,
+            ranks=ranks,
+            device=device,
+            dtype=dtype,
+        )
+        self.ranks = self.table.ranks
+        self.reset_parameters()
+
+    @property
+    def cores(self) -> nn.ParameterList:
+        """The TT-matrix cores ``(r_{k-1}, v_k, e_k, r_k)`` (those of ``table``)."""
+        return self.table.cores
+
+    def reset_parameters(self) -> None:
+        # Entries of the table get the std embedding_dim ** -0.5 of the Transformer's dense table.
+        paths = math.prod(self.ranks[1:-1])
+        std = (1.0 / (self.embedding_dim * paths)) ** (1.0 / (2 * len(self.cores)))
+        for core in self.cores:
+            nn.init.normal_(core, 0.0, std)
+
+    @classmethod
+    def from_embedding(
+        cls,
+        embedding: nn.Embedding,
+        *,
+        ranks: int | Sequence[int] | None = None,
+        eps: float | None = None,
+        voc_modes: Sequence[int] | None = None,
+        emb_modes: Sequence[int] | None = None,
+    ) -> TTEmbedding:
+        """TT-SVD of ``embedding.weight`` (padded with zero rows to ``prod(voc_modes)``) with a rank cap and/or a
+        relative error bound ``eps`` (:func:`~compressed_transformer.functional.tt.tt_matrix_from_dense`);
+        ``embedding`` is not modified.
+
+        Raises:
+            ValueError: for modes that do not fit, or neither ``ranks`` nor ``eps``.
+        """
+        if ranks is None and eps is None:
+            raise ValueError("TTEmbedding.from_embedding needs ranks= and/or eps=")
+        weight = embedding.weight.detach()
+        num, dim = weight.shape
+        probe = cls(num, dim, embedding.padding_idx, voc_modes=voc_modes, emb_modes=emb_modes, ranks=1, device="meta")
+        with torch.no_grad():
+            padded = weight.double().new_zeros(math.prod(probe.voc_modes), dim)
+            padded[:num] = weight
+            cores = tt_matrix_from_dense(padded, probe.voc_modes, probe.emb_modes, ranks=ranks, eps=eps)
+            layer = cls(
+                num,
+                dim,
+                embedding.padding_idx,
+                voc_modes=probe.voc_modes,
+                emb_modes=probe.emb_modes,
+                ranks=[1] + [c.shape[-1] for c in cores],
+                device=weight.device,
+                dtype=weight.dtype,
+            )
+            for param, core in zip(layer.cores, cores, strict=True):
+                param.copy_(core)
+        return layer
+
+    def _pad_index(self, values: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([self.padding_idx], device=values.device)
+
+    def to_dense(self) -> torch.Tensor:
+        """The represented table, ``(num_embeddings, embedding_dim)`` (padding row zero)."""
+        table = self.table.to_dense()[: self.num_embeddings]
+        return table if self.padding_idx is None else table.index_fill(0, self._pad_index(table), 0)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The represented table (computed, not stored)."""
+        return self.to_dense()
+
+    def attend(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden @ E^T``, the logits of a tied output projection, through the cores (``table``'s forward).
+
+        Shape:
+            ``(..., embedding_dim)`` -> ``(..., num_embeddings)``.
+        """
+        logits = self.table(hidden)[..., : self.num_embeddings]
+        if self.padding_idx is None:
+            return logits
+        return logits.index_fill(-1, self._pad_index(logits), 0)
+
+    def num_stored_params(self) -> int:
+        """``sum_k r_{k-1} v_k e_k r_k``."""
+        return sum(core.numel() for core in self.cores)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"TTEmbedding takes integer ids, got {ids.dtype}")
+        if (
+            not torch.compiler.is_compiling()
+            and ids.numel()
+            and not 0 <= int(ids.min()) <= int(ids.max()) < self.num_embeddings
+        ):
+            raise IndexError(f"ids must be in [0, {self.num_embeddings}), got [{int(ids.min())}, {int(ids.max())}]")
+        rows = tt_matrix_rows(list(self.cores), ids)
+        if self.padding_idx is None:
+            return rows
+        return rows * (ids != self.padding_idx).unsqueeze(-1).to(rows.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, "
+            f"voc_modes={self.voc_modes}, emb_modes={self.emb_modes}, ranks={self.ranks}"
+        )
