@@ -8,9 +8,9 @@ Conventions (documented in the README):
 * **bytes**: parameters times the element size, plus, for sparse layers, the index cost of a CSR layout:
   one column index per nonzero and ``out_features + 1`` row pointers, int32 when every index fits, else int64.
 * **compression ratio** = dense size / compressed size, where the dense size counts every compressed layer as
-  the ``nn.Linear`` it replaces (``in * out`` weights plus ``out`` biases), and a low-rank embedding as the full
-  table. A tied output projection that shares a low-rank table's factors adds only its bias, as the tied dense
-  projection added nothing.
+  the ``nn.Linear`` it replaces (``in * out`` weights plus ``out`` biases), and a compressed (low-rank or TT)
+  embedding as the full table. A tied output projection that shares a compressed table's factors or cores adds
+  only its bias, as the tied dense projection added nothing.
 """
 
 from __future__ import annotations

@@ -127,3 +127,19 @@ def test_bad_input() -> None:
         layer(torch.tensor([-1]))
     with pytest.raises(TypeError, match="integer ids"):
         layer(torch.tensor([1.0]))
+
+
+@pytest.mark.slow
+def test_torch_compile() -> None:
+    """Lookups and tied logits trace into one graph each (``fullgraph``) and differentiate (as the linear layers'
+    test does, on the ``aot_eager`` backend)."""
+    torch.manual_seed(0)
+    layer = TTEmbedding(59, 12, padding_idx=0, ranks=3)
+    ids = torch.tensor([[0, 3, 58], [7, 7, 1]])
+    lookup = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(lookup(ids), layer(ids))
+    hidden = torch.randn(4, 12)
+    attend = torch.compile(layer.attend, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(attend(hidden), layer.attend(hidden))
+    (lookup(ids).sum() + attend(hidden).sum()).backward()
+    assert all(core.grad is not None and core.grad.abs().sum() > 0 for core in layer.cores)
