@@ -131,13 +131,13 @@ def test_tiny_study_end_to_end_then_skips_finished_rows(tmp_path: Path, capsys: 
     data = write_corpus(tmp_path / "data")
     out = tmp_path / "study"
     # tt-all-convert needs the original (run first, automatically); tt-3/4 of a 2+2 model is tt-all (round(1.5)==2)
-    assert run(study_argv(data, out, "tt-all-convert,tt-3/4,tt-all+attn+emb")) == 0
+    assert run(study_argv(data, out, "tt-all-convert,tt-3/4,tt-all+attn+emb,tt-all+ttemb")) == 0
     for name in ("table.md", "results.json", "bleu_vs_ratio.png", "study.json"):
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
     assert {"rows", "seed", "config", "command", "git_revision", "environment"} <= set(results)
     rows = {r["name"]: r for r in results["rows"]}
-    assert list(rows) == ["original", "tt-all", "tt-3/4", "tt-all-convert", "tt-all+attn+emb"]
+    assert list(rows) == ["original", "tt-all", "tt-3/4", "tt-all-convert", "tt-all+attn+emb", "tt-all+ttemb"]
     for r in rows.values():
         assert {"bleu", "bleu_seed", "params", "ratio", "ratio_ffn", "train_seconds", "infer_seconds"} <= set(r)
         assert 0.0 <= r["bleu_seed"] <= 1.0 and r["infer_seconds"] > 0 and r["sentences_per_s"] > 0
@@ -154,6 +154,12 @@ def test_tiny_study_end_to_end_then_skips_finished_rows(tmp_path: Path, capsys: 
     assert emb["ratio"] > rows["tt-all"]["ratio"]
     assert emb["params_embeddings"] < original["params_embeddings"]
     assert emb["params_attention"] < original["params_attention"]
+    ttemb = rows["tt-all+ttemb"]
+    assert "emb tt ranks=16" in ttemb["method"]
+    tt_model = load_model(load_checkpoint(out / "rows" / "tt-all+ttemb" / "checkpoint_best.pt"))
+    assert type(tt_model.src_embed).__name__ == "TTEmbedding" and tt_model.tgt_embed is tt_model.src_embed
+    assert ttemb["params_embeddings"] == tt_model.src_embed.num_stored_params()  # (rank 16 is no saving at tiny size)
+    assert parameter_report(tt_model)["total"] == ttemb["params"]
 
     # parameters agree with parameter_report of the checkpoints' models (and the dense total with the original)
     study = StudyConfig("plain", str(out), str(data), "tiny")

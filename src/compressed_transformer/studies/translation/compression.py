@@ -25,9 +25,19 @@ def factorize_embeddings_(model: Transformer, rank: int) -> None:
         compress_(model, "svd", filter=r"^output$", rank=rank)
 
 
+def tt_embeddings_(model: Transformer, **options) -> None:
+    """Replace the model's embedding table(s) by :class:`~compressed_transformer.layers.TTEmbedding` with
+    ``options`` (a tied output projection shares its cores), in place; a separate output projection
+    (``tie_output=False``) becomes a ``TTLinear`` through ``compress_``."""
+    compress_embeddings_(model, "tt", filter=r"^(src|tgt)_embed$", **options)
+    if model.output is not None:
+        tt_options = {k: v for k, v in options.items() if k in ("ranks", "eps")}
+        compress_(model, "tt", filter=r"^output$", **tt_options)
+
+
 def row_prepare(row: Row) -> Callable[[Transformer], None] | None:
     """The in-place change the trainer applies to ``row``'s built model (``None`` for FFN-only rows)."""
-    if row.attention is None and not row.embed_rank:
+    if row.attention is None and not row.embed_rank and row.embed_tt is None:
         return None
 
     def prepare(model: Transformer) -> None:
@@ -35,5 +45,7 @@ def row_prepare(row: Row) -> Callable[[Transformer], None] | None:
             compress_(model, row.attention.method, filter=ATTENTION_PROJECTIONS, **dict(row.attention.options))
         if row.embed_rank:
             factorize_embeddings_(model, row.embed_rank)
+        if row.embed_tt is not None:
+            tt_embeddings_(model, **dict(row.embed_tt))
 
     return prepare

@@ -91,6 +91,8 @@ class Row:
         attention: also compress every attention projection (``None``: they stay dense).
         embed_rank: also factorise the embedding table (and so the tied output projection) to this rank
             (0: full table).
+        embed_tt: instead, make the table a TT-matrix with these :class:`~compressed_transformer.layers.TTEmbedding`
+            options (e.g. ``{"ranks": 16}``); ``None``: no TT table.
         note: what the row is, for the table.
     """
 
@@ -101,6 +103,7 @@ class Row:
     half_layers: bool = False
     attention: AttentionCompression | None = None
     embed_rank: int = 0
+    embed_tt: Mapping[str, Any] | None = None
     note: str = ""
 
     def __post_init__(self) -> None:
@@ -110,6 +113,8 @@ class Row:
             raise ValueError(f"schedule must be 'train' or 'fine_tune', got {self.schedule!r}")
         if self.embed_rank < 0:
             raise ValueError(f"embed_rank must be >= 0, got {self.embed_rank}")
+        if self.embed_rank and self.embed_tt is not None:
+            raise ValueError("a row compresses its embedding table one way: embed_rank or embed_tt, not both")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -120,6 +125,7 @@ class Row:
             "half_layers": self.half_layers,
             "attention": None if self.attention is None else self.attention.to_dict(),
             "embed_rank": self.embed_rank,
+            "embed_tt": None if self.embed_tt is None else dict(self.embed_tt),
             "note": self.note,
         }
 
@@ -141,10 +147,14 @@ ROW_NAMES: dict[str, tuple[str, ...]] = {
         "tt-all+attn",
         "tt-all+emb",
         "tt-all+attn+emb",
+        "tt-all+ttemb",
     ),
     "iwslt14": ("original", "tt-all", "tt-1/2", "tucker-all"),
 }
 ROW_NAMES["plain"] = ROW_NAMES["multi30k"]
+
+
+TT_EMBEDDING_RANK = 16  # TT-ranks of the ``tt-all+ttemb`` table (Hrinchuk et al. 2020 use 16-64 for translation)
 
 
 def rows_for(dataset: str, base: TransformerConfig) -> dict[str, Row]:
@@ -217,6 +227,12 @@ def rows_for(dataset: str, base: TransformerConfig) -> dict[str, Row]:
             attention=attention,
             embed_rank=side_rank,
             note="TT FFNs, low-rank attention projections and embedding/output table, from scratch",
+        ),
+        Row(
+            "tt-all+ttemb",
+            FFNSpec("tt", tt, "all"),
+            embed_tt={"ranks": TT_EMBEDDING_RANK},
+            note="TT FFNs and a TT embedding/output table (Hrinchuk et al. 2020; attention dense), from scratch",
         ),
     ]
     by_name = {row.name: row for row in rows}

@@ -76,6 +76,8 @@ def row_train_config(row: Row, study: StudyConfig, out: Path) -> TrainConfig:
         extra["attention"] = row.attention.to_dict() | {"filter": ATTENTION_PROJECTIONS}
     if row.embed_rank:
         extra["embed_rank"] = row.embed_rank
+    if row.embed_tt is not None:
+        extra["embed_tt"] = dict(row.embed_tt)
     return TrainConfig(
         dataset=study.dataset,
         data_dir=study.data_dir,
@@ -231,6 +233,8 @@ def describe_method(row: Row) -> str:
         text += f" + attn {row.attention.method} {opts(row.attention.options)}"
     if row.embed_rank:
         text += f" + emb rank={row.embed_rank}"
+    if row.embed_tt is not None:
+        text += f" + emb tt {opts(row.embed_tt)}"
     return text
 
 
