@@ -143,3 +143,24 @@ def test_torch_compile() -> None:
     torch.testing.assert_close(attend(hidden), layer.attend(hidden))
     (lookup(ids).sum() + attend(hidden).sum()).backward()
     assert all(core.grad is not None and core.grad.abs().sum() > 0 for core in layer.cores)
+
+
+def test_eval_lookups_and_logits_share_the_cached_table() -> None:
+    from compressed_transformer.layers._fast import cache_nbytes
+
+    torch.manual_seed(0)
+    layer = TTEmbedding(59, 12, padding_idx=3, ranks=3)
+    ids = torch.tensor([[0, 3, 58], [7, 7, 1]])
+    hidden = torch.randn(4, 12)
+    trained = layer(ids).detach()
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(ids), trained)
+        assert cache_nbytes(layer) == 60 * 12 * 4  # the padded table, built once
+        torch.testing.assert_close(layer.attend(hidden), hidden @ layer.to_dense().T)
+        assert cache_nbytes(layer) == 60 * 12 * 4
+        layer.cores[0].mul_(2)  # a changed core rebuilds the table
+        torch.testing.assert_close(layer(ids), tt_matrix_rows(list(layer.cores), ids) * (ids != 3).unsqueeze(-1))
+    layer.train()
+    layer(ids)
+    assert cache_nbytes(layer) == 0

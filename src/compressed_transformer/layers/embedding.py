@@ -12,6 +12,7 @@ from torch import nn
 from ..functional.matmul import low_rank_linear, matmul
 from ..functional.svd import truncated_svd
 from ..functional.tt import factorize, tt_matrix_from_dense, tt_matrix_rows, tt_vocab_modes
+from ._fast import layer_cache, params_of, prepare_forward
 from .tt import TTLinear
 
 __all__ = ["LowRankEmbedding", "TTEmbedding"]
@@ -133,10 +134,12 @@ class TTEmbedding(nn.Module):
     ``V..V'-1`` pad a vocabulary that factorises badly and are never looked up.
 
     A lookup contracts the cores' slices of each id (:func:`~compressed_transformer.functional.tt.tt_matrix_rows`)
-    and never builds the table. The table is held by ``table``, a bias-free :class:`~compressed_transformer.layers.
-    TTLinear` from ``embedding_dim`` to ``V'`` features, so :meth:`attend` (the logits of a tied output projection)
-    is that layer's factorised, cost-chosen product, and a tied ``nn.Linear`` can become a ``TTLinear`` sharing the
-    cores (:func:`~compressed_transformer.compress.compress_embeddings_`).
+    and never builds the table, except in eval mode without autograd, where lookups and :meth:`attend` share the
+    rebuilt table in ``table``'s eval cache (see :mod:`compressed_transformer.layers._fast`). The cores are held by
+    ``table``, a bias-free :class:`~compressed_transformer.layers.TTLinear` from ``embedding_dim`` to ``V'``
+    features, so :meth:`attend` (the logits of a tied output projection) is that layer's factorised, cost-chosen
+    product, and a tied ``nn.Linear`` can become a ``TTLinear`` sharing the cores
+    (:func:`~compressed_transformer.compress.compress_embeddings_`).
 
     Args:
         num_embeddings: vocabulary size ``V``.
@@ -288,7 +291,11 @@ class TTEmbedding(nn.Module):
             and not 0 <= int(ids.min()) <= int(ids.max()) < self.num_embeddings
         ):
             raise IndexError(f"ids must be in [0, {self.num_embeddings}), got [{int(ids.min())}, {int(ids.max())}]")
-        rows = tt_matrix_rows(list(self.cores), ids)
+        cores = params_of(self.table, "cores")
+        if prepare_forward(self.table, cores):  # eval without autograd: rows of the cached table (shared with attend)
+            rows = F.embedding(ids, layer_cache(self.table).get("dense", cores, self.table.to_dense))
+        else:
+            rows = tt_matrix_rows(cores, ids)
         if self.padding_idx is None:
             return rows
         return rows * (ids != self.padding_idx).unsqueeze(-1).to(rows.dtype)
