@@ -49,7 +49,7 @@ def test_bench_writes_rows_table_and_plot(tmp_path) -> None:
             assert r["ratio_to_dense"] == 1.0 and r["macs"] == (3 if r["pass"] == "train" else 1) * r["tokens"] * 512
     model_rows = [r for r in saved["rows"] if r["layer"].startswith("transformer-")]
     assert {(r["ffn"], r["pass"]) for r in model_rows} == {
-        (f, p) for f in ("dense", "tt", "tucker", "tt+emb") for p in ("train", "greedy", "beam")
+        (f, p) for f in ("dense", "tt", "tucker", "tt+emb", "tt+ttemb") for p in ("train", "greedy", "beam")
     }
 
 
@@ -110,6 +110,8 @@ def test_transformer_variants_swap_every_ffn_linear() -> None:
         assert isinstance(model, nn.Module)
     model = bench.build_transformer("tt+emb", spec, torch.device("cpu"), torch.float32)
     assert type(model.src_embed).__name__ == "LowRankEmbedding" and model.tgt_embed is model.src_embed
+    model = bench.build_transformer("tt+ttemb", spec, torch.device("cpu"), torch.float32)
+    assert type(model.src_embed).__name__ == "TTEmbedding" and model.tgt_embed is model.src_embed
     with pytest.raises(ValueError, match="unknown transformer variant 'tucker\\+emb'"):
         bench.build_transformer("tucker+emb", spec, torch.device("cpu"), torch.float32)
 

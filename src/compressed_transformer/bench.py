@@ -492,13 +492,15 @@ def bench_layers(
 # --- whole Transformer ----------------------------------------------------------------------------------------------
 
 
-TRANSFORMER_VARIANTS = ("dense", "tt", "tucker", "tt+emb")
+TRANSFORMER_VARIANTS = ("dense", "tt", "tucker", "tt+emb", "tt+ttemb")
+TT_TABLE_RANK = 16  # the ``tt+ttemb`` variant's table, as the study's ``tt-all+ttemb`` row
 
 
 def build_transformer(variant: str, spec: TransformerBench, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The benchmark Transformer with every FFN linear ``dense``, ``tt`` or ``tucker`` (the model's own
     :class:`~compressed_transformer.models.transformer.FFNSpec`, as the translation study builds it); ``tt+emb``:
-    TT FFNs and the shared embedding / tied output table low-rank, rank ``d_model / 4`` (the study's ``tt-all+emb``).
+    TT FFNs and the shared embedding / tied output table low-rank, rank ``d_model / 4`` (the study's ``tt-all+emb``);
+    ``tt+ttemb``: TT FFNs and a TT table of TT-ranks 16 (the study's ``tt-all+ttemb``).
 
     Raises:
         ValueError: for an unknown variant.
@@ -507,8 +509,8 @@ def build_transformer(variant: str, spec: TransformerBench, device: torch.device
     from .models.transformer import FFNSpec, Transformer, preset
 
     options = {"dense": {}, "tt": {"ranks": list(spec.tt_ranks)}, "tucker": {"ranks": spec.tucker_ranks}}
-    method, low_rank_table = variant.removesuffix("+emb"), variant.endswith("+emb")
-    if method not in options or (low_rank_table and method != "tt"):
+    method, _, table = variant.partition("+")
+    if method not in options or (table and (method != "tt" or table not in ("emb", "ttemb"))):
         raise ValueError(f"unknown transformer variant {variant!r}; use {', '.join(TRANSFORMER_VARIANTS)}")
     torch.manual_seed(0)
     config = preset(
@@ -518,8 +520,10 @@ def build_transformer(variant: str, spec: TransformerBench, device: torch.device
         ffn=FFNSpec(method, options[method]),
     )
     model = Transformer(config)
-    if low_rank_table:
+    if table == "emb":
         compress_embeddings_(model, rank=max(1, config.d_model // 4), filter=r"^(src|tgt)_embed$")
+    elif table == "ttemb":
+        compress_embeddings_(model, "tt", ranks=TT_TABLE_RANK, filter=r"^(src|tgt)_embed$")
     return model.to(device=device, dtype=dtype)
 
 
