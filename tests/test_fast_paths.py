@@ -88,9 +88,16 @@ def test_leading_dimensions_are_kept() -> None:
         assert_close(y, x @ weight.T)
 
 
+@pytest.mark.parametrize("shared_bmm", ["autograd", "function"])
 @pytest.mark.parametrize("chunk", [None, 3])
 @pytest.mark.parametrize("direction", ["ltr", "rtl"])
-def test_plan_gradients_equal_dense_gradients(direction: str, chunk: int | None) -> None:
+def test_plan_gradients_equal_dense_gradients(
+    direction: str, chunk: int | None, shared_bmm: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both backwards of a shared-matrix batched product: autograd's (small products) and the one-GEMM
+    autograd.Function (large ones)."""
+    threshold = 10**9 if shared_bmm == "autograd" else 0
+    monkeypatch.setattr("compressed_transformer.functional.tt.NATIVE_SHARED_BMM_MAX", threshold)
     cores = [c.requires_grad_() for c in tt_cores([2, 5, 3], [4, 3, 2], [1, 3, 4, 1])]
     bias = torch.randn(30, dtype=torch.float64, requires_grad=True)
     x = odd_input(7, 24).requires_grad_()
