@@ -222,3 +222,17 @@ def test_a_tt_embedding_table_in_the_transformer_matches_its_dense_table() -> No
         rebuilt.src_embed.weight.copy_(small.src_embed.to_dense())
         torch.testing.assert_close(small(src, tgt), rebuilt(src, tgt), rtol=1e-9, atol=1e-9)
     assert parameter_report(small)["embeddings"] == small.src_embed.num_stored_params()
+
+
+def test_compress_embeddings_of_an_untied_model_compresses_the_output_projection_too() -> None:
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", share_embeddings=False, tie_output=False))
+    assert model.compress_embeddings_("tt", ranks=2) is model
+    kinds = {type(m).__name__ for m in (model.src_embed, model.tgt_embed, model.output)}
+    assert kinds == {"TTEmbedding", "TTLinear"} and model.src_embed is not model.tgt_embed
+    svd = Transformer(preset("tiny", share_embeddings=False, tie_output=False)).compress_embeddings_("svd", rank=3)
+    assert type(svd.output).__name__ == "LowRankLinear" and svd.output.rank == 3
+    src, tgt = torch.randint(1, 64, (2, 5)), torch.randint(1, 64, (2, 4))
+    assert model(src, tgt).shape == svd(src, tgt).shape == (2, 4, 64)
+    with pytest.raises(ValueError, match="unknown embedding method"):
+        Transformer(preset("tiny")).compress_embeddings_("prune", sparsity=0.5)

@@ -230,3 +230,30 @@ def test_bad_input_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
                 "--download",
             ]
         )
+
+
+def test_compressed_embedding_tables_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from compressed_transformer.train.checkpoint import load_checkpoint, load_model
+
+    data = write_corpus(tmp_path / "data")
+    out = tmp_path / "run"
+    argv = [*TRAIN, "--data-dir", str(data), "--out", str(out), "--no-progress"]
+    assert run([*argv, "--max-steps", "2", "--embed", "tt", "--embed-opt", "ranks=2"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["compression_ratio"]["total"] > 1.0
+    assert json.loads((out / "config.json").read_text())["train"]["extra"]["embedding"] == {
+        "method": "tt",
+        "options": {"ranks": 2},
+    }
+    assert run([*argv, "--max-steps", "3", "--resume"]) == 0  # the resumed run rebuilds the same tables
+    model = load_model(load_checkpoint(out / "checkpoint_last.pt"))
+    assert type(model.src_embed).__name__ == "TTEmbedding" and model.tgt_embed is model.src_embed
+    assert model.src_embed.ranks[1] <= 2
+    with pytest.raises(ValueError, match=r"different run.*extra"):
+        run([*argv, "--max-steps", "4", "--resume", "--embed", "svd", "--embed-opt", "rank=2"])
+    with pytest.raises(ValueError, match=r"unknown --embed-opt \['rank'\] for 'tt'"):
+        run([*TRAIN, "--data-dir", str(data), "--out", str(tmp_path / "x"), "--max-steps", "1", "--embed", "tt",
+             "--embed-opt", "rank=2"])  # fmt: skip
+    with pytest.raises(ValueError, match="needs --embed-opt rank=R"):
+        run([*TRAIN, "--data-dir", str(data), "--out", str(tmp_path / "x"), "--max-steps", "1", "--embed", "svd"])
+    assert not (tmp_path / "x").exists()  # bad flags fail before any work

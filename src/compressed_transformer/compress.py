@@ -19,6 +19,7 @@ from .layers._common import copy_bias, resolve_modes
 
 __all__ = [
     "EMBEDDING_METHODS",
+    "EMBEDDING_OPTIONS",
     "CompressionReport",
     "LayerReport",
     "compress_",
@@ -453,7 +454,9 @@ def replace_module(model: nn.Module, names: list[str], new: nn.Module) -> None:
         setattr(model.get_submodule(parent_name), child, new)
 
 
-EMBEDDING_METHODS = ("svd", "tt")
+# Embedding compression method -> its options (``compress_embeddings_``).
+EMBEDDING_OPTIONS: dict[str, tuple[str, ...]] = {"svd": ("rank",), "tt": ("ranks", "eps", "voc_modes", "emb_modes")}
+EMBEDDING_METHODS = tuple(EMBEDDING_OPTIONS)
 
 
 def _tied_projection(method: str, layer: nn.Module, linear: nn.Linear, name: str) -> nn.Module:
@@ -517,7 +520,7 @@ def compress_embeddings_(
     """
     if method not in EMBEDDING_METHODS:
         raise ValueError(f"unknown embedding method {method!r}; choose one of {', '.join(EMBEDDING_METHODS)}")
-    known = {"svd": {"rank"}, "tt": {"ranks", "eps", "voc_modes", "emb_modes"}}[method]
+    known = set(EMBEDDING_OPTIONS[method])
     if set(options) - known:
         raise ValueError(f"unknown options {sorted(set(options) - known)} for {method!r}; known: {sorted(known)}")
     if method == "svd" and "rank" not in options:

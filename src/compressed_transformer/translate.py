@@ -20,7 +20,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_configs", "parse_option", "register"]
+__all__ = ["build_configs", "embedding_prepare", "parse_option", "register"]
 
 
 def parse_option(text: str) -> tuple[str, Any]:
@@ -129,6 +129,8 @@ def build_configs(args: argparse.Namespace):
         "keep_checkpoints": args.keep_checkpoints,
     }
     train.update({k: v for k, v in flags.items() if v is not None})
+    if args.embed or args.embed_opt:
+        train["extra"] = {**train.get("extra", {}), "embedding": _embedding_spec(args, train.get("extra", {}))}
     if args.download:
         train["download"] = True
     if args.no_progress:
@@ -140,12 +142,45 @@ def build_configs(args: argparse.Namespace):
     return model_config, TrainConfig(**train)
 
 
+def _embedding_spec(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
+    """``{"method", "options"}`` of ``--embed`` / ``--embed-opt`` (over a resumed run's), checked before any work.
+
+    Raises:
+        ValueError: for an unknown method or option.
+    """
+    from compressed_transformer.compress import EMBEDDING_OPTIONS
+
+    saved = extra.get("embedding") or {}
+    method = args.embed or saved.get("method")
+    if method not in EMBEDDING_OPTIONS:
+        raise ValueError(f"--embed must be one of {', '.join(EMBEDDING_OPTIONS)}, got {method!r}")
+    options = dict(saved.get("options", {})) if method == saved.get("method") else {}
+    options.update(parse_option(text) for text in args.embed_opt or [])
+    unknown = sorted(set(options) - set(EMBEDDING_OPTIONS[method]))
+    if unknown:
+        raise ValueError(f"unknown --embed-opt {unknown} for {method!r}; known: {list(EMBEDDING_OPTIONS[method])}")
+    if method == "svd" and "rank" not in options:
+        raise ValueError("--embed svd needs --embed-opt rank=R")
+    if method == "tt" and not {"ranks", "eps"} & set(options):
+        raise ValueError("--embed tt needs --embed-opt ranks=R (and/or eps=E)")
+    return {"method": method, "options": options}
+
+
+def embedding_prepare(train_config) -> Any:
+    """The trainer's ``prepare`` for a run whose ``extra["embedding"]`` compresses the embedding table(s), else
+    ``None`` (see :meth:`~compressed_transformer.models.transformer.Transformer.compress_embeddings_`)."""
+    spec = train_config.extra.get("embedding")
+    if not spec:
+        return None
+    return lambda model: model.compress_embeddings_(spec["method"], **spec["options"])
+
+
 def _train(args: argparse.Namespace) -> int:
     from compressed_transformer.train.trainer import TrainingDiverged, train
 
     model_config, train_config = build_configs(args)
     try:
-        summary = train(model_config, train_config, resume=args.resume)
+        summary = train(model_config, train_config, resume=args.resume, prepare=embedding_prepare(train_config))
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -316,6 +351,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--ffn", help="FFN method: dense, tt, tucker, svd, prune, svd-o")
     train.add_argument("--ffn-opt", action="append", metavar="KEY=VALUE", help="FFN option, e.g. ranks=1,2,2,2,2,1")
     train.add_argument("--ffn-blocks", help="all, none, encoder, decoder, 1/2, 'enc:0,1;dec:2' or '0,1,7'")
+    train.add_argument(
+        "--embed",
+        choices=("svd", "tt"),
+        help="also compress the embedding table(s) and tied output: svd (--embed-opt rank=64) or tt (ranks=16)",
+    )
+    train.add_argument("--embed-opt", action="append", metavar="KEY=VALUE", help="embedding option, e.g. ranks=16")
     train.add_argument("--out", help="run folder (config, metrics, checkpoints)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoint_last.pt")
     train.add_argument("--init-from", help="trained dense checkpoint to compress and fine-tune")

@@ -482,6 +482,24 @@ class Transformer(nn.Module):
             with torch.no_grad():
                 embed.weight[self.config.pad_id].zero_()
 
+    def compress_embeddings_(self, method: str, **options: Any) -> Transformer:
+        """Replace the embedding table(s) by compressed ones, in place (:func:`~compressed_transformer.compress.
+        compress_embeddings_`: ``"svd"`` with ``rank=``, ``"tt"`` with ``ranks=`` / ``eps=``): a shared source /
+        target table stays one module, the tied logits go through its factors or cores (``attend``), and a separate
+        output projection (``tie_output=False``) gets the same method (``svd`` of ``rank``, ``tt`` of ``ranks`` /
+        ``eps``). Returns ``self``.
+
+        Raises:
+            ValueError: for an unknown method or bad options (the model is then unchanged).
+        """
+        from compressed_transformer.compress import compress_, compress_embeddings_  # the library, when needed
+
+        compress_embeddings_(self, method, filter=r"^(src|tgt)_embed$", **options)
+        if self.output is not None:
+            linear = {k: v for k, v in options.items() if k in ("rank", "ranks", "eps")}
+            compress_(self, method, filter=r"^output$", **linear)
+        return self
+
     def _embed(self, embed: nn.Embedding, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
         length = tokens.shape[1]
         if offset + length > self.config.max_positions:
@@ -503,7 +521,7 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``(..., d) -> (..., vocab)``."""
-        if self.output is None and hasattr(self.tgt_embed, "attend"):  # a LowRankEmbedding: through its factors
+        if self.output is None and hasattr(self.tgt_embed, "attend"):  # a compressed table: through its factors
             return self.tgt_embed.attend(hidden)
         if self.output is None:
             return F.linear(hidden, self.tgt_embed.weight)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ...compress import compress_, compress_embeddings_
+from ...compress import compress_
 from ...models.transformer import Transformer
 from .rows import ATTENTION_PROJECTIONS, Row
 
@@ -15,24 +15,9 @@ from .rows import ATTENTION_PROJECTIONS, Row
 
 def factorize_embeddings_(model: Transformer, rank: int) -> None:
     """Replace the model's embedding table(s) by :class:`~compressed_transformer.layers.LowRankEmbedding` of
-    ``rank``, in place (:func:`~compressed_transformer.compress.compress_embeddings_`).
-
-    A shared source/target table stays shared (one module); a separate output projection (``tie_output=False``)
-    becomes a rank-``rank`` ``LowRankLinear`` through ``compress_``.
-    """
-    compress_embeddings_(model, rank=rank, filter=r"^(src|tgt)_embed$")
-    if model.output is not None:
-        compress_(model, "svd", filter=r"^output$", rank=rank)
-
-
-def tt_embeddings_(model: Transformer, **options) -> None:
-    """Replace the model's embedding table(s) by :class:`~compressed_transformer.layers.TTEmbedding` with
-    ``options`` (a tied output projection shares its cores), in place; a separate output projection
-    (``tie_output=False``) becomes a ``TTLinear`` through ``compress_``."""
-    compress_embeddings_(model, "tt", filter=r"^(src|tgt)_embed$", **options)
-    if model.output is not None:
-        tt_options = {k: v for k, v in options.items() if k in ("ranks", "eps")}
-        compress_(model, "tt", filter=r"^output$", **tt_options)
+    ``rank``, in place (:meth:`Transformer.compress_embeddings_ <compressed_transformer.models.transformer.
+    Transformer.compress_embeddings_>`; a separate output projection becomes a rank-``rank`` ``LowRankLinear``)."""
+    model.compress_embeddings_("svd", rank=rank)
 
 
 def row_prepare(row: Row) -> Callable[[Transformer], None] | None:
@@ -46,6 +31,6 @@ def row_prepare(row: Row) -> Callable[[Transformer], None] | None:
         if row.embed_rank:
             factorize_embeddings_(model, row.embed_rank)
         if row.embed_tt is not None:
-            tt_embeddings_(model, **dict(row.embed_tt))
+            model.compress_embeddings_("tt", **dict(row.embed_tt))
 
     return prepare
