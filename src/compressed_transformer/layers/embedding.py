@@ -144,8 +144,9 @@ class TTEmbedding(nn.Module):
     Args:
         num_embeddings: vocabulary size ``V``.
         embedding_dim: width of each embedding.
-        padding_idx: this id embeds to zeros and passes no gradient (as in ``nn.Embedding``); ``to_dense`` and
-            :meth:`attend` see a zero row there too.
+        padding_idx: this id embeds to zeros and passes no gradient from lookups (as ``nn.Embedding``'s zero
+            padding row). The table's row there (``to_dense``, and the tied logits of :meth:`attend`) is whatever
+            the cores give: a tied output projection trains it, as it trains a dense table's padding row.
         voc_modes: vocabulary modes, product ``>= num_embeddings``; default :func:`~compressed_transformer.
             functional.tt.tt_vocab_modes` with as many modes as ``emb_modes`` (3 when both are omitted).
         emb_modes: factors of ``embedding_dim``; balanced when omitted.
@@ -254,13 +255,9 @@ class TTEmbedding(nn.Module):
                 param.copy_(core)
         return layer
 
-    def _pad_index(self, values: torch.Tensor) -> torch.Tensor:
-        return torch.tensor([self.padding_idx], device=values.device)
-
     def to_dense(self) -> torch.Tensor:
-        """The represented table, ``(num_embeddings, embedding_dim)`` (padding row zero)."""
-        table = self.table.to_dense()[: self.num_embeddings]
-        return table if self.padding_idx is None else table.index_fill(0, self._pad_index(table), 0)
+        """The represented table, ``(num_embeddings, embedding_dim)``."""
+        return self.table.to_dense()[: self.num_embeddings]
 
     @property
     def weight(self) -> torch.Tensor:
@@ -273,10 +270,8 @@ class TTEmbedding(nn.Module):
         Shape:
             ``(..., embedding_dim)`` -> ``(..., num_embeddings)``.
         """
-        logits = self.table(hidden)[..., : self.num_embeddings]
-        if self.padding_idx is None:
-            return logits
-        return logits.index_fill(-1, self._pad_index(logits), 0)
+        logits = self.table(hidden)
+        return logits if logits.shape[-1] == self.num_embeddings else logits[..., : self.num_embeddings]
 
     def num_stored_params(self) -> int:
         """``sum_k r_{k-1} v_k e_k r_k``."""
