@@ -402,3 +402,32 @@ def test_compress_embeddings_tt_errors_leave_the_model_alone() -> None:
     untied = nn.ModuleDict({"embed": nn.Embedding(41, 12)})
     compress_embeddings_(untied, "tt", ranks=2, voc_modes=[7, 6], emb_modes=[3, 4])
     assert untied["embed"].to_dense().shape == (41, 12)
+
+
+@pytest.mark.parametrize("method", ["svd", "tt"])
+def test_compress_embeddings_to_a_ratio_takes_the_largest_rank_that_fits(method: str) -> None:
+    from compressed_transformer.layers import TTEmbedding
+
+    model = _TiedLM()
+    report = compress_embeddings_(model, method, ratio=4)
+    row = report.rows[0]
+    assert row.params_after <= 40 * 12 / 4 and row.ratio >= 4
+    # one rank more would not fit
+    bigger = (
+        LowRankEmbedding(40, 12, row.options["rank"] + 1)
+        if method == "svd"
+        else TTEmbedding(
+            40,
+            12,
+            voc_modes=row.options["voc_modes"],
+            emb_modes=model.embed.emb_modes,
+            ranks=max(row.options["ranks"]) + 1,
+        )
+    )
+    assert bigger.num_stored_params() > 40 * 12 / 4
+    with pytest.raises(ValueError, match="ratio= chooses the rank"):
+        compress_embeddings_(_TiedLM(), method, ratio=4, **({"rank": 2} if method == "svd" else {"ranks": 2}))
+    with pytest.raises(ValueError, match="out of reach"):
+        compress_embeddings_(_TiedLM(), method, ratio=1000)
+    with pytest.raises(ValueError, match="ratio must be > 1"):
+        compress_embeddings_(_TiedLM(), method, ratio=0.5)

@@ -252,8 +252,21 @@ def test_compressed_embedding_tables_from_the_command_line(tmp_path: Path, capsy
     with pytest.raises(ValueError, match=r"different run.*extra"):
         run([*argv, "--max-steps", "4", "--resume", "--embed", "svd", "--embed-opt", "rank=2"])
     with pytest.raises(ValueError, match=r"unknown --embed-opt \['rank'\] for 'tt'"):
-        run([*TRAIN, "--data-dir", str(data), "--out", str(tmp_path / "x"), "--max-steps", "1", "--embed", "tt",
-             "--embed-opt", "rank=2"])  # fmt: skip
+        run(
+            [
+                *TRAIN,
+                "--data-dir",
+                str(data),
+                "--out",
+                str(tmp_path / "x"),
+                "--max-steps",
+                "1",
+                "--embed",
+                "tt",
+                "--embed-opt",
+                "rank=2",
+            ]
+        )
     with pytest.raises(ValueError, match="needs --embed-opt rank=R"):
         run([*TRAIN, "--data-dir", str(data), "--out", str(tmp_path / "x"), "--max-steps", "1", "--embed", "svd"])
     assert not (tmp_path / "x").exists()  # bad flags fail before any work

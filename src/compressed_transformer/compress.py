@@ -488,8 +488,34 @@ def _tied_projection(method: str, layer: nn.Module, linear: nn.Linear, name: str
     return projection
 
 
+def _embedding_budget(method: str, table: nn.Embedding, ratio: float, options: dict[str, Any]) -> dict[str, Any]:
+    """The largest ``rank`` (``svd``) or uniform TT-rank (``tt``) that stores ``table`` at least ``ratio`` times
+    smaller.
+
+    Raises:
+        ValueError: if even rank 1 is too large.
+    """
+    num, dim = table.num_embeddings, table.embedding_dim
+    budget = num * dim / ratio
+    if method == "svd":
+        rank = min(int(budget // (num + dim)), num, dim)
+        if rank < 1:
+            raise _too_small(ratio, num + dim, int(budget))
+        return {"rank": rank}
+    probe = TTEmbedding(num, dim, voc_modes=options.get("voc_modes"), emb_modes=options.get("emb_modes"), device="meta")
+    shape = [v * e for v, e in zip(probe.voc_modes, probe.emb_modes, strict=True)]
+    chosen = None
+    for rank in range(1, max(max_tt_ranks(shape)) + 1):
+        if tt_matrix_params(probe.voc_modes, probe.emb_modes, resolve_tt_ranks(rank, shape)) > budget:
+            break
+        chosen = rank
+    if chosen is None:
+        raise _too_small(ratio, tt_matrix_params(probe.voc_modes, probe.emb_modes, [1] * (len(shape) + 1)), int(budget))
+    return {"ranks": chosen, "voc_modes": probe.voc_modes, "emb_modes": probe.emb_modes}
+
+
 def compress_embeddings_(
-    model: nn.Module, method: str = "svd", *, filter: Filter = None, **options: Any
+    model: nn.Module, method: str = "svd", *, filter: Filter = None, ratio: float | None = None, **options: Any
 ) -> CompressionReport:
     """Replace the selected ``nn.Embedding`` modules of ``model`` by compressed tables, in place:
 
@@ -507,6 +533,8 @@ def compress_embeddings_(
         model: any ``nn.Module``; its submodules are replaced.
         method: ``"svd"`` or ``"tt"``.
         filter: which ``nn.Embedding`` modules, as in :func:`compress_`.
+        ratio: instead of ``rank`` / ``ranks`` / ``eps``: the largest rank (``svd``) or uniform TT-rank (``tt``)
+            that stores every selected table at least ``ratio`` times smaller.
         **options: the method's options (above).
 
     Returns:
@@ -523,8 +551,13 @@ def compress_embeddings_(
     known = set(EMBEDDING_OPTIONS[method])
     if set(options) - known:
         raise ValueError(f"unknown options {sorted(set(options) - known)} for {method!r}; known: {sorted(known)}")
-    if method == "svd" and "rank" not in options:
-        raise ValueError("compress_embeddings_(model, 'svd') needs rank=")
+    if ratio is not None:
+        if not ratio > 1:
+            raise ValueError(f"ratio must be > 1, got {ratio}")
+        if {"rank", "ranks", "eps"} & set(options):
+            raise ValueError("ratio= chooses the rank: pass it instead of rank= / ranks= / eps=")
+    elif method == "svd" and "rank" not in options:
+        raise ValueError("compress_embeddings_(model, 'svd') needs rank= or ratio=")
     embeddings = _select(model, filter, nn.Embedding)
     if any(name == "" for name, _ in embeddings):
         raise ValueError(
@@ -540,7 +573,8 @@ def compress_embeddings_(
     with torch.no_grad():
         plan = []
         for name, table in embeddings:
-            layer = build(table, **options)
+            picked = _embedding_budget(method, table, ratio, options) if ratio is not None else {}
+            layer = build(table, **{**options, **picked})
             projections = [(n, linear, _tied_projection(method, layer, linear, n)) for n, linear in tied[id(table)]]
             plan.append((name, table, layer, projections))
         report = CompressionReport(f"{method}-embedding")
