@@ -289,8 +289,9 @@ class TTEmbedding(nn.Module):
         cores = params_of(self.table, "cores")
         if prepare_forward(self.table, cores):  # eval without autograd: rows of the cached table (shared with attend)
             rows = F.embedding(ids, layer_cache(self.table).get("dense", cores, self.table.to_dense))
-        else:
-            rows = tt_matrix_rows(cores, ids)
+        else:  # each distinct id once (text repeats ids: a 2048-token batch of Multi30k has ~900 distinct)
+            distinct, inverse = torch.unique(ids, return_inverse=True)
+            rows = F.embedding(inverse, tt_matrix_rows(cores, distinct))
         if self.padding_idx is None:
             return rows
         return rows * (ids != self.padding_idx).unsqueeze(-1).to(rows.dtype)
