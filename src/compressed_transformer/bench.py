@@ -505,7 +505,6 @@ def build_transformer(variant: str, spec: TransformerBench, device: torch.device
     Raises:
         ValueError: for an unknown variant.
     """
-    from .compress import compress_embeddings_
     from .models.transformer import FFNSpec, Transformer, preset
 
     options = {"dense": {}, "tt": {"ranks": list(spec.tt_ranks)}, "tucker": {"ranks": spec.tucker_ranks}}
@@ -521,9 +520,9 @@ def build_transformer(variant: str, spec: TransformerBench, device: torch.device
     )
     model = Transformer(config)
     if table == "emb":
-        compress_embeddings_(model, rank=max(1, config.d_model // 4), filter=r"^(src|tgt)_embed$")
+        model.compress_embeddings_("svd", rank=max(1, config.d_model // 4))
     elif table == "ttemb":
-        compress_embeddings_(model, "tt", ranks=TT_TABLE_RANK, filter=r"^(src|tgt)_embed$")
+        model.compress_embeddings_("tt", ranks=TT_TABLE_RANK)
     return model.to(device=device, dtype=dtype)
 
 
