@@ -238,17 +238,23 @@ def test_compressed_embedding_tables_from_the_command_line(tmp_path: Path, capsy
     data = write_corpus(tmp_path / "data")
     out = tmp_path / "run"
     argv = [*TRAIN, "--data-dir", str(data), "--out", str(out), "--no-progress"]
-    assert run([*argv, "--max-steps", "2", "--embed", "tt", "--embed-opt", "ranks=2"]) == 0
+    compressed = ["--embed", "tt", "--embed-opt", "ranks=2", "--attn", "svd", "--attn-opt", "rank=4"]
+    assert run([*argv, "--max-steps", "2", *compressed]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["compression_ratio"]["total"] > 1.0
-    assert json.loads((out / "config.json").read_text())["train"]["extra"]["embedding"] == {
-        "method": "tt",
-        "options": {"ranks": 2},
+    extra = json.loads((out / "config.json").read_text())["train"]["extra"]
+    assert extra == {
+        "embedding": {"method": "tt", "options": {"ranks": 2}},
+        "attention": {"method": "svd", "options": {"rank": 4}},
     }
-    assert run([*argv, "--max-steps", "3", "--resume"]) == 0  # the resumed run rebuilds the same tables
+    assert run([*argv, "--max-steps", "3", "--resume"]) == 0  # the resumed run rebuilds the same layers
     model = load_model(load_checkpoint(out / "checkpoint_last.pt"))
     assert type(model.src_embed).__name__ == "TTEmbedding" and model.tgt_embed is model.src_embed
     assert model.src_embed.ranks[1] <= 2
+    projections = [m for n, m in model.named_modules() if n.endswith(("q_proj", "k_proj", "v_proj", "out_proj"))]
+    assert projections and all(type(m).__name__ == "LowRankLinear" and m.rank == 4 for m in projections)
+    with pytest.raises(ValueError, match="--attn must be one of"):
+        run([*TRAIN, "--data-dir", str(data), "--out", str(tmp_path / "x"), "--max-steps", "1", "--attn", "fft"])
     with pytest.raises(ValueError, match=r"different run.*extra"):
         run([*argv, "--max-steps", "4", "--resume", "--embed", "svd", "--embed-opt", "rank=2"])
     with pytest.raises(ValueError, match=r"unknown --embed-opt \['rank'\] for 'tt'"):

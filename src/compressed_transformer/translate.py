@@ -20,7 +20,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_configs", "embedding_prepare", "parse_option", "register"]
+__all__ = ["build_configs", "model_prepare", "parse_option", "register"]
 
 
 def parse_option(text: str) -> tuple[str, Any]:
@@ -131,6 +131,8 @@ def build_configs(args: argparse.Namespace):
     train.update({k: v for k, v in flags.items() if v is not None})
     if args.embed or args.embed_opt:
         train["extra"] = {**train.get("extra", {}), "embedding": _embedding_spec(args, train.get("extra", {}))}
+    if args.attn or args.attn_opt:
+        train["extra"] = {**train.get("extra", {}), "attention": _attention_spec(args, train.get("extra", {}))}
     if args.download:
         train["download"] = True
     if args.no_progress:
@@ -166,13 +168,39 @@ def _embedding_spec(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str
     return {"method": method, "options": options}
 
 
-def embedding_prepare(train_config) -> Any:
-    """The trainer's ``prepare`` for a run whose ``extra["embedding"]`` compresses the embedding table(s), else
-    ``None`` (see :meth:`~compressed_transformer.models.transformer.Transformer.compress_embeddings_`)."""
-    spec = train_config.extra.get("embedding")
-    if not spec:
+def _attention_spec(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
+    """``{"method", "options"}`` of ``--attn`` / ``--attn-opt`` (over a resumed run's).
+
+    Raises:
+        ValueError: for an unknown method.
+    """
+    from compressed_transformer.layers import METHODS
+
+    saved = extra.get("attention") or {}
+    method = args.attn or saved.get("method")
+    if method not in METHODS:
+        raise ValueError(f"--attn must be one of {', '.join(METHODS)}, got {method!r}")
+    options = dict(saved.get("options", {})) if method == saved.get("method") else {}
+    options.update(parse_option(text) for text in args.attn_opt or [])
+    return {"method": method, "options": options}
+
+
+def model_prepare(train_config) -> Any:
+    """The trainer's ``prepare`` for a run whose ``extra`` compresses the attention projections
+    (``extra["attention"]``, :meth:`~compressed_transformer.models.transformer.Transformer.compress_attention_`)
+    and/or the embedding table(s) (``extra["embedding"]``, :meth:`~compressed_transformer.models.transformer.
+    Transformer.compress_embeddings_`); ``None`` when it compresses neither."""
+    attention, embedding = train_config.extra.get("attention"), train_config.extra.get("embedding")
+    if not attention and not embedding:
         return None
-    return lambda model: model.compress_embeddings_(spec["method"], **spec["options"])
+
+    def prepare(model) -> None:
+        if attention:
+            model.compress_attention_(attention["method"], **attention["options"])
+        if embedding:
+            model.compress_embeddings_(embedding["method"], **embedding["options"])
+
+    return prepare
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -180,7 +208,7 @@ def _train(args: argparse.Namespace) -> int:
 
     model_config, train_config = build_configs(args)
     try:
-        summary = train(model_config, train_config, resume=args.resume, prepare=embedding_prepare(train_config))
+        summary = train(model_config, train_config, resume=args.resume, prepare=model_prepare(train_config))
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -357,6 +385,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="also compress the embedding table(s) and tied output: svd (--embed-opt rank=64) or tt (ranks=16)",
     )
     train.add_argument("--embed-opt", action="append", metavar="KEY=VALUE", help="embedding option, e.g. ranks=16")
+    train.add_argument(
+        "--attn", help="also compress every attention projection: any FFN method, e.g. svd (--attn-opt rank=64)"
+    )
+    train.add_argument("--attn-opt", action="append", metavar="KEY=VALUE", help="attention option, e.g. rank=64")
     train.add_argument("--out", help="run folder (config, metrics, checkpoints)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoint_last.pt")
     train.add_argument("--init-from", help="trained dense checkpoint to compress and fine-tune")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "ATTENTION_PROJECTIONS",
     "FFN_METHODS",
     "PRESETS",
     "FFNSpec",
@@ -436,6 +437,10 @@ def sinusoidal_positions(length: int, width: int) -> torch.Tensor:
     return table
 
 
+# The attention projections' qualified names (a ``compress_`` filter).
+ATTENTION_PROJECTIONS = r"(self_attn|cross_attn)\.(q|k|v|out)_proj$"
+
+
 class Transformer(nn.Module):
     """Encoder-decoder Transformer for translation.
 
@@ -481,6 +486,19 @@ class Transformer(nn.Module):
             nn.init.normal_(embed.weight, std=self.config.d_model**-0.5)
             with torch.no_grad():
                 embed.weight[self.config.pad_id].zero_()
+
+    def compress_attention_(self, method: str, **options: Any) -> Transformer:
+        """Compress every attention projection (``q``, ``k``, ``v``, ``out`` of self- and cross-attention, the
+        modules :data:`ATTENTION_PROJECTIONS` selects) with :func:`~compressed_transformer.compress.compress_`
+        (any method, e.g. ``"svd"`` with ``rank=``, or ``ratio=``), in place. Returns ``self``.
+
+        Raises:
+            ValueError: for an unknown method or bad options (the model is then unchanged).
+        """
+        from compressed_transformer.compress import compress_  # the library, when needed
+
+        compress_(self, method, filter=ATTENTION_PROJECTIONS, **options)
+        return self
 
     def compress_embeddings_(self, method: str, **options: Any) -> Transformer:
         """Replace the embedding table(s) by compressed ones, in place (:func:`~compressed_transformer.compress.

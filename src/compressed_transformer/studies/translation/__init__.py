@@ -23,6 +23,7 @@ lowercased 13a-tokenised BLEU on a 0-1 scale, comparable with the seed's figures
 """
 
 from ...layers import LowRankEmbedding
+from ...models.transformer import ATTENTION_PROJECTIONS
 from .budgets import BUDGETS, Budget, Schedule, StudyConfig
 from .budgets import _budget as _budget
 from .cli import config_from_args as config_from_args
@@ -31,7 +32,6 @@ from .cli import register
 from .compression import factorize_embeddings_, row_prepare
 from .report import format_table, plot_bleu_vs_ratio, write_outputs
 from .rows import (
-    ATTENTION_PROJECTIONS,
     DATASETS,
     ROW_NAMES,
     SEED_POINTS,

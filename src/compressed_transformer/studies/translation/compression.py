@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ...compress import compress_
 from ...models.transformer import Transformer
-from .rows import ATTENTION_PROJECTIONS, Row
+from .rows import Row
 
 # ---------------------------------------------------------------------------------------------------------------
 # Compressions the model config cannot describe: attention projections and embeddings (applied by ``prepare``)
@@ -27,7 +26,7 @@ def row_prepare(row: Row) -> Callable[[Transformer], None] | None:
 
     def prepare(model: Transformer) -> None:
         if row.attention is not None:
-            compress_(model, row.attention.method, filter=ATTENTION_PROJECTIONS, **dict(row.attention.options))
+            model.compress_attention_(row.attention.method, **dict(row.attention.options))
         if row.embed_rank:
             factorize_embeddings_(model, row.embed_rank)
         if row.embed_tt is not None:

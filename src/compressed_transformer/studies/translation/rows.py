@@ -15,7 +15,6 @@ SEED_TT_RANKS = (1, 2, 2, 2, 2, 1)
 SEED_TUCKER_RANKS = 2
 
 # Qualified names of the attention projections (all nn.Linear) of every encoder and decoder layer.
-ATTENTION_PROJECTIONS = r"(self_attn|cross_attn)\.(q|k|v|out)_proj$"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -68,7 +67,8 @@ SEED_POINTS: dict[str, dict[str, SeedPoint]] = {
 
 @dataclass(frozen=True)
 class AttentionCompression:
-    """``compress_(model, method, filter=ATTENTION_PROJECTIONS, **options)`` on every attention projection."""
+    """``Transformer.compress_attention_(method, **options)``: ``compress_`` on every attention projection
+    (:data:`~compressed_transformer.models.transformer.ATTENTION_PROJECTIONS`)."""
 
     method: str
     options: Mapping[str, Any] = field(default_factory=dict)

@@ -24,6 +24,7 @@ from ...data.tokenizer import Tokenizer
 from ...evaluate.bleu import sacre_bleu, seed_bleu, tokenized_bleu
 from ...evaluate.decoding import translate
 from ...models.transformer import (
+    ATTENTION_PROJECTIONS,
     FeedForward,
     FFNSpec,
     Transformer,
@@ -45,7 +46,7 @@ from ...train.trainer import RESUMABLE_KEYS, TrainConfig, train
 from .budgets import StudyConfig
 from .compression import row_prepare
 from .report import write_outputs
-from .rows import ATTENTION_PROJECTIONS, SEED_POINTS, Row, rows_for
+from .rows import SEED_POINTS, Row, rows_for
 
 # ---------------------------------------------------------------------------------------------------------------
 # Planning: each row's model and training config
