@@ -331,6 +331,8 @@ def test_model_changes_and_checkpoint_averaging(tmp_path: Path) -> None:
     (row,) = json.loads((out / "results.json").read_text())["rows"]
     assert row["model"]["dropout"] == 0.2 and row["model"]["d_ff"] == 48
     assert row["checkpoint"].endswith("checkpoint_average.pt") and row["train"]["keep_checkpoints"] == 2
+    notes = (out / "table.md").read_text()
+    assert "d_ff 48; d_ff=48, dropout=0.2" in notes and "the average of its last 2 validation checkpoints" in notes
     folder = out / "rows" / "original"
     kept = [load_checkpoint(p) for p in step_checkpoints(folder)]
     assert len(kept) == 2

@@ -59,10 +59,16 @@ def format_table(rows: Sequence[RowResult], dataset: str) -> str:
 def _table_notes(rows: Sequence[RowResult], study: StudyConfig) -> str:
     budget = study.resolved_budget
     base = study.base_model
+    scored = (
+        f"the average of its last {study.average} validation checkpoints"
+        if study.average
+        else "its best-validation checkpoint"
+    )
+    changes = ", ".join(f"{k}={v}" for k, v in sorted(study.model.items()))
     notes = [
         f"* Model: the `{budget.preset}` preset ({base.d_model} wide, {base.enc_layers}+{base.dec_layers} layers, "
-        f"d_ff {base.d_ff}); every row is its own training run (random seed {study.seed}), scored with its "
-        f"best-validation checkpoint on the test set ({rows[0].sentences if rows else 0} sentences, beam "
+        f"d_ff {base.d_ff}{'; ' + changes if changes else ''}); every row is its own training run (random seed "
+        f"{study.seed}), scored with {scored} on the test set ({rows[0].sentences if rows else 0} sentences, beam "
         f"{study.beam or budget.beam}).",
         "* `ratio`: parameters of the dense `original` / the row's (whole model; `ratio FFN`: FFN blocks only). "
         "Parameters count stored factors, non-zeros and biases; the shared embedding table once.",
