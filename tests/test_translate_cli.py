@@ -276,3 +276,24 @@ def test_compressed_embedding_tables_from_the_command_line(tmp_path: Path, capsy
     with pytest.raises(ValueError, match="needs --embed-opt rank=R"):
         run([*TRAIN, "--data-dir", str(data), "--out", str(tmp_path / "x"), "--max-steps", "1", "--embed", "svd"])
     assert not (tmp_path / "x").exists()  # bad flags fail before any work
+
+
+def test_a_study_row_folder_resumes_with_translate_train(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``translate train --resume`` rebuilds a study row's low-rank attention and embeddings from its config."""
+    from compressed_transformer.studies.translation.cli import register as register_study
+    from compressed_transformer.train.checkpoint import load_checkpoint, load_model
+
+    data = write_corpus(tmp_path / "data")
+    main = argparse.ArgumentParser(prog="compressed-transformer")
+    register_study(main.add_subparsers(dest="command", required=True))
+    study = ["study", "plain", "--budget", "tiny", "--data-dir", str(data), "--out", str(tmp_path / "s")]
+    args = main.parse_args([*study, "--rows", "tt-all+attn+emb,tt-all+ttemb", "--no-progress"])
+    assert args.func(args) == 0
+    for row, table in (("tt-all+attn+emb", "LowRankEmbedding"), ("tt-all+ttemb", "TTEmbedding")):
+        folder = tmp_path / "s" / "rows" / row
+        steps = json.loads((folder / "summary.json").read_text())["steps"]
+        argv = ["translate", "train", "--out", str(folder), "--resume", "--max-steps", str(steps + 2)]
+        assert run([*argv, "--no-progress"]) == 0
+        state = load_checkpoint(folder / "checkpoint_last.pt")
+        assert state["position"]["global_step"] == steps + 2
+        assert type(load_model(state).src_embed).__name__ == table

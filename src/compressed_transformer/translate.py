@@ -189,8 +189,14 @@ def model_prepare(train_config) -> Any:
     """The trainer's ``prepare`` for a run whose ``extra`` compresses the attention projections
     (``extra["attention"]``, :meth:`~compressed_transformer.models.transformer.Transformer.compress_attention_`)
     and/or the embedding table(s) (``extra["embedding"]``, :meth:`~compressed_transformer.models.transformer.
-    Transformer.compress_embeddings_`); ``None`` when it compresses neither."""
-    attention, embedding = train_config.extra.get("attention"), train_config.extra.get("embedding")
+    Transformer.compress_embeddings_`; a study row's ``embed_rank`` / ``embed_tt`` too, so ``translate train
+    --resume`` continues any study row); ``None`` when it compresses neither."""
+    extra = train_config.extra
+    attention, embedding = extra.get("attention"), extra.get("embedding")
+    if embedding is None and extra.get("embed_rank"):  # a study row's folder (``translate train --resume`` on it)
+        embedding = {"method": "svd", "options": {"rank": extra["embed_rank"]}}
+    if embedding is None and extra.get("embed_tt"):
+        embedding = {"method": "tt", "options": extra["embed_tt"]}
     if not attention and not embedding:
         return None
 
