@@ -1,5 +1,6 @@
 """Drop-in replacements for ``nn.Linear``: TT, Tucker, low-rank (SVD), magnitude-pruned and Sparse VD layers; and
-for ``nn.Embedding``: a low-rank table.
+for ``nn.Embedding``: low-rank and TT tables (``from_embedding(embedding, ...)``, ``to_dense()``, ``attend(hidden)``
+for tied logits, ``num_stored_params()``).
 
 Every layer takes ``(in_features, out_features, bias=True, *, <method options>, device=None, dtype=None)``, maps
 ``(..., in_features)`` to ``(..., out_features)``, has ``from_linear(linear, *, ...)`` to initialise it from a
