@@ -132,7 +132,11 @@ def build_configs(args: argparse.Namespace):
     if args.embed or args.embed_opt:
         train["extra"] = {**train.get("extra", {}), "embedding": _embedding_spec(args, train.get("extra", {}))}
     if args.attn or args.attn_opt:
-        train["extra"] = {**train.get("extra", {}), "attention": _attention_spec(args, train.get("extra", {}))}
+        from compressed_transformer.layers import METHODS
+
+        saved_attention = train.get("extra", {}).get("attention") or {}
+        attention = _compression_spec("attn", args.attn, args.attn_opt, saved_attention, METHODS)
+        train["extra"] = {**train.get("extra", {}), "attention": attention}
     if args.download:
         train["download"] = True
     if args.no_progress:
@@ -144,20 +148,31 @@ def build_configs(args: argparse.Namespace):
     return model_config, TrainConfig(**train)
 
 
+def _compression_spec(flag: str, method: str | None, texts: list[str] | None, saved: dict, known) -> dict[str, Any]:
+    """``{"method", "options"}`` of ``--<flag>`` / ``--<flag>-opt`` over a resumed run's ``saved`` spec (whose
+    options carry over while the method stays the same).
+
+    Raises:
+        ValueError: for a method not in ``known``.
+    """
+    method = method or saved.get("method")
+    if method not in known:
+        raise ValueError(f"--{flag} must be one of {', '.join(known)}, got {method!r}")
+    options = dict(saved.get("options", {})) if method == saved.get("method") else {}
+    options.update(parse_option(text) for text in texts or [])
+    return {"method": method, "options": options}
+
+
 def _embedding_spec(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
-    """``{"method", "options"}`` of ``--embed`` / ``--embed-opt`` (over a resumed run's), checked before any work.
+    """The spec of ``--embed`` / ``--embed-opt``, checked before any work.
 
     Raises:
         ValueError: for an unknown method or option.
     """
     from compressed_transformer.compress import EMBEDDING_OPTIONS
 
-    saved = extra.get("embedding") or {}
-    method = args.embed or saved.get("method")
-    if method not in EMBEDDING_OPTIONS:
-        raise ValueError(f"--embed must be one of {', '.join(EMBEDDING_OPTIONS)}, got {method!r}")
-    options = dict(saved.get("options", {})) if method == saved.get("method") else {}
-    options.update(parse_option(text) for text in args.embed_opt or [])
+    spec = _compression_spec("embed", args.embed, args.embed_opt, extra.get("embedding") or {}, EMBEDDING_OPTIONS)
+    method, options = spec["method"], spec["options"]
     unknown = sorted(set(options) - set(EMBEDDING_OPTIONS[method]))
     if unknown:
         raise ValueError(f"unknown --embed-opt {unknown} for {method!r}; known: {list(EMBEDDING_OPTIONS[method])}")
@@ -165,24 +180,7 @@ def _embedding_spec(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str
         raise ValueError("--embed svd needs --embed-opt rank=R")
     if method == "tt" and not {"ranks", "eps"} & set(options):
         raise ValueError("--embed tt needs --embed-opt ranks=R (and/or eps=E)")
-    return {"method": method, "options": options}
-
-
-def _attention_spec(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
-    """``{"method", "options"}`` of ``--attn`` / ``--attn-opt`` (over a resumed run's).
-
-    Raises:
-        ValueError: for an unknown method.
-    """
-    from compressed_transformer.layers import METHODS
-
-    saved = extra.get("attention") or {}
-    method = args.attn or saved.get("method")
-    if method not in METHODS:
-        raise ValueError(f"--attn must be one of {', '.join(METHODS)}, got {method!r}")
-    options = dict(saved.get("options", {})) if method == saved.get("method") else {}
-    options.update(parse_option(text) for text in args.attn_opt or [])
-    return {"method": method, "options": options}
+    return spec
 
 
 def model_prepare(train_config) -> Any:
