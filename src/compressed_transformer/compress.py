@@ -16,6 +16,7 @@ from .functional.tt import max_tt_ranks, resolve_tt_ranks, tt_matrix_from_dense,
 from .functional.tucker import hosvd, resolve_tucker_ranks, tucker_params, tucker_to_dense
 from .layers import METHODS, LowRankEmbedding, LowRankLinear, PrunedLinear, TTEmbedding, TTLinear, layer_options
 from .layers._common import copy_bias, resolve_modes
+from .layers.embedding import tie_projection_
 
 __all__ = [
     "EMBEDDING_METHODS",
@@ -466,7 +467,6 @@ def _tied_projection(method: str, layer: nn.Module, linear: nn.Linear, name: str
     bias = linear.bias is not None
     if method == "svd":
         projection = LowRankLinear(linear.in_features, linear.out_features, bias, rank=layer.rank, **factory)
-        projection.left, projection.right = layer.left, layer.right  # (vocab, r) @ (r, width): the tie
     else:
         if math.prod(layer.voc_modes) != layer.num_embeddings:
             raise ValueError(
@@ -483,7 +483,7 @@ def _tied_projection(method: str, layer: nn.Module, linear: nn.Linear, name: str
             ranks=layer.ranks,
             **factory,
         )
-        projection.cores = layer.cores  # the same ParameterList: the tie
+    tie_projection_(projection, layer)
     copy_bias(projection.bias, linear)
     return projection
 

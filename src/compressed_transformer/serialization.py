@@ -44,6 +44,7 @@ from .layers import (
     layer_options,
     method_of,
 )
+from .layers.embedding import tie_projection_
 
 __all__ = [
     "EMBEDDING_METHOD",
@@ -223,18 +224,10 @@ def restructure_(model: nn.Module, structure: dict[str, dict[str, Any]]) -> nn.M
 
 def _tie(name: str, layer: nn.Module, table: nn.Module | None, table_name: str) -> None:
     """Make the projection ``layer`` share the factors / cores of ``table``."""
-    if isinstance(layer, LowRankLinear) and isinstance(table, LowRankEmbedding):
-        mine, theirs = [layer.left, layer.right], [table.left, table.right]
-    elif isinstance(layer, TTLinear) and isinstance(table, TTEmbedding):
-        mine, theirs = list(layer.cores), list(table.cores)
-    else:
-        raise ValueError(f"layer {name!r} is tied to {table_name!r}, which is not a compressed table of its kind")
-    if [p.shape for p in mine] != [p.shape for p in theirs]:
-        raise ValueError(f"layer {name!r} does not fit the factors of {table_name!r} it is tied to")
-    if isinstance(layer, LowRankLinear):
-        layer.left, layer.right = table.left, table.right
-    else:
-        layer.cores = table.cores
+    try:
+        tie_projection_(layer, table)
+    except ValueError as error:
+        raise ValueError(f"layer {name!r} cannot be tied to {table_name!r}: {error}") from None
 
 
 def save_compressed(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> None:

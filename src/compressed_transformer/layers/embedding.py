@@ -13,9 +13,10 @@ from ..functional.matmul import low_rank_linear, matmul
 from ..functional.svd import truncated_svd
 from ..functional.tt import factorize, tt_matrix_from_dense, tt_matrix_rows, tt_vocab_modes
 from ._fast import layer_cache, params_of, prepare_forward
+from .low_rank import LowRankLinear
 from .tt import TTLinear
 
-__all__ = ["LowRankEmbedding", "TTEmbedding"]
+__all__ = ["LowRankEmbedding", "TTEmbedding", "tie_projection_"]
 
 
 class LowRankEmbedding(nn.Module):
@@ -301,3 +302,25 @@ class TTEmbedding(nn.Module):
             f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, "
             f"voc_modes={self.voc_modes}, emb_modes={self.emb_modes}, ranks={self.ranks}"
         )
+
+
+def tie_projection_(projection: nn.Module, table: nn.Module) -> None:
+    """Make the output projection ``projection`` (a ``LowRankLinear`` / ``TTLinear`` of ``embedding_dim ->
+    num_embeddings``) use the factors / cores of the compressed ``table`` (a ``LowRankEmbedding`` / ``TTEmbedding``):
+    a tied output projection, trained through both uses.
+
+    Raises:
+        ValueError: for a projection of another kind than the table, or factors of other shapes.
+    """
+    if isinstance(projection, LowRankLinear) and isinstance(table, LowRankEmbedding):
+        mine, theirs = [projection.left, projection.right], [table.left, table.right]
+    elif isinstance(projection, TTLinear) and isinstance(table, TTEmbedding):
+        mine, theirs = list(projection.cores), list(table.cores)
+    else:
+        raise ValueError(f"a {type(projection).__name__} cannot be tied to a {type(table).__name__}")
+    if [p.shape for p in mine] != [p.shape for p in theirs]:
+        raise ValueError("the projection does not fit the factors of the table")
+    if isinstance(projection, LowRankLinear):
+        projection.left, projection.right = table.left, table.right  # (vocab, r) @ (r, width)
+    else:
+        projection.cores = table.cores  # the same ParameterList
