@@ -253,28 +253,15 @@ def test_compressed_embedding_tables_from_the_command_line(tmp_path: Path, capsy
     assert model.src_embed.ranks[1] <= 2
     projections = [m for n, m in model.named_modules() if n.endswith(("q_proj", "k_proj", "v_proj", "out_proj"))]
     assert projections and all(type(m).__name__ == "LowRankLinear" and m.rank == 4 for m in projections)
+    bad = [*TRAIN, "--data-dir", str(data), "--out", str(tmp_path / "x"), "--max-steps", "1"]
     with pytest.raises(ValueError, match="--attn must be one of"):
-        run([*TRAIN, "--data-dir", str(data), "--out", str(tmp_path / "x"), "--max-steps", "1", "--attn", "fft"])
+        run([*bad, "--attn", "fft"])
     with pytest.raises(ValueError, match=r"different run.*extra"):
         run([*argv, "--max-steps", "4", "--resume", "--embed", "svd", "--embed-opt", "rank=2"])
     with pytest.raises(ValueError, match=r"unknown --embed-opt \['rank'\] for 'tt'"):
-        run(
-            [
-                *TRAIN,
-                "--data-dir",
-                str(data),
-                "--out",
-                str(tmp_path / "x"),
-                "--max-steps",
-                "1",
-                "--embed",
-                "tt",
-                "--embed-opt",
-                "rank=2",
-            ]
-        )
+        run([*bad, "--embed", "tt", "--embed-opt", "rank=2"])
     with pytest.raises(ValueError, match="needs --embed-opt rank=R"):
-        run([*TRAIN, "--data-dir", str(data), "--out", str(tmp_path / "x"), "--max-steps", "1", "--embed", "svd"])
+        run([*bad, "--embed", "svd"])
     assert not (tmp_path / "x").exists()  # bad flags fail before any work
 
 
