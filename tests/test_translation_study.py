@@ -239,6 +239,42 @@ def test_interrupted_row_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert result["steps"] == 4  # the tiny budget's max_steps, reached across the resume
 
 
+def test_raised_budget_continues_finished_rows(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = write_corpus(tmp_path / "data", pairs=16)
+    out = tmp_path / "study"
+    folder = out / "rows" / "original"
+    assert run(study_argv(data, out, "original")) == 0  # the tiny budget: 4 updates
+    first = json.loads((folder / "result.json").read_text())
+    assert first["steps"] == 4
+    capsys.readouterr()
+    assert run([*study_argv(data, out, "original"), "--max-steps", "6"]) == 0
+    assert "original: continuing (budget raised)" in capsys.readouterr().out
+    raised = json.loads((folder / "result.json").read_text())
+    assert raised["steps"] == 6 and json.loads((folder / "summary.json").read_text())["steps"] == 6
+    assert raised["train"]["max_steps"] == 6 and raised["train_seconds"] >= first["train_seconds"]
+    assert [json.loads(line).get("step") for line in (folder / "metrics.jsonl").read_text().splitlines()][-1] == 6
+    # the same budget again, or a lower one, trains nothing
+    for steps in ("6", "5"):
+        assert run([*study_argv(data, out, "original"), "--max-steps", steps]) == 0
+        assert "original: finished earlier, skipped" in capsys.readouterr().out
+        assert json.loads((folder / "result.json").read_text())["steps"] == 6
+    with pytest.raises(ValueError, match="max_steps must be >= 0"):
+        run([*study_argv(data, out, "original"), "--max-steps", "-1"])
+
+
+def test_budget_left_compares_every_limit_with_the_run() -> None:
+    from compressed_transformer.train.trainer import TrainConfig, budget_left
+
+    summary = {"steps": 100, "epochs": 2.5, "train_seconds": 600.4}
+    assert not budget_left(TrainConfig(max_steps=100), summary)
+    assert budget_left(TrainConfig(max_steps=101), summary)
+    assert not budget_left(TrainConfig(max_minutes=10), summary) and budget_left(TrainConfig(max_minutes=11), summary)
+    assert budget_left(TrainConfig(max_epochs=3), summary) and not budget_left(TrainConfig(max_epochs=2), summary)
+    # training stops at the first limit reached: every limit set must lie ahead
+    assert not budget_left(TrainConfig(max_steps=200, max_minutes=10), summary)
+    assert budget_left(TrainConfig(max_steps=200, max_minutes=20, max_epochs=0), summary)
+
+
 def test_unknown_rows_fail_before_any_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = write_corpus(tmp_path / "data", pairs=8)
     monkeypatch.setattr(translation.study, "train", lambda *a, **k: pytest.fail("trained despite bad input"))

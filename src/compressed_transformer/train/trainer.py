@@ -17,7 +17,7 @@ import math
 import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -57,7 +57,7 @@ from compressed_transformer.train.checkpoint import (
 )
 from compressed_transformer.train.schedule import InverseSqrtSchedule
 
-__all__ = ["TrainConfig", "TrainingDiverged", "compression_ratio", "train"]
+__all__ = ["TrainConfig", "TrainingDiverged", "budget_left", "compression_ratio", "train"]
 
 # Keys that may change between a run and its resumption.
 RESUMABLE_KEYS = (
@@ -276,6 +276,18 @@ def _validate(
         "valid_bleu_seed": seed_bleu(hyps, refs[:limit]),
         "valid_seconds": seconds,
     }
+
+
+def budget_left(cfg: TrainConfig, summary: Mapping[str, Any]) -> bool:
+    """Whether resuming the run that wrote ``summary`` (its ``summary.json``) under ``cfg`` would train further:
+    every limit ``cfg`` sets (``max_steps``, ``max_epochs``, ``max_minutes``) lies beyond what the run reached.
+    A run stopped by its own limits gives ``False`` under the same config, ``True`` once a limit is raised."""
+    reached = {
+        "max_steps": float(summary["steps"]),
+        "max_epochs": float(summary["epochs"]),
+        "max_minutes": float(summary["train_seconds"]) / 60,
+    }
+    return all(reached[name] < getattr(cfg, name) for name in reached if getattr(cfg, name))
 
 
 def train(

@@ -7,7 +7,8 @@
 compression ratio, log x, the seed's points drawn for comparison).
 
 * A row whose ``result.json`` exists is skipped (after checking that it was run with the same configuration); a
-  row interrupted during training resumes from its ``checkpoint_last.pt`` (the trainer's ``resume``).
+  row interrupted during training resumes from its ``checkpoint_last.pt`` (the trainer's ``resume``); a finished row
+  whose bound was raised since (``max_minutes`` / ``max_steps``) continues from it and is scored again.
 * Rows that convert the trained ``original`` (``route = "convert"``) run it first; a row that resolves to exactly
   the model and training of an earlier row (e.g. ``tt-1/2`` and ``tt-3/4`` of a 3+3 model: ``round(0.5 * 3) ==
   round(0.75 * 3) == 2``) is not trained again: its result is that row's, marked ``same_as``.

@@ -115,6 +115,8 @@ class StudyConfig:
         device: ``auto``, ``cpu``, ``cuda``.
         precision: of training (see :class:`~compressed_transformer.train.trainer.TrainConfig`).
         max_minutes / fine_tune_minutes: override the budget's per-row bound of from-scratch / fine-tuning runs.
+        max_steps: override the budget's step bound of from-scratch runs (0: none). Raising a bound continues the
+            rows that finished under the lower one.
         beam: override the budget's test-set beam.
         seed: seeds every row.
         progress: tqdm bars while training.
@@ -133,6 +135,7 @@ class StudyConfig:
     precision: str = "auto"
     max_minutes: float | None = None
     fine_tune_minutes: float | None = None
+    max_steps: int | None = None
     beam: int | None = None
     seed: int = 1
     progress: bool = True
@@ -152,6 +155,8 @@ class StudyConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0 minutes, got {value}")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0 (0: no step bound), got {self.max_steps}")
         if self.beam is not None and self.beam < 1:
             raise ValueError(f"beam must be >= 1, got {self.beam}")
         if self.average < 0:

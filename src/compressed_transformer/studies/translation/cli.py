@@ -49,6 +49,7 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
         precision=args.precision,
         max_minutes=args.max_minutes,
         fine_tune_minutes=args.fine_tune_minutes,
+        max_steps=args.max_steps,
         beam=args.beam,
         seed=args.seed,
         progress=not args.no_progress,
@@ -102,7 +103,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=PRECISIONS,
         help="training: bf16 autocast or fp32 (auto: bf16 on CUDA)",
     )
-    parser.add_argument("--max-minutes", type=float, help="bound of each training run (default: the budget's)")
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        help="bound of each training run (default: the budget's); raising it continues rows finished under a lower one",
+    )
+    parser.add_argument(
+        "--max-steps", type=int, help="update bound of each from-scratch run (default: the budget's; 0: none)"
+    )
     parser.add_argument("--fine-tune-minutes", type=float, help="bound of each fine-tuning run (default: the budget's)")
     parser.add_argument("--beam", type=int, help="test-set beam (default: the budget's)")
     parser.add_argument("--seed", type=int, default=1, help="seed of every row")

@@ -42,7 +42,7 @@ from ...train.checkpoint import (
     write_text_atomic,
 )
 from ...train.distributed import resolve_device
-from ...train.trainer import RESUMABLE_KEYS, TrainConfig, train
+from ...train.trainer import RESUMABLE_KEYS, TrainConfig, budget_left, train
 from .budgets import StudyConfig
 from .compression import row_prepare
 from .report import write_outputs
@@ -72,6 +72,8 @@ def row_train_config(row: Row, study: StudyConfig, out: Path) -> TrainConfig:
     minutes = study.max_minutes if row.schedule == "train" else study.fine_tune_minutes
     if minutes is not None:
         schedule["max_minutes"] = minutes
+    if study.max_steps is not None and row.schedule == "train":
+        schedule["max_steps"] = study.max_steps
     extra: dict[str, Any] = {"study": study.dataset, "budget": study.budget, "row": row.name}
     if row.attention is not None:
         extra["attention"] = row.attention.to_dict() | {"filter": ATTENTION_PROJECTIONS}
@@ -380,7 +382,8 @@ def _run_row(
     tokenized_refs: bool,
     device: torch.device,
 ) -> RowResult:
-    """Copy a duplicate's source, skip a finished row, or train (resuming if interrupted) and score the row."""
+    """Copy a duplicate's source, skip a finished row, or train (resuming if interrupted, continuing if its budget was
+    raised) and score the row."""
     folder = plan.folder
     result_path = folder / "result.json"
     name = plan.row.name
@@ -389,16 +392,21 @@ def _run_row(
         result = _copy_result(results[plan.same_as], plan)
         return _save_result(result, study, result_path)
     with _row_lock(folder):
+        summary_path = folder / "summary.json"
+        # a finished row whose budget was raised since (--max-minutes / --max-steps) trains on from its last checkpoint
+        extend = summary_path.exists() and budget_left(plan.train, json.loads(summary_path.read_text()))
         if result_path.exists():
             stored = json.loads(result_path.read_text())
             _check_same_run(plan, stored, result_path)
-            _log(f"{name}: finished earlier, skipped ({result_path})")
-            return RowResult.from_dict(stored)
-        if not (folder / "summary.json").exists():
+            if not extend:
+                _log(f"{name}: finished earlier, skipped ({result_path})")
+                return RowResult.from_dict(stored)
+        if extend or not summary_path.exists():
             if (folder / "config.json").exists():  # written before the first checkpoint: a clear message now
                 _check_same_run(plan, json.loads((folder / "config.json").read_text()), folder / "config.json")
             resume = (folder / "checkpoint_last.pt").exists()
-            _log(f"{name}: {'resuming' if resume else 'training'} in {folder}")
+            how = "continuing (budget raised)" if extend else "resuming" if resume else "training"
+            _log(f"{name}: {how} in {folder}")
             train(plan.model, plan.train, resume=resume, prepare=row_prepare(plan.row))
         _log(f"{name}: decoding the test set ({len(test)} sentences)")
         return _save_result(_score_row(plan, study, test, tokenized_refs, device), study, result_path)
