@@ -97,6 +97,31 @@ def test_rows_and_blocks_of_each_budget() -> None:
     assert tuple(rows_for("iwslt14", preset("iwslt"))) == ("original", "tt-all", "tt-1/2", "tucker-all")
 
 
+def test_each_rows_recorded_compression_rebuilds_its_structure(tmp_path: Path) -> None:
+    """What a row's run records in ``TrainConfig.extra`` (read back from config.json by ``translate train --resume``
+    and ``prepare_from_extra``) builds the same layers and parameters as the study's own ``row_prepare``."""
+    from compressed_transformer.train.prepare import prepare_from_extra
+    from compressed_transformer.train.trainer import TrainConfig
+
+    base = preset("tiny", vocab_size=96)
+    study = StudyConfig("multi30k", str(tmp_path), str(tmp_path), "tiny")
+    compressed = 0
+    for name, row in rows_for("multi30k", base).items():
+        config = row_model_config(row, base)
+        recorded = TrainConfig.from_dict(json.loads(json.dumps(row_train_config(row, study, tmp_path).to_dict())))
+        hooks = (translation.row_prepare(row), prepare_from_extra(recorded.extra))
+        if hooks[0] is None:
+            assert hooks[1] is None, name
+            continue
+        compressed += 1
+        models = [Transformer(config) for _ in hooks]
+        for model, hook in zip(models, hooks, strict=True):
+            hook(model)
+        assert parameter_report(models[1]) == parameter_report(models[0]), name
+        assert [type(m).__name__ for m in models[1].modules()] == [type(m).__name__ for m in models[0].modules()]
+    assert compressed >= 3  # attention rows, low-rank table rows, the TT table row
+
+
 def test_low_rank_embedding_matches_truncated_svd() -> None:
     embedding = nn.Embedding(20, 8, padding_idx=0)
     with torch.no_grad():

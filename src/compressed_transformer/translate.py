@@ -184,27 +184,12 @@ def _embedding_spec(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str
 
 
 def model_prepare(train_config) -> Any:
-    """The trainer's ``prepare`` for a run whose ``extra`` compresses the attention projections
-    (``extra["attention"]``, :meth:`~compressed_transformer.models.transformer.Transformer.compress_attention_`)
-    and/or the embedding table(s) (``extra["embedding"]``, :meth:`~compressed_transformer.models.transformer.
-    Transformer.compress_embeddings_`; a study row's ``embed_rank`` / ``embed_tt`` too, so ``translate train
-    --resume`` continues any study row); ``None`` when it compresses neither."""
-    extra = train_config.extra
-    attention, embedding = extra.get("attention"), extra.get("embedding")
-    if embedding is None and extra.get("embed_rank"):  # a study row's folder (``translate train --resume`` on it)
-        embedding = {"method": "svd", "options": {"rank": extra["embed_rank"]}}
-    if embedding is None and extra.get("embed_tt"):
-        embedding = {"method": "tt", "options": extra["embed_tt"]}
-    if not attention and not embedding:
-        return None
+    """The trainer's ``prepare`` for a run whose ``extra`` compresses the attention projections and/or the embedding
+    table(s) (:func:`~compressed_transformer.train.prepare.prepare_from_extra`; a study row's ``embed_rank`` /
+    ``embed_tt`` too, so ``translate train --resume`` continues any study row); ``None`` when it compresses neither."""
+    from compressed_transformer.train.prepare import prepare_from_extra
 
-    def prepare(model) -> None:
-        if attention:
-            model.compress_attention_(attention["method"], **attention["options"])
-        if embedding:
-            model.compress_embeddings_(embedding["method"], **embedding["options"])
-
-    return prepare
+    return prepare_from_extra(train_config.extra)
 
 
 def _train(args: argparse.Namespace) -> int:

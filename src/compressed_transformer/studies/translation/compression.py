@@ -1,10 +1,12 @@
-"""Compressions the model config cannot describe: low-rank attention projections and embedding tables."""
+"""Compressions the model config cannot describe: attention projections and embedding tables."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
-from ...models.transformer import Transformer
+from ...models.transformer import ATTENTION_PROJECTIONS, Transformer
+from ...train.prepare import prepare_from_extra
 from .rows import Row
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -19,17 +21,20 @@ def factorize_embeddings_(model: Transformer, rank: int) -> None:
     model.compress_embeddings_("svd", rank=rank)
 
 
+def row_compression(row: Row) -> dict[str, Any]:
+    """``row``'s attention / embedding compression as recorded in its run's ``TrainConfig.extra`` (read back by
+    :func:`~compressed_transformer.train.prepare.prepare_from_extra`, so ``translate train --resume`` continues the
+    row); empty for FFN-only rows."""
+    extra: dict[str, Any] = {}
+    if row.attention is not None:
+        extra["attention"] = row.attention.to_dict() | {"filter": ATTENTION_PROJECTIONS}
+    if row.embed_rank:
+        extra["embed_rank"] = row.embed_rank
+    if row.embed_tt is not None:
+        extra["embed_tt"] = dict(row.embed_tt)
+    return extra
+
+
 def row_prepare(row: Row) -> Callable[[Transformer], None] | None:
     """The in-place change the trainer applies to ``row``'s built model (``None`` for FFN-only rows)."""
-    if row.attention is None and not row.embed_rank and row.embed_tt is None:
-        return None
-
-    def prepare(model: Transformer) -> None:
-        if row.attention is not None:
-            model.compress_attention_(row.attention.method, **dict(row.attention.options))
-        if row.embed_rank:
-            factorize_embeddings_(model, row.embed_rank)
-        if row.embed_tt is not None:
-            model.compress_embeddings_("tt", **dict(row.embed_tt))
-
-    return prepare
+    return prepare_from_extra(row_compression(row))

@@ -24,7 +24,6 @@ from ...data.tokenizer import Tokenizer
 from ...evaluate.bleu import sacre_bleu, seed_bleu, tokenized_bleu
 from ...evaluate.decoding import translate
 from ...models.transformer import (
-    ATTENTION_PROJECTIONS,
     FeedForward,
     FFNSpec,
     Transformer,
@@ -44,7 +43,7 @@ from ...train.checkpoint import (
 from ...train.distributed import resolve_device
 from ...train.trainer import RESUMABLE_KEYS, TrainConfig, budget_left, train
 from .budgets import StudyConfig
-from .compression import row_prepare
+from .compression import row_compression, row_prepare
 from .report import write_outputs
 from .rows import SEED_POINTS, Row, rows_for
 
@@ -74,13 +73,7 @@ def row_train_config(row: Row, study: StudyConfig, out: Path) -> TrainConfig:
         schedule["max_minutes"] = minutes
     if study.max_steps is not None and row.schedule == "train":
         schedule["max_steps"] = study.max_steps
-    extra: dict[str, Any] = {"study": study.dataset, "budget": study.budget, "row": row.name}
-    if row.attention is not None:
-        extra["attention"] = row.attention.to_dict() | {"filter": ATTENTION_PROJECTIONS}
-    if row.embed_rank:
-        extra["embed_rank"] = row.embed_rank
-    if row.embed_tt is not None:
-        extra["embed_tt"] = dict(row.embed_tt)
+    extra = {"study": study.dataset, "budget": study.budget, "row": row.name, **row_compression(row)}
     return TrainConfig(
         dataset=study.dataset,
         data_dir=study.data_dir,
