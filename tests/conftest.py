@@ -10,9 +10,10 @@ import torch
 SEED = 0
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(autouse=True)
 def _one_thread() -> Iterator[None]:
-    """Tests use tiny tensors: one thread is faster, and avoids LAPACK's slowdown on oversubscribed CI cores."""
+    """Tests use tiny tensors: one thread is faster, and avoids LAPACK's slowdown on oversubscribed CI cores.
+    Restored after each test, so that a command that sets its own thread count (``--threads``) leaks into none."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -10,15 +10,6 @@ from compressed_transformer.evaluate.decoding import beam_search, greedy_decode
 from compressed_transformer.models.transformer import Transformer, preset
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and much faster than two on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def model() -> Transformer:
     torch.manual_seed(0)

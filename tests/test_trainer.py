@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -16,41 +15,7 @@ from compressed_transformer.models.transformer import FFNSpec, Transformer, pres
 from compressed_transformer.train.checkpoint import load_checkpoint, load_model, save_checkpoint
 from compressed_transformer.train.schedule import InverseSqrtSchedule, inverse_sqrt_lr
 from compressed_transformer.train.trainer import TrainConfig, TrainingDiverged, train, training_autocast
-
-DE = ["ein", "zwei", "drei", "vier", "fünf", "hund", "katze", "maus", "haus", "baum"]
-EN = ["one", "two", "three", "four", "five", "dog", "cat", "mouse", "house", "tree"]
-METHOD_OPTIONS = {
-    "dense": {},
-    "tt": {"ranks": 2},
-    "tucker": {"ranks": 2},
-    "svd": {"rank": 4},
-    "prune": {"sparsity": 0.5},
-    "svd-o": {},
-}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and much faster than two on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def write_corpus(folder: Path, pairs: int = 48, seed: int = 0) -> Path:
-    """A word-for-word toy corpus in the ``plain`` layout (train = valid = test)."""
-    rng = random.Random(seed)
-    src, tgt = [], []
-    for _ in range(pairs):
-        words = [rng.randrange(len(DE)) for _ in range(rng.randint(2, 5))]
-        src.append(" ".join(DE[i] for i in words))
-        tgt.append(" ".join(EN[i] for i in words))
-    folder.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "valid", "test"):
-        (folder / f"{split}.de").write_text("\n".join(src) + "\n")
-        (folder / f"{split}.en").write_text("\n".join(tgt) + "\n")
-    return folder
+from toy_corpus import METHOD_OPTIONS, write_corpus
 
 
 def config(data: Path, out: Path, **changes) -> TrainConfig:

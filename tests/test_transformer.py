@@ -18,29 +18,7 @@ from compressed_transformer.models.transformer import (
     preset,
     resolve_blocks,
 )
-
-METHOD_OPTIONS = {
-    "dense": {},
-    "tt": {"ranks": 2},
-    "tucker": {"ranks": 2},
-    "svd": {"rank": 4},
-    "prune": {"sparsity": 0.5},
-    "svd-o": {},
-}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and much faster than two on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def seed() -> None:
-    torch.manual_seed(0)
+from toy_corpus import METHOD_OPTIONS
 
 
 def tiny(**changes) -> TransformerConfig:

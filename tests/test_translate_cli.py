@@ -17,14 +17,6 @@ from compressed_transformer import cli, translate
 from compressed_transformer.translate import build_configs, parse_option
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="compressed-transformer")
     translate.register(main.add_subparsers(dest="command", required=True))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shutil
 import threading
 from pathlib import Path
@@ -29,24 +28,7 @@ from compressed_transformer.studies.translation import (
 )
 from compressed_transformer.studies.translation.cli import config_from_args
 from compressed_transformer.train.checkpoint import export_model, load_checkpoint, load_model, step_checkpoints
-
-DE = ["ein", "zwei", "drei", "vier", "fünf", "hund", "katze", "maus", "haus", "baum"]
-EN = ["one", "two", "three", "four", "five", "dog", "cat", "mouse", "house", "tree"]
-
-
-def write_corpus(folder: Path, pairs: int = 32, seed: int = 0) -> Path:
-    """A word-for-word toy corpus in the ``plain`` layout (train = valid = test)."""
-    rng = random.Random(seed)
-    src, tgt = [], []
-    for _ in range(pairs):
-        words = [rng.randrange(len(DE)) for _ in range(rng.randint(2, 5))]
-        src.append(" ".join(DE[i] for i in words))
-        tgt.append(" ".join(EN[i] for i in words))
-    folder.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "valid", "test"):
-        (folder / f"{split}.de").write_text("\n".join(src) + "\n")
-        (folder / f"{split}.en").write_text("\n".join(tgt) + "\n")
-    return folder
+from toy_corpus import write_corpus
 
 
 def parser() -> argparse.ArgumentParser:
@@ -153,7 +135,7 @@ def test_tied_logits_of_a_low_rank_table_go_through_its_factors() -> None:
 
 
 def test_tiny_study_end_to_end_then_skips_finished_rows(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    data = write_corpus(tmp_path / "data")
+    data = write_corpus(tmp_path / "data", pairs=32)
     out = tmp_path / "study"
     # tt-all-convert needs the original (run first, automatically); tt-3/4 of a 2+2 model is tt-all (round(1.5)==2)
     assert run(study_argv(data, out, "tt-all-convert,tt-3/4,tt-all+attn+emb,tt-all+ttemb")) == 0
