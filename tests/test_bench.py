@@ -90,6 +90,23 @@ def test_cli_has_bench_and_parses_quick() -> None:
     assert args.func is bench.main
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--tokens", "0"], "token counts must be >= 1"),
+        (["--tokens", ","], "token counts must be >= 1"),
+        (["--shapes", "0x5"], "positive ints"),
+        (["--shapes", "512"], "positive ints"),
+        (["--repeats", "0"], "repeats must be >= 1"),
+        (["--budget", "0"], "budget_s > 0"),
+        (["--passes", "backward"], "forward and/or train"),
+    ],
+)
+def test_cli_refuses_an_empty_or_bad_grid_before_measuring(flags: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        bench.config_from_args(build_parser().parse_args(["bench", "--quick", *flags]))
+
+
 def test_cli_sets_the_transformer_batch_and_compile_mode() -> None:
     argv = ["bench", "--transformer-batch", "128", "--transformer-length", "24", "--compile-mode", "reduce-overhead"]
     config = bench.config_from_args(build_parser().parse_args(argv))

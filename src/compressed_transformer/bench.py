@@ -134,6 +134,16 @@ class BenchConfig:
     seed: int = 0
     out: str = "runs/bench"
 
+    def __post_init__(self) -> None:
+        if not self.shapes or any(len(s) != 2 or min(s) < 1 for s in self.shapes):
+            raise ValueError(f"shapes must be (in_features, out_features) pairs of positive ints, got {self.shapes}")
+        if not self.tokens or min(self.tokens) < 1:
+            raise ValueError(f"token counts must be >= 1, got {self.tokens}")
+        if not self.passes or any(p not in ("forward", "train") for p in self.passes):
+            raise ValueError(f"passes must list forward and/or train, got {self.passes}")
+        if self.repeats < 1 or not self.budget_s > 0:
+            raise ValueError(f"repeats must be >= 1 and budget_s > 0, got {self.repeats} and {self.budget_s}")
+
 
 def quick_config(**changes: Any) -> BenchConfig:
     """The reduced grid of ``--quick`` (well under a minute on two CPU cores)."""
@@ -901,19 +911,16 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     changes["compile_mode"] = args.compile_mode
     changes["clock"] = args.clock
     changes["seed"] = args.seed
-    if args.shapes:
+    if args.shapes is not None:
         changes["shapes"] = args.shapes
-    if args.tokens:
+    if args.tokens is not None:
         changes["tokens"] = args.tokens
     if args.layers:
         changes["layers"] = tuple(n.strip() for n in args.layers.split(",") if n.strip())
-    passes = tuple(p.strip() for p in args.passes.split(",") if p.strip())
-    if not passes or any(p not in ("forward", "train") for p in passes):
-        raise ValueError(f"--passes must list forward and/or train, got {args.passes!r}")
-    changes["passes"] = passes
-    if args.repeats:
+    changes["passes"] = tuple(p.strip() for p in args.passes.split(",") if p.strip())
+    if args.repeats is not None:
         changes["repeats"] = args.repeats
-    if args.budget:
+    if args.budget is not None:
         changes["budget_s"] = args.budget
     if args.no_transformer:
         changes["transformer"] = None
