@@ -3,9 +3,11 @@
 #   1. the CUDA tests (every fast path in f32/bf16 against float64, autocast, inductor, beam search);
 #   2. the benchmark, eager, whole grid with the Transformer rows;
 #   3. the benchmark's compiled subset (inductor) at the FFN shapes;
-#   4. the whole-Transformer step compiled with CUDA graphs (reduce-overhead) at 128x32 tokens per step.
+#   4. the whole-Transformer step compiled with CUDA graphs (reduce-overhead) at 128x32 tokens per step;
+#   5. profiles (scripts/profile_layer.py) of a TT and a Tucker training pass at 512->2048, 4096 tokens, next to dense.
 #
-#   scripts/gpu_checks.sh OUT_DIR        (writes OUT_DIR/{tests.log,bench-cuda/,bench-cuda-compiled/,bench-cuda-graphs/})
+#   scripts/gpu_checks.sh OUT_DIR
+#   (writes OUT_DIR/{tests.log,bench-cuda/,bench-cuda-compiled/,bench-cuda-graphs/,profile/})
 #
 # Run from the repository root with the package importable (pip install -e ., or PYTHONPATH=src).
 set -uo pipefail
@@ -29,4 +31,9 @@ timeout 600 "$python" -m compressed_transformer bench --compile on --compile-mod
     --transformer-batch 128 --layers dense --shapes 512x2048 --tokens 1 \
     --out "$out/bench-cuda-graphs" >"$out/bench-cuda-graphs.log" 2>&1 || status=1
 tail -8 "$out/bench-cuda-graphs.log"
+for layer in tt-r2 tucker-r2; do
+    timeout 300 "$python" scripts/profile_layer.py --layer "$layer" --shape 512x2048 --tokens 4096 --pass train \
+        --out "$out/profile" >"$out/profile-$layer.log" 2>&1 || status=1
+    grep "^## " "$out/profile-$layer.log"
+done
 exit $status

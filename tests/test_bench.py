@@ -164,3 +164,23 @@ def test_compile_passes() -> None:
     assert compile_passes("auto", cpu) == set()
     assert compile_passes("on", cpu) == {"forward", "train"}
     assert compile_passes("off", cuda) == set()
+
+
+def test_profile_layer_script_writes_both_tables(tmp_path) -> None:
+    """scripts/profile_layer.py: the per-op tables of dense and the layer, and a Chrome trace (tiny CPU case)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "profile_layer.py"
+    argv = [sys.executable, str(script), "--layer", "tt-r2", "--shape", "16x32", "--tokens", "3", "--steps", "2"]
+    done = subprocess.run(
+        [*argv, "--out", str(tmp_path)], env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "tt-r2-train-3.txt").read_text()
+    assert "## dense (dense)" in text and "## tt-r2 (" in text and "aten::" in text
+    assert json.loads((tmp_path / "tt-r2-train-3.trace.json").read_text())["traceEvents"]
+    bad = subprocess.run([*argv[:-2], "--steps", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--steps must be >= 1" in bad.stderr
