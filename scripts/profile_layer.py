@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from compressed_transformer.bench import build_layer, layer_path
-from compressed_transformer.train.distributed import resolve_device
+from compressed_transformer.bench import BenchConfig, build_layer, layer_path, resolve_device
 
 
 def one_pass(layer: torch.nn.Module, x: torch.Tensor, train: bool) -> None:
@@ -37,17 +36,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--pass", dest="pass_name", choices=("forward", "train"), default="train")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto", help="float32 or bfloat16 (auto: bf16 on CUDA)")
+    parser.add_argument("--dtype", default="auto", help="float32, bfloat16 or float64 (auto: bf16 on CUDA)")
     parser.add_argument("--steps", type=int, default=20, help="profiled passes (after as many warm-up passes)")
     parser.add_argument("--out", default="runs/profile")
     args = parser.parse_args()
     if args.tokens < 1 or args.steps < 1:
         parser.error("--tokens and --steps must be >= 1")
     in_features, out_features = (int(v) for v in args.shape.split("x"))
-    device = resolve_device(args.device)
+    # the benchmark's own resolution of device and dtype (auto: bf16 on CUDA), with its errors for bad values
+    device, dtype, _ = resolve_device(BenchConfig(device=args.device, dtype=args.dtype, compile="off"))
     cuda = device.type == "cuda"
-    dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}
-    dtype = dtype[args.dtype]
     train = args.pass_name == "train"
     x = torch.randn(args.tokens, in_features, device=device, dtype=dtype)
     out = Path(args.out)
