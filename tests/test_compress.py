@@ -210,6 +210,15 @@ def test_a_shared_linear_is_replaced_everywhere() -> None:
     assert model[0] is model[2][0] and isinstance(model[0], METHODS["svd"])
 
 
+def test_new_layers_take_the_train_or_eval_mode_of_the_modules_they_replace() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Embedding(10, 8)).eval()
+    model[1].train()
+    compress_(model, "svd", rank=2)
+    compress_embeddings_(model, rank=2)
+    assert [type(m).__name__ for m in model] == ["LowRankLinear", "LowRankLinear", "LowRankEmbedding"]
+    assert [m.training for m in model] == [False, True, False]
+
+
 # --- filters --------------------------------------------------------------------------------------------------------
 
 

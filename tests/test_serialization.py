@@ -7,11 +7,11 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 from torch.testing import assert_close
 
-from compressed_transformer.compress import compress_, compress_embeddings_
+from compressed_transformer.compress import compress_, compress_embeddings_, sparse_vd_to_pruned_
 from compressed_transformer.layers import (
     METHODS,
     LowRankEmbedding,
@@ -254,3 +254,98 @@ def test_tt_embeddings_and_their_tied_projection_round_trip(tmp_path) -> None:
     ids = torch.tensor([[0, 3, 49, 7]])
     with torch.no_grad():
         assert_close(fresh(ids), model(ids), atol=0, rtol=0)
+
+
+def mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256)).eval()
+
+
+CSR_PARTS = ("weight.csr_values", "weight.csr_crow", "weight.csr_col")
+
+
+def test_pruned_layers_are_stored_as_their_kept_weights(tmp_path) -> None:
+    dense_file, sparse_file, unpacked_file = (tmp_path / f"{n}.safetensors" for n in ("dense", "sparse", "unpacked"))
+    save_compressed(mlp(0), dense_file)
+    model = mlp(0)
+    compress_(model, "prune", sparsity=0.9)
+    model.shared = model[0]  # a shared pruned layer is packed under both names
+    perturb_(model)
+    save_compressed(model, sparse_file)
+    save_compressed(model, unpacked_file, pack_sparse=False)
+    dense_bytes = dense_file.stat().st_size
+    # 10 % of the weights, float32 values + int16 columns: ~0.15 of the dense bytes, plus headers and biases
+    assert sparse_file.stat().st_size < 0.2 * dense_bytes
+    assert unpacked_file.stat().st_size > dense_bytes  # dense weight plus bool mask
+    _, header = read_structure(sparse_file)
+    assert json.loads(header["packed_layers"]) == ["0", "2", "shared"]
+    assert json.loads(header["aliases"]) == {f"shared.{k}": f"0.{k}" for k in ("bias", *CSR_PARTS)}
+
+    for path in (sparse_file, unpacked_file):
+        fresh = mlp(1)
+        fresh.shared = fresh[0]
+        load_compressed_(fresh, path)
+        assert isinstance(fresh[0], PrunedLinear) and fresh.shared is fresh[0]
+        for key, value in model.state_dict().items():
+            assert torch.equal(fresh.state_dict()[key], value), key
+        x = torch.randn(5, 256)
+        with torch.no_grad():
+            assert_close(fresh(x), model(x), atol=0, rtol=0)
+
+
+def test_sparse_vd_models_ship_as_pruned_layers(tmp_path) -> None:
+    model = mlp(0)
+    compress_(model, "svd-o")
+    with torch.no_grad():  # as after variational training: most weights with a large log alpha
+        for layer in (model[0], model[2]):
+            layer.log_sigma2.copy_(torch.where(torch.rand_like(layer.theta) < 0.95, 5.0, -12.0))
+    x = torch.randn(6, 256)
+    with torch.no_grad():
+        expected = model(x)
+    variational = tmp_path / "svd-o.safetensors"
+    save_compressed(model, variational)
+    assert sparse_vd_to_pruned_(model) == ["0", "2"]
+    assert isinstance(model[0], PrunedLinear) and not model[0].training
+    with torch.no_grad():
+        assert_close(model(x), expected, atol=1e-6, rtol=1e-6)
+    shipped = tmp_path / "pruned.safetensors"
+    save_compressed(model, shipped)
+    assert shipped.stat().st_size < 0.06 * variational.stat().st_size  # no log sigma^2, 5 % of theta
+    fresh = load_compressed_(mlp(1), shipped)
+    assert isinstance(fresh[2], PrunedLinear) and abs(fresh[2].sparsity - 0.95) < 0.01
+    with torch.no_grad():
+        assert_close(fresh(x), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_first_format_files_still_load(tmp_path) -> None:
+    model = encoder_layer(0)
+    compress_(model, "prune", filter=r"linear1", sparsity=0.5)
+    path = tmp_path / "v1.safetensors"
+    structure = json.dumps(layer_structure(model), sort_keys=True)
+    save_model(model, str(path), metadata={"format": "compressed-transformer/1", "compressed_layers": structure})
+    fresh = load_compressed_(encoder_layer(1), path)
+    assert torch.equal(fresh.linear1.weight, model.linear1.weight)
+    assert torch.equal(fresh.linear1.mask, model.linear1.mask)
+
+
+def test_corrupt_packed_layers_and_aliases_get_clear_errors(tmp_path) -> None:
+    model = mlp(0)
+    compress_(model, "prune", filter="^0$", sparsity=0.8)
+    path = tmp_path / "m.safetensors"
+    save_compressed(model, path)
+    tensors, header = load_file(path), read_structure(path)[1]
+
+    def rewrite(name: str, changed: dict, **header_changes: str) -> None:
+        save_file({**tensors, **changed}, str(tmp_path / name), metadata={**header, **header_changes})
+
+    rewrite("columns.safetensors", {"0.weight.csr_col": tensors["0.weight.csr_col"] + 300})
+    with pytest.raises(ValueError, match=r"packed pruned layer '0' is unreadable: CSR column indices out of range"):
+        load_compressed_(mlp(1), tmp_path / "columns.safetensors")
+    rewrite("alias.safetensors", {}, aliases=json.dumps({"0.bias": "9.bias"}))
+    with pytest.raises(ValueError, match=r"alias of '9\.bias', which the file lacks"):
+        load_compressed_(mlp(1), tmp_path / "alias.safetensors")
+    rewrite("not-pruned.safetensors", {}, packed_layers=json.dumps(["2"]))
+    with pytest.raises(ValueError, match="'2' is not a PrunedLinear"):
+        load_compressed_(mlp(1), tmp_path / "not-pruned.safetensors")
+    with pytest.raises(ValueError, match="reserved"):
+        save_compressed(model, path, metadata={"aliases": "{}"})

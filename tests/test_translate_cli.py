@@ -257,6 +257,29 @@ def test_compressed_embedding_tables_from_the_command_line(tmp_path: Path, capsy
     assert not (tmp_path / "x").exists()  # bad flags fail before any work
 
 
+def test_a_sparse_vd_model_is_exported_as_pruned_layers(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from safetensors.torch import load_file
+
+    from compressed_transformer.train.checkpoint import load_checkpoint, load_model
+
+    data = write_corpus(tmp_path / "data")
+    out, exported = tmp_path / "run", tmp_path / "exported"
+    argv = [*TRAIN, "--data-dir", str(data), "--out", str(out), "--no-progress", "--max-steps", "2"]
+    assert run([*argv, "--ffn", "svd-o", "--ffn-blocks", "decoder"]) == 0
+    capsys.readouterr()
+    checkpoint = str(out / "checkpoint_last.pt")
+    assert run(["translate", "export", "--checkpoint", checkpoint, "--out", str(exported)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    original, reloaded = (load_model(load_checkpoint(path)).eval() for path in (checkpoint, exported))
+    assert type(original.decoder[0].ffn.fc1).__name__ == "SparseVDLinear"
+    assert type(reloaded.decoder[0].ffn.fc1).__name__ == "PrunedLinear"
+    assert report["file_bytes"] < 1.2 * report["stored_bytes"]  # no log sigma^2 (int16 columns: can be below)
+    assert not any(name.endswith("log_sigma2") for name in load_file(exported / "model.safetensors"))
+    src, tgt = torch.randint(4, 40, (2, 5)), torch.randint(4, 40, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(src, tgt), original(src, tgt), atol=1e-5, rtol=1e-5)
+
+
 def test_a_study_row_folder_resumes_with_translate_train(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """``translate train --resume`` rebuilds a study row's low-rank attention and embeddings from its config."""
     from compressed_transformer.studies.translation.cli import register as register_study

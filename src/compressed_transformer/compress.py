@@ -14,7 +14,16 @@ from torch import nn
 from .functional.sparsity import global_magnitude_threshold
 from .functional.tt import max_tt_ranks, resolve_tt_ranks, tt_matrix_from_dense, tt_matrix_params, tt_matrix_to_dense
 from .functional.tucker import hosvd, resolve_tucker_ranks, tucker_params, tucker_to_dense
-from .layers import METHODS, LowRankEmbedding, LowRankLinear, PrunedLinear, TTEmbedding, TTLinear, layer_options
+from .layers import (
+    METHODS,
+    LowRankEmbedding,
+    LowRankLinear,
+    PrunedLinear,
+    SparseVDLinear,
+    TTEmbedding,
+    TTLinear,
+    layer_options,
+)
 from .layers._common import copy_bias, resolve_modes
 from .layers.embedding import tie_projection_
 
@@ -26,6 +35,7 @@ __all__ = [
     "compress_",
     "compress_embeddings_",
     "select_linears",
+    "sparse_vd_to_pruned_",
 ]
 
 Filter = str | Callable[[str, nn.Module], bool] | None
@@ -449,10 +459,33 @@ def module_aliases(model: nn.Module) -> dict[int, list[str]]:
 
 
 def replace_module(model: nn.Module, names: list[str], new: nn.Module) -> None:
-    """Put ``new`` at each qualified name of ``names`` (the aliases of one module, see :func:`module_aliases`)."""
+    """Put ``new`` at each qualified name of ``names`` (the aliases of one module, see :func:`module_aliases`), in
+    the train / eval mode of the module it replaces."""
+    new.train(model.get_submodule(names[0]).training)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
+
+
+def sparse_vd_to_pruned_(model: nn.Module) -> list[str]:
+    """Replace every :class:`~compressed_transformer.layers.SparseVDLinear` of ``model`` by the
+    :class:`~compressed_transformer.layers.PrunedLinear` with its eval-mode output (kept weights ``theta``, the
+    mask ``log alpha <= threshold``), in place, in each layer's train / eval mode.
+
+    ``log sigma^2`` is needed only for variational training, so this is the form to ship a Sparse VD model in:
+    :func:`~compressed_transformer.serialization.save_compressed` then stores only the kept weights. Training
+    afterwards fine-tunes those weights with the mask fixed.
+
+    Returns:
+        The qualified names of the replaced layers (a shared layer under its first name).
+    """
+    aliases = module_aliases(model)
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SparseVDLinear):
+            replace_module(model, aliases[id(module)], module.to_pruned())
+            replaced.append(name)
+    return replaced
 
 
 # Embedding compression method -> its options (``compress_embeddings_``).

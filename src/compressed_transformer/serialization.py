@@ -16,7 +16,12 @@ Example::
     fresh = MyModel()                                  # dense, any initialisation
     load_compressed_(fresh, "model.safetensors")       # now the same compressed model
 
-Tied parameters (e.g. a shared embedding and output projection) are stored once, by safetensors' ``save_model``.
+Tied parameters (e.g. a shared embedding and output projection) are stored once, with their other names in the
+header (``aliases``). A pruned layer (:class:`~compressed_transformer.layers.PrunedLinear`, or a Sparse VD layer
+turned into one by :func:`~compressed_transformer.compress.sparse_vd_to_pruned_`) is stored as its kept weights in
+CSR form (``<name>.weight.csr_values``, ``.csr_crow``, ``.csr_col``, the narrowest integer indices) instead of the
+dense ``weight`` and ``mask``, so the file shrinks with the sparsity; loading restores the dense weight and mask.
+Files of the first format (``compressed-transformer/1``, every tensor dense) still load.
 """
 
 from __future__ import annotations
@@ -29,16 +34,18 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file
 from torch import nn
 
 from .compress import module_aliases, replace_module
+from .functional.sparsity import csr_from_mask, masked_from_csr
 from .layers import (
     COMPRESSED_EMBEDDINGS,
     COMPRESSED_LAYERS,
     METHODS,
     LowRankEmbedding,
     LowRankLinear,
+    PrunedLinear,
     TTEmbedding,
     TTLinear,
     layer_options,
@@ -58,9 +65,13 @@ __all__ = [
     "save_compressed",
 ]
 
-FORMAT = "compressed-transformer/1"
+FORMAT = "compressed-transformer/2"
+_DENSE_FORMAT = "compressed-transformer/1"  # every tensor dense, tied ones deduplicated by safetensors.save_model
 _FORMAT_KEY = "format"
 _LAYERS_KEY = "compressed_layers"
+_PACKED_KEY = "packed_layers"
+_ALIASES_KEY = "aliases"
+_CSR_PARTS = ("csr_values", "csr_crow", "csr_col")
 
 
 EMBEDDING_METHOD = "svd-embedding"
@@ -230,27 +241,87 @@ def _tie(name: str, layer: nn.Module, table: nn.Module | None, table_name: str) 
         raise ValueError(f"layer {name!r} cannot be tied to {table_name!r}: {error}") from None
 
 
-def save_compressed(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> None:
+def save_compressed(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    metadata: dict[str, str] | None = None,
+    pack_sparse: bool = True,
+) -> None:
     """Write ``model``'s weights and buffers (``state_dict``) and the structure of its compressed layers to a
     safetensors file.
 
     Args:
         model: any module, compressed or not.
         path: the file to write.
-        metadata: extra string pairs for the header (e.g. a model config as JSON); the keys ``format`` and
-            ``compressed_layers`` are this function's.
+        metadata: extra string pairs for the header (e.g. a model config as JSON); the keys ``format``,
+            ``compressed_layers``, ``packed_layers`` and ``aliases`` are this function's.
+        pack_sparse: store each pruned layer as its kept weights in CSR form (see the module docstring) rather
+            than as a dense weight and mask.
 
     Raises:
         ValueError: if ``metadata`` uses a reserved key or a value that is not a string.
     """
     extra = dict(metadata or {})
-    reserved = {_FORMAT_KEY, _LAYERS_KEY} & set(extra)
+    reserved = {_FORMAT_KEY, _LAYERS_KEY, _PACKED_KEY, _ALIASES_KEY} & set(extra)
     if reserved:
         raise ValueError(f"metadata keys {sorted(reserved)} are reserved by save_compressed")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
         raise ValueError("safetensors metadata keys and values must be strings")
-    header = {_FORMAT_KEY: FORMAT, _LAYERS_KEY: json.dumps(layer_structure(model), sort_keys=True), **extra}
-    save_model(model, os.fspath(path), metadata=header)
+    state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
+    packed, aliases = _pack_pruned(model, state) if pack_sparse else ([], {})
+    aliases |= _drop_aliases(state)
+    header = {
+        _FORMAT_KEY: FORMAT,
+        _LAYERS_KEY: json.dumps(layer_structure(model), sort_keys=True),
+        _PACKED_KEY: json.dumps(packed),
+        _ALIASES_KEY: json.dumps(aliases, sort_keys=True),
+        **extra,
+    }
+    save_file(state, os.fspath(path), metadata=header)
+
+
+def _prefix(name: str) -> str:
+    return f"{name}." if name else ""
+
+
+def _pack_pruned(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], dict[str, str]]:
+    """Replace the ``weight`` and ``mask`` of every pruned layer in ``state`` by its CSR arrays. Returns the layers'
+    names and ``{name: first name}`` for the arrays of a layer shared under several names (stored once)."""
+    names, aliases, first = [], {}, {}
+    for name, module in model.named_modules(remove_duplicate=False):  # a shared layer is in state under each name
+        if not isinstance(module, PrunedLinear):
+            continue
+        prefix = _prefix(name)
+        weight, mask = state.pop(f"{prefix}weight"), state.pop(f"{prefix}mask")
+        if id(module) in first:
+            aliases |= {f"{prefix}weight.{part}": f"{first[id(module)]}weight.{part}" for part in _CSR_PARTS}
+        else:
+            parts = csr_from_mask(weight, mask)
+            state.update({f"{prefix}weight.{part}": t for part, t in zip(_CSR_PARTS, parts, strict=True)})
+            first[id(module)] = prefix
+        names.append(name)
+    return names, aliases
+
+
+def _drop_aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Keep one name of each tensor that ``state`` holds under several (tied parameters, shared modules) and make
+    every tensor contiguous and unshared, as safetensors requires. Returns ``{dropped name: kept name}``."""
+    kept: dict[tuple, str] = {}
+    storages: set[int] = set()
+    aliases = {}
+    for name, tensor in list(state.items()):
+        key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        if tensor.numel() and key in kept:
+            aliases[name] = kept[key]
+            del state[name]
+            continue
+        kept[key] = name
+        storage = tensor.untyped_storage().data_ptr()
+        shared = tensor.numel() and storage in storages  # a view overlapping another tensor: stored on its own
+        state[name] = tensor.clone() if shared else tensor.contiguous()
+        storages.add(storage)
+    return aliases
 
 
 def read_structure(path: str | os.PathLike) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
@@ -268,10 +339,11 @@ def read_structure(path: str | os.PathLike) -> tuple[dict[str, dict[str, Any]], 
             header = handle.metadata() or {}
     except Exception as error:  # safetensors raises its own error types for corrupt files
         raise ValueError(f"cannot read {path} as a safetensors file: {error}") from error
-    if header.get(_FORMAT_KEY) != FORMAT:
+    if header.get(_FORMAT_KEY) not in (FORMAT, _DENSE_FORMAT):
         raise ValueError(
             f"{path} was not written by compressed_transformer.save_compressed (header format "
-            f"{header.get(_FORMAT_KEY)!r}, expected {FORMAT!r}); load plain safetensors files with safetensors itself"
+            f"{header.get(_FORMAT_KEY)!r}, expected {FORMAT!r} or {_DENSE_FORMAT!r}); load plain safetensors files "
+            "with safetensors itself"
         )
     try:
         structure = json.loads(header[_LAYERS_KEY])
@@ -299,10 +371,39 @@ def load_compressed_(
             untouched); ``ValueError`` also when the weights do not fit (missing or unexpected tensors under
             ``strict``, other shapes), after ``model`` has been given its new layers.
     """
-    structure, _ = read_structure(path)
+    structure, header = read_structure(path)
     restructure_(model, structure)
+    path = os.fspath(path)
     try:
-        load_model(model, os.fspath(path), strict=strict, device=str(device))
+        if header[_FORMAT_KEY] == _DENSE_FORMAT:
+            load_model(model, path, strict=strict, device=str(device))
+        else:
+            model.load_state_dict(_read_state(model, path, header, str(device)), strict=strict)
     except RuntimeError as error:
-        raise ValueError(f"the weights in {os.fspath(path)} do not fit the model: {error}") from error
+        raise ValueError(f"the weights in {path} do not fit the model: {error}") from error
     return model
+
+
+def _read_state(model: nn.Module, path: str, header: dict[str, str], device: str) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` stored in a file of the current format: pruned layers unpacked, aliases restored."""
+    state = load_file(path, device=device)
+    try:
+        packed, aliases = json.loads(header[_PACKED_KEY]), json.loads(header[_ALIASES_KEY])
+    except (KeyError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: unreadable packed-layer or alias list in the header ({error})") from None
+    for alias, name in aliases.items():
+        if name not in state:
+            raise ValueError(f"{path}: {alias!r} is recorded as an alias of {name!r}, which the file lacks")
+        state[alias] = state[name]
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for name in packed:
+        module, prefix = modules.get(name), _prefix(name)
+        if not isinstance(module, PrunedLinear):
+            raise ValueError(f"{path}: the packed pruned layer {name!r} is not a PrunedLinear in the model")
+        try:
+            parts = [state.pop(f"{prefix}weight.{part}") for part in _CSR_PARTS]
+            weight, mask = masked_from_csr(*parts, (module.out_features, module.in_features))
+        except (KeyError, ValueError) as error:
+            raise ValueError(f"{path}: the packed pruned layer {name!r} is unreadable: {error}") from None
+        state[f"{prefix}weight"], state[f"{prefix}mask"] = weight, mask
+    return state

@@ -9,10 +9,12 @@ import torch
 from torch.testing import assert_close
 
 from compressed_transformer.functional.sparsity import (
+    csr_from_mask,
     global_magnitude_threshold,
     log_alpha,
     magnitude_mask,
     magnitude_threshold,
+    masked_from_csr,
     sparse_vd_kl,
 )
 
@@ -65,3 +67,46 @@ def test_sparse_vd_kl_matches_the_paper_formula() -> None:
     per_weight = torch.stack([sparse_vd_kl(a[None]) for a in la])
     assert (per_weight[1:] <= per_weight[:-1]).all()  # KL falls as the weight gets noisier
     assert per_weight[-1] < 1e-3 and per_weight[0] > 4.0
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("shape", [(7, 5), (1, 40), (40, 1), (300, 200)])
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
+def test_csr_arrays_of_a_mask_rebuild_the_masked_weight_exactly(shape: tuple[int, int], density: float) -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(shape, dtype=torch.float64)
+    mask = torch.rand(shape) < density
+    weight[0, 0] = 0.0  # a zero inside the mask stays inside it: the pattern is the mask's
+    mask[0, 0] = density > 0
+    values, crow, col = csr_from_mask(weight, mask)
+    assert values.numel() == col.numel() == int(mask.sum()) and crow.numel() == shape[0] + 1
+    assert col.dtype == torch.int16 and values.dtype == torch.float64
+    rebuilt, rebuilt_mask = masked_from_csr(values, crow, col, shape)
+    assert torch.equal(rebuilt_mask, mask) and torch.equal(rebuilt, weight * mask)
+    if mask.any():  # the same arrays as torch's own CSR conversion of the masked weight
+        reference = (weight * mask + 1e9 * mask).to_sparse_csr()  # no cancelled zeros
+        assert torch.equal(crow.long(), reference.crow_indices()) and torch.equal(col.long(), reference.col_indices())
+
+
+def test_csr_indices_widen_only_when_needed() -> None:
+    mask = torch.zeros(2, 40000, dtype=torch.bool)
+    mask[1, 39999] = True
+    _, crow, col = csr_from_mask(torch.ones(2, 40000), mask)
+    assert col.dtype == torch.int32 and crow.dtype == torch.int16 and int(col[0]) == 39999
+
+
+def test_bad_csr_input_is_refused() -> None:
+    weight, mask = torch.randn(3, 4), torch.rand(3, 4) < 0.5
+    with pytest.raises(ValueError, match="bool mask"):
+        csr_from_mask(weight, mask.float())
+    with pytest.raises(ValueError, match="2-D"):
+        csr_from_mask(weight[0], mask[0])
+    values, crow, col = csr_from_mask(weight, torch.ones(3, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="invalid CSR arrays"):
+        masked_from_csr(values, crow, col, (4, 3))
+    with pytest.raises(ValueError, match="row pointers"):
+        masked_from_csr(values, crow.flip(0), col, (3, 4))
+    with pytest.raises(ValueError, match="out of range"):
+        masked_from_csr(values, crow, col + 1, (3, 4))
+    with pytest.raises(ValueError, match="repeat"):
+        masked_from_csr(values, crow, torch.zeros_like(col), (3, 4))

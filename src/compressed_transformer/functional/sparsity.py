@@ -10,10 +10,12 @@ __all__ = [
     "K1",
     "K2",
     "K3",
+    "csr_from_mask",
     "global_magnitude_threshold",
     "log_alpha",
     "magnitude_mask",
     "magnitude_threshold",
+    "masked_from_csr",
     "sparse_vd_kl",
 ]
 
@@ -65,3 +67,67 @@ def sparse_vd_kl(log_alpha: torch.Tensor) -> torch.Tensor:
     """
     neg_kl = K1 * torch.sigmoid(K2 + K3 * log_alpha) - 0.5 * torch.nn.functional.softplus(-log_alpha) - K1
     return -neg_kl.sum()
+
+
+def _index_dtype(limit: int) -> torch.dtype:
+    """The narrowest signed integer type that holds ``0 .. limit``."""
+    for dtype in (torch.int16, torch.int32):
+        if limit <= torch.iinfo(dtype).max:
+            return dtype
+    return torch.int64
+
+
+def csr_from_mask(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kept entries of a masked 2-D ``weight`` in compressed sparse row form: ``(values, crow, col)``.
+
+    ``values`` are ``weight[mask]`` in row-major order (zeros inside the mask are kept: the pattern is the mask's,
+    not the weight's), ``crow`` the ``rows + 1`` row pointers, ``col`` the column of each value. Indices use the
+    narrowest integer type that holds them (``int16`` columns for up to 32767 columns), so a layer at sparsity
+    ``s`` stores about ``(1 - s) * (element size + 2)`` bytes per weight instead of ``element size``.
+
+    Raises:
+        ValueError: if ``weight`` is not 2-D or ``mask`` is not a ``bool`` tensor of its shape.
+    """
+    if weight.dim() != 2 or mask.shape != weight.shape or mask.dtype != torch.bool:
+        raise ValueError(
+            f"need a 2-D weight and a bool mask of its shape, got {tuple(weight.shape)} and "
+            f"{tuple(mask.shape)} {mask.dtype}"
+        )
+    rows, cols = weight.shape
+    row, col = mask.nonzero(as_tuple=True)
+    crow = torch.zeros(rows + 1, dtype=torch.int64, device=mask.device)
+    crow[1:] = torch.cumsum(torch.bincount(row, minlength=rows), 0)
+    values = weight.detach()[row, col]
+    return values, crow.to(_index_dtype(int(crow[-1]))), col.to(_index_dtype(cols - 1))
+
+
+def masked_from_csr(
+    values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, shape: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`csr_from_mask`: the dense ``(weight, mask)`` of ``shape``, zero outside the mask.
+
+    Raises:
+        ValueError: if the arrays do not describe a valid CSR pattern of ``shape`` (lengths, row pointers that
+            decrease or do not end at the number of values, columns out of range or repeated within a row).
+    """
+    rows, cols = shape
+    nnz = values.numel()
+    if values.dim() != 1 or crow.shape != (rows + 1,) or col.shape != (nnz,):
+        raise ValueError(
+            f"invalid CSR arrays for a {rows}x{cols} weight: values {tuple(values.shape)}, crow "
+            f"{tuple(crow.shape)} (expected ({rows + 1},)), col {tuple(col.shape)} (expected ({nnz},))"
+        )
+    crow, col = crow.long(), col.long()
+    counts = crow.diff()
+    if int(crow[0]) != 0 or int(crow[-1]) != nnz or bool((counts < 0).any()):
+        raise ValueError(f"invalid CSR row pointers for {nnz} values: they must rise from 0 to {nnz}")
+    if nnz and (int(col.min()) < 0 or int(col.max()) >= cols):
+        raise ValueError(f"CSR column indices out of range [0, {cols})")
+    row = torch.repeat_interleave(torch.arange(rows, device=crow.device), counts)
+    mask = torch.zeros(shape, dtype=torch.bool, device=values.device)
+    mask[row, col] = True
+    if int(mask.sum()) != nnz:
+        raise ValueError("CSR column indices repeat within a row")
+    weight = torch.zeros(shape, dtype=values.dtype, device=values.device)
+    weight[row, col] = values
+    return weight, mask

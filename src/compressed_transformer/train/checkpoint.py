@@ -131,17 +131,20 @@ EXPORT_TOKENIZER = "spm.model"
 def export_model(state: dict[str, Any], out_dir: str | Path, model: Transformer | None = None) -> Path:
     """Write the model of checkpoint ``state`` to ``out_dir``: ``model.safetensors`` (weights, compressed-layer
     structure, model config as JSON under the header key ``model_config``) and ``spm.model``. Optimiser and
-    training state are left out. Returns the weights file. ``model``: ``load_model(state)`` if the caller has
-    built it already.
+    training state are left out, and Sparse VD layers are written in their eval form, as pruned layers that store
+    only their kept weights (:func:`~compressed_transformer.compress.sparse_vd_to_pruned_`, applied to ``model``).
+    Returns the weights file. ``model``: ``load_model(state)`` if the caller has built it already.
 
     Raises:
         ValueError: if the weights do not fit the checkpoint's model config.
     """
+    from compressed_transformer.compress import sparse_vd_to_pruned_
     from compressed_transformer.serialization import save_compressed
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(state) if model is None else model
+    sparse_vd_to_pruned_(model)
     weights = out / EXPORT_WEIGHTS
     save_compressed(model, weights, metadata={"model_config": json.dumps(state["model_config"], sort_keys=True)})
     (out / EXPORT_TOKENIZER).write_bytes(bytes(state["tokenizer"]))
