@@ -157,6 +157,12 @@ def _check_outputs(out: Path, names: list[str]) -> dict:
     # Sparse layers pay for their indices: fewer bytes saved than parameters.
     assert rows["prune"]["bytes"] > 4 * rows["prune"]["params"]
     assert rows["tt"]["bytes"] == 4 * rows["tt"]["params"]
+    # the measured files: within a header's kilobytes of the counted bytes (sparse rows: int16 columns, fewer)
+    for name in names:
+        assert rows[name]["file_bytes"] < rows[name]["bytes"] + 8192, name
+        assert rows[name]["file_ratio"] == pytest.approx(rows["original"]["file_bytes"] / rows[name]["file_bytes"])
+    assert rows["prune"]["file_bytes"] < 6 * rows["prune"]["params"] + 8192
+    assert rows["prune"]["file_ratio"] > 2.0
     assert set(results["seed_matches"]) == set(SEED_TABLE)
     assert {"config", "command", "git_revision", "environment", "stretch"} <= set(results)
     assert results["config"]["train_limit"] == 300

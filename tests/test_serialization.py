@@ -293,6 +293,18 @@ def test_pruned_layers_are_stored_as_their_kept_weights(tmp_path) -> None:
             assert_close(fresh(x), model(x), atol=0, rtol=0)
 
 
+def test_pruned_layers_stay_dense_where_csr_would_be_larger(tmp_path) -> None:
+    model = mlp(0)
+    compress_(model, "prune", filter="^0$", sparsity=0.1)  # 6 bytes per kept weight > 5 bytes per dense one
+    compress_(model, "prune", filter="^2$", sparsity=0.3)
+    path = tmp_path / "m.safetensors"
+    save_compressed(model, path)
+    assert json.loads(read_structure(path)[1]["packed_layers"]) == ["2"]
+    fresh = load_compressed_(mlp(1), path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+
 def test_sparse_vd_models_ship_as_pruned_layers(tmp_path) -> None:
     model = mlp(0)
     compress_(model, "svd-o")

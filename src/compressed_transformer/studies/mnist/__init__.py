@@ -8,7 +8,8 @@ for comparison; ``--sweep`` adds each method's curve over ranks / sparsities).
 Accounting, as the seed counts it: compression ratio = parameters of the whole dense network (weights and biases,
 203,530 for 784-256-10) / parameters stored by the compressed one (factor entries for TT / Tucker / SVD, nonzero
 weights for pruning and Sparse VD, biases in full). Ratios are compared with the seed's at its precision (two
-decimals). The bytes ratio counts CSR indices of sparse layers too (see :mod:`compressed_transformer.size`).
+decimals). The bytes ratio counts CSR indices of sparse layers too (see :mod:`compressed_transformer.size`); the
+file ratio is measured on the files :func:`~compressed_transformer.serialization.save_compressed` writes.
 """
 
 from __future__ import annotations

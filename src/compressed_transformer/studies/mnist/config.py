@@ -280,6 +280,8 @@ class RowResult:
     params: int
     bytes: int
     bytes_ratio: float
+    file_bytes: int  # measured: the save_compressed file of the row's model (Sparse VD in its eval form)
+    file_ratio: float
     seconds: float
     compression: str
     layers: list[str]

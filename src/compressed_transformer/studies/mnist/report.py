@@ -43,17 +43,17 @@ def _settings_text(row: RowResult) -> str:
 def format_table(result: StudyResult) -> str:
     """The study's Markdown table: the seed's columns (method, accuracy, compression ratio) and more."""
     lines = [
-        "| method | accuracy | compression ratio | params | bytes ratio | time (s) | layers | settings | kd "
-        "| seed: accuracy @ ratio |",
-        "|---|---:|---:|---:|---:|---:|---|---|---|---|",
+        "| method | accuracy | compression ratio | params | bytes ratio | file ratio | time (s) | layers | settings "
+        "| kd | seed: accuracy @ ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|---|---|",
     ]
     for row in result.rows:
         seed = _seed_point_of(row.method)
         seed_text = f"{seed.accuracy:.4f} @ {seed.ratio:.2f}" if seed else ""
         lines.append(
             f"| {row.method} | {row.accuracy:.4f} | {row.ratio:.2f} | {row.params:,} | {row.bytes_ratio:.2f} "
-            f"| {row.seconds:.1f} | {_layers_text(row)} | {_settings_text(row)} | {'yes' if row.distilled else 'no'} "
-            f"| {seed_text} |"
+            f"| {row.file_ratio:.2f} | {row.seconds:.1f} | {_layers_text(row)} | {_settings_text(row)} "
+            f"| {'yes' if row.distilled else 'no'} | {seed_text} |"
         )
     lines += [
         "",
