@@ -234,6 +234,22 @@ def test_whole_pipeline_on_a_few_hundred_images(tmp_path, capsys):
     assert len({point["ratio"] for point in sweep if point["compression"] == "svd-o"}) >= 1
     assert rows["svd"]["layer_options"]["fc1"]["whitened"]
 
+    # Every table row's network is written to models/; loaded into a fresh dense MLP it scores the row's accuracy.
+    from compressed_transformer.data.mnist import load_mnist
+    from compressed_transformer.serialization import load_compressed_
+    from compressed_transformer.studies.mnist.training import accuracy, to_tensors
+
+    data = to_tensors(load_mnist(data_dir, download=False, verify=False))
+    assert sorted(p.stem for p in (out / "models").iterdir()) == sorted(names)
+    for name in ("original", "prune+ft", "svd-o", "tucker+ft", "tt-scratch"):
+        path = out / "models" / f"{name}.safetensors"
+        assert path.stat().st_size == rows[name]["file_bytes"], name
+        model = load_compressed_(MLP(study.MLPConfig()), path)
+        assert accuracy(model, data.x_test, data.y_test) == rows[name]["accuracy"], name
+    assert type(load_compressed_(MLP(study.MLPConfig()), out / "models" / "svd-o.safetensors").fc1).__name__ == (
+        "PrunedLinear"
+    )
+
     # The saved original is reused instead of retrained.
     again = tmp_path / "again"
     common = ["--data-dir", str(data_dir), "--no-verify", "--train-limit", "300", "--no-progress", "--threads", "1"]

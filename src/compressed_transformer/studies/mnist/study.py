@@ -21,7 +21,7 @@ from ...compress import compress_, sparse_vd_to_pruned_
 from ...data.mnist import MNIST, load_mnist
 from ...layers import SparseVDLinear
 from ...models.mlp import MLP, MLPConfig
-from ...serialization import saved_bytes
+from ...serialization import save_compressed, saved_bytes
 from ...size import stored_bytes, stored_params
 from .compression import build_tt_scratch, compress_row, reaches
 from .config import (
@@ -41,15 +41,27 @@ from .config import (
 from .report import write_outputs
 from .training import Tensors, accuracy, fit, to_tensors
 
+MODELS_DIR = "models"  # <out>/models/<row>.safetensors: each table row's network (save_compressed)
+
 
 def _row_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**31
 
 
 def _measure(
-    name: str, model: nn.Module, data: Tensors, dense: MLP, seconds: float, recipe: RowRecipe, **fields: Any
+    name: str,
+    model: nn.Module,
+    data: Tensors,
+    dense: MLP,
+    seconds: float,
+    recipe: RowRecipe,
+    *,
+    models: Path | None = None,
+    **fields: Any,
 ) -> RowResult:
-    params, nbytes, file_bytes = stored_params(model), stored_bytes(model), _shipped_bytes(model)
+    """The row's figures; with ``models``, its network is also written there as ``<name>.safetensors``."""
+    path = None if models is None else models / f"{name}.safetensors"
+    params, nbytes, file_bytes = stored_params(model), stored_bytes(model), _shipped_bytes(model, path)
     return RowResult(
         method=name,
         accuracy=accuracy(model, data.x_test, data.y_test),
@@ -68,12 +80,17 @@ def _measure(
     )
 
 
-def _shipped_bytes(model: nn.Module) -> int:
-    """Bytes of the model's ``save_compressed`` file, Sparse VD layers in their eval form (as pruned layers)."""
+def _shipped_bytes(model: nn.Module, path: Path | None) -> int:
+    """Bytes of the model's ``save_compressed`` file (written to ``path`` when given), Sparse VD layers in their
+    eval form (as pruned layers)."""
     if any(isinstance(m, SparseVDLinear) for m in model.modules()):
         model = copy.deepcopy(model)
         sparse_vd_to_pruned_(model)
-    return saved_bytes(model)
+    if path is None:
+        return saved_bytes(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_compressed(model, path)
+    return path.stat().st_size
 
 
 @dataclass
@@ -82,6 +99,10 @@ class _Context:
     data: Tensors
     original: MLP
     input_gram: torch.Tensor | None = None  # E[x x^T] of the training images, for the whitened SVD
+
+    def models(self, sweep: bool) -> Path | None:
+        """Where a table row's network is written (sweep points are not)."""
+        return None if sweep else Path(self.config.out) / MODELS_DIR
 
 
 def _compressed_point(
@@ -117,6 +138,7 @@ def _compressed_point(
         layer_options=options,
         rel_error=errors,
         sweep=sweep,
+        models=ctx.models(sweep),
     )
 
 
@@ -156,6 +178,7 @@ def _sparse_vd(ctx: _Context, name: str, recipe: RowRecipe) -> tuple[RowResult, 
             layer_options=options,
             sweep=sweep,
             extra={"epochs": cfg.train.epochs},
+            models=ctx.models(sweep),
         )
 
     row = point(sweep=False)
@@ -308,7 +331,9 @@ def run_study(config: MNISTStudyConfig, data: MNIST | None = None, *, argv: Sequ
             desc="original",
             progress=config.progress,
         )
-    rows.append(_measure("original", original, tensors, original, time.perf_counter() - start, RECIPES["original"]))
+    models = out / MODELS_DIR
+    seconds = time.perf_counter() - start
+    rows.append(_measure("original", original, tensors, original, seconds, RECIPES["original"], models=models))
     save_original(out / "original.pt", original)
     _log(config, rows[-1])
     ctx = _Context(config, tensors, original)
@@ -337,6 +362,7 @@ def run_study(config: MNISTStudyConfig, data: MNIST | None = None, *, argv: Sequ
                     original,
                     time.perf_counter() - start,
                     recipe,
+                    models=models,
                     layer_options={
                         "fc1": {
                             "ranks": list(model.fc1.ranks),
