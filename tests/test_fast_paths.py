@@ -26,7 +26,15 @@ from compressed_transformer.functional.tt import (
     tt_plan_steps,
 )
 from compressed_transformer.functional.tucker import tucker_linear_factors, tucker_to_dense
-from compressed_transformer.layers import LowRankLinear, PrunedLinear, SparseVDLinear, TTLinear, TuckerLinear
+from compressed_transformer.layers import (
+    LowRankEmbedding,
+    LowRankLinear,
+    PrunedLinear,
+    SparseVDLinear,
+    TTEmbedding,
+    TTLinear,
+    TuckerLinear,
+)
 from compressed_transformer.layers._fast import EvalCache, cache_nbytes, clear_caches, csr_linear, to_csr
 
 
@@ -361,6 +369,58 @@ def test_cache_is_not_used_when_gradients_are_needed() -> None:
     assert y.grad_fn is not None and cache_nbytes(layer) == 0
     y.sum().backward()
     assert all(p.grad is not None for p in layer.parameters())
+
+
+@pytest.mark.parametrize("method", ["tt", "tucker", "svd", "svd-o"])
+def test_weight_property_serves_the_eval_cache_and_stays_fresh(method: str) -> None:
+    layer = make_layer(method).eval()
+    with torch.no_grad():
+        first = layer.weight
+        assert layer.weight is first and cache_nbytes(layer) > 0  # built once, shared with the forward
+        assert_close(first, layer.to_dense(), atol=0, rtol=0)
+        factor = next(p for name, p in layer.named_parameters() if name != "bias")
+        factor.mul_(0.5)  # an in-place change: the next read rebuilds
+        assert_close(layer.weight, layer.to_dense(), atol=0, rtol=0)
+        assert not torch.equal(layer.weight, first)
+        layer.train()
+        assert layer.weight is not layer.weight  # training mode: rebuilt at every read, nothing cached
+    weight = layer.eval().weight  # autograd on: a fresh W in the graph of the factors
+    assert weight.grad_fn is not None and weight is not layer.weight
+
+
+@pytest.mark.parametrize("table", [LowRankEmbedding(59, 12, rank=3), TTEmbedding(59, 12, ranks=3)], ids=["svd", "tt"])
+def test_embedding_weight_is_cached_in_eval_mode(table: nn.Module) -> None:
+    table.eval()
+    with torch.no_grad():
+        first = table.weight
+        assert first.shape == (59, 12) and table.weight.data_ptr() == first.data_ptr()
+        assert_close(first, table.to_dense(), atol=0, rtol=0)
+    assert table.weight.grad_fn is not None
+
+
+@pytest.mark.parametrize("method", ["tt", "tucker", "svd", "prune", "svd-o"])
+def test_pytorch_encoder_fast_path_uses_the_cached_weights(method: str) -> None:
+    """``nn.TransformerEncoderLayer`` in eval mode multiplies with its linears' ``.weight`` in a fused kernel,
+    bypassing their forward: the compressed layers hand it their cached ``W``, and it computes the same output."""
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoderLayer(24, 4, 30, dropout=0.0, batch_first=True)
+    encoder.linear1 = make_layer(method, torch.float32)  # 24 -> 30
+    encoder.linear2 = type(encoder.linear1).from_linear(nn.Linear(30, 24), **_options(method))
+    encoder.eval()
+    x = torch.randn(2, 5, 24)
+    with torch.no_grad():
+        fused = encoder(x)
+        assert cache_nbytes(encoder) > 0 or method == "prune"
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            plain = encoder(x)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+    assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+
+
+def _options(method: str) -> dict:
+    return {"tt": {"ranks": 2}, "tucker": {"ranks": 2}, "svd": {"rank": 3}, "prune": {"sparsity": 0.9}}.get(method, {})
 
 
 def test_threshold_change_invalidates_the_sparse_vd_cache() -> None:

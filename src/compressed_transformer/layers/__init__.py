@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._fast import cache_nbytes, clear_caches
 from .embedding import LowRankEmbedding, TTEmbedding
 from .low_rank import LowRankLinear
 from .pruned import PrunedLinear
@@ -32,6 +33,8 @@ __all__ = [
     "TTLinear",
     "TuckerLinear",
     "build_linear",
+    "cache_nbytes",
+    "clear_caches",
     "layer_options",
     "method_of",
     "model_kl",

@@ -132,6 +132,18 @@ def prepare_forward(module: nn.Module, params: list) -> bool:
     return cached
 
 
+def represented_weight(
+    module: nn.Module, tensors: list[torch.Tensor], build: Callable[[], torch.Tensor]
+) -> torch.Tensor:
+    """The dense weight a layer represents, for code that reads ``.weight`` (a tied projection, or
+    ``nn.TransformerEncoderLayer``'s inference fast path, which multiplies with its linear layers' ``.weight``):
+    the eval cache's copy (the forward's own) when a forward now could use the cache, so it is rebuilt only when
+    ``tensors`` change; ``build()`` otherwise. Treat the cached copy as read-only."""
+    if use_cache(module, grad_needed(tensors)):
+        return layer_cache(module).get("dense", tensors, build)
+    return build()
+
+
 def layer_cache(module: nn.Module) -> EvalCache:
     """The :class:`EvalCache` of ``module``, created on first use."""
     cache = module.__dict__.get("_eval_cache")

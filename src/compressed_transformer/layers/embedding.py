@@ -12,7 +12,7 @@ from torch import nn
 from ..functional.matmul import low_rank_linear, matmul
 from ..functional.svd import truncated_svd
 from ..functional.tt import factorize, tt_matrix_from_dense, tt_matrix_rows, tt_vocab_modes
-from ._fast import layer_cache, params_of, prepare_forward
+from ._fast import layer_cache, params_of, prepare_forward, represented_weight
 from .low_rank import LowRankLinear
 from .tt import TTLinear
 
@@ -103,9 +103,9 @@ class LowRankEmbedding(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The represented table (computed, not stored), so code reading ``.weight`` (a tied output projection)
-        keeps working."""
-        return self.to_dense()
+        """The represented table (computed, not stored; cached in eval mode without autograd), so code reading
+        ``.weight`` (a tied output projection) keeps working."""
+        return represented_weight(self, [self.left, self.right], self.to_dense)
 
     def attend(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden @ E^T``, the logits of a tied output projection, through the factors: ``(hidden right^T)
@@ -262,8 +262,10 @@ class TTEmbedding(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The represented table (computed, not stored)."""
-        return self.to_dense()
+        """The represented table (computed, not stored; in eval mode without autograd, the cached copy the forward
+        looks rows up in)."""
+        table = represented_weight(self.table, params_of(self.table, "cores"), self.table.to_dense)
+        return table[: self.num_embeddings]
 
     def attend(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden @ E^T``, the logits of a tied output projection, through the cores (``table``'s forward).

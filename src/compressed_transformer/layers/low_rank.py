@@ -9,7 +9,15 @@ from torch import nn
 from ..functional.matmul import low_rank_linear, matmul
 from ..functional.svd import truncated_svd
 from ._common import check_features, check_linear, copy_bias, product_init_std, reset_bias
-from ._fast import device_key, layer_cache, low_rank_is_faster, prepare_forward, resolve_mode, tokens_of
+from ._fast import (
+    device_key,
+    layer_cache,
+    low_rank_is_faster,
+    prepare_forward,
+    represented_weight,
+    resolve_mode,
+    tokens_of,
+)
 
 __all__ = ["LowRankLinear"]
 
@@ -121,7 +129,9 @@ class LowRankLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.to_dense()
+        """The represented dense weight (computed, not stored; in eval mode without autograd, the cached copy the
+        forward uses)."""
+        return represented_weight(self, [self.left, self.right], self.to_dense)
 
     def num_stored_params(self) -> int:
         bias = self.out_features if self.bias is not None else 0

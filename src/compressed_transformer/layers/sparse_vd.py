@@ -13,12 +13,14 @@ from ._common import check_features, check_linear, copy_bias
 from ._fast import (
     csr_linear,
     device_key,
+    grad_needed,
     layer_cache,
     prepare_forward,
     sparse_is_faster,
     sparse_supported,
     to_csr,
     tokens_of,
+    use_cache,
 )
 from .pruned import PrunedLinear
 
@@ -127,6 +129,10 @@ class SparseVDLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
+        """The eval-mode weight ``theta * mask`` (computed; in eval mode without autograd, the cached copy the
+        forward uses)."""
+        if use_cache(self, grad_needed([self.theta, self.log_sigma2])):
+            return self._eval_weight()[0]
         return self.to_dense()
 
     def to_pruned(self) -> PrunedLinear:

@@ -34,6 +34,7 @@ from ._fast import (
     params_of,
     pick,
     prepare_forward,
+    represented_weight,
     resolve_mode,
     tokens_of,
 )
@@ -310,8 +311,9 @@ class TTLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The represented dense weight (computed, not stored), so code reading ``.weight`` keeps working."""
-        return self.to_dense()
+        """The represented dense weight (computed, not stored; in eval mode without autograd, the cached copy the
+        forward uses), so code reading ``.weight`` keeps working."""
+        return represented_weight(self, self._core_list(), self.to_dense)
 
     def num_stored_params(self) -> int:
         """Stored weights and bias: ``sum_k r_{k-1} o_k i_k r_k + out_features``."""

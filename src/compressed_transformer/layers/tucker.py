@@ -20,7 +20,16 @@ from ..functional.tucker import (
     tucker_params,
 )
 from ._common import check_features, check_linear, copy_bias, product_init_std, reset_bias, resolve_modes
-from ._fast import device_key, layer_cache, low_rank_is_faster, params_of, prepare_forward, resolve_mode, tokens_of
+from ._fast import (
+    device_key,
+    layer_cache,
+    low_rank_is_faster,
+    params_of,
+    prepare_forward,
+    represented_weight,
+    resolve_mode,
+    tokens_of,
+)
 
 __all__ = ["TuckerLinear"]
 
@@ -182,8 +191,10 @@ class TuckerLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The represented dense weight (computed, not stored)."""
-        return self.to_dense()
+        """The represented dense weight (computed, not stored; in eval mode without autograd, the cached copy the
+        forward uses)."""
+        params = [self.core, *params_of(self, "out_factors"), *params_of(self, "in_factors")]
+        return represented_weight(self, params, self.to_dense)
 
     def num_stored_params(self) -> int:
         """Stored weights and bias: ``prod(ranks) + sum_k n_k r_k + out_features``."""
