@@ -139,7 +139,7 @@ def test_tiny_study_end_to_end_then_skips_finished_rows(tmp_path: Path, capsys: 
     out = tmp_path / "study"
     # tt-all-convert needs the original (run first, automatically); tt-3/4 of a 2+2 model is tt-all (round(1.5)==2)
     assert run(study_argv(data, out, "tt-all-convert,tt-3/4,tt-all+attn+emb,tt-all+ttemb")) == 0
-    for name in ("table.md", "results.json", "bleu_vs_ratio.png", "study.json"):
+    for name in ("table.md", "results.json", "bleu_vs_ratio.png", "valid_bleu_curves.png", "study.json"):
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
     assert {"rows", "seed", "config", "command", "git_revision", "environment"} <= set(results)
@@ -390,3 +390,17 @@ def test_model_changes_and_checkpoint_averaging(tmp_path: Path) -> None:
         run([*study_argv(data, out, "original"), "--model", "drop=0.1"])
     with pytest.raises(ValueError, match="average must be >= 0"):
         StudyConfig("plain", "x", "y", "tiny", average=-1)
+
+
+def test_validation_curve_reads_the_runs_validation_records(tmp_path: Path) -> None:
+    from compressed_transformer.studies.translation.report import validation_curve
+
+    lines = [
+        {"step": 50, "loss": 3.0, "wall": 10.0},
+        {"valid_bleu": 12.5, "step": 100, "wall": 20.0},
+        {"step": 150, "loss": 2.0, "wall": 30.0},
+        {"valid_bleu": 20.0, "step": 200, "wall": 41.5},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines) + "\n")
+    assert [(c["step"], c["valid_bleu"]) for c in validation_curve(tmp_path)] == [(100, 12.5), (200, 20.0)]
+    assert validation_curve(tmp_path / "not-run-yet") == []

@@ -1,4 +1,5 @@
-"""The translation study's outputs: ``table.md``, ``results.json`` and ``bleu_vs_ratio.png``."""
+"""The translation study's outputs: ``table.md``, ``results.json``, ``bleu_vs_ratio.png`` and
+``valid_bleu_curves.png``."""
 
 from __future__ import annotations
 
@@ -85,7 +86,8 @@ def _table_notes(rows: Sequence[RowResult], study: StudyConfig) -> str:
 def write_outputs(
     rows: Sequence[RowResult], study: StudyConfig, plans: Mapping[str, _Plan], argv: Sequence[str], seconds: float
 ) -> None:
-    """Write ``table.md``, ``results.json`` and ``bleu_vs_ratio.png`` into ``study.out``."""
+    """Write ``table.md``, ``results.json``, ``bleu_vs_ratio.png`` and ``valid_bleu_curves.png`` into
+    ``study.out``."""
     out = Path(study.out)
     command = shlex.join(["compressed-transformer", *argv]) if argv else ""
     title = {"multi30k": "Multi30k de→en (test_2016_flickr)", "iwslt14": "IWSLT'14 de→en", "plain": "plain corpus"}
@@ -112,6 +114,45 @@ def write_outputs(
     }
     write_text_atomic(out / "results.json", json.dumps(payload, indent=1) + "\n")
     plot_bleu_vs_ratio(rows, study.dataset, out / "bleu_vs_ratio.png")
+    plot_validation_curves(rows, study.dataset, out / "valid_bleu_curves.png")
+
+
+def validation_curve(run_dir: str | Path) -> list[dict[str, float]]:
+    """The validation records of a training run (``metrics.jsonl``: ``step``, ``wall`` seconds of training so far,
+    ``valid_bleu``...), in order; empty when the run has none yet."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return [r for r in records if "valid_bleu" in r]
+
+
+def plot_validation_curves(rows: Sequence[RowResult], dataset: str, path: Path) -> None:
+    """Validation BLEU (greedy) of every trained row against training time and against updates: the comparison at
+    equal time and at equal updates that a final score alone does not show."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_time, by_step) = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    for r in rows:
+        curve = [] if r.same_as is not None else validation_curve(r.run_dir)
+        if not curve:
+            continue
+        bleu = [c["valid_bleu"] for c in curve]
+        by_time.plot([c["wall"] / 60 for c in curve], bleu, lw=1.2, label=f"{r.name} ({r.ratio:.2f}x)")
+        by_step.plot([c["step"] for c in curve], bleu, lw=1.2)
+    by_time.set_xlabel("training time (minutes, wall clock)")
+    by_step.set_xlabel("updates")
+    by_time.set_ylabel("validation sacreBLEU (greedy)")
+    for ax in (by_time, by_step):
+        ax.grid(True, alpha=0.3)
+    by_time.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{dataset}: validation BLEU during training")
+    fig.tight_layout()
+    write_atomic(path, lambda handle: fig.savefig(handle, dpi=120, format=Path(path).suffix.lstrip(".") or "png"))
+    plt.close(fig)
 
 
 def plot_bleu_vs_ratio(rows: Sequence[RowResult], dataset: str, path: Path) -> None:
