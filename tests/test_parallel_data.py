@@ -186,6 +186,7 @@ def test_tokenizer_round_trip_and_cache(tmp_path: Path) -> None:
     assert tokenizer.vocab_size <= 60
     ids = tokenizer.encode("ein hund läuft")
     assert all(i > 3 for i in ids) and tokenizer.decode([2, *ids, 3, 0]) == "ein hund läuft"
+    assert tokenizer.decode([*ids[:2], 1, 3]).endswith(" ⁇ ")  # an unknown piece shows, as sentencepiece writes it
     cached = load_or_train_tokenizer(tmp_path, CORPUS * 4, 60)
     assert (tmp_path / "spm.model").exists()
     again = load_or_train_tokenizer(tmp_path, CORPUS * 4, 60)

@@ -200,6 +200,24 @@ def test_convert_dense_checkpoint_then_fine_tune(tmp_path: Path) -> None:
     assert type(model.decoder[1].ffn.fc2).__name__ == "TTLinear"
     with pytest.raises(ValueError, match="does not fit this model"):
         train(model_config(d_model=16, ffn=spec), config(data, tmp_path / "bad", max_steps=1, init_from=dense))
+    # the dropout rates of the new config replace the dense run's, attention weights included
+    from compressed_transformer.models.transformer import FeedForward, MultiHeadAttention
+    from compressed_transformer.train.trainer import _convert_from_dense
+
+    rates = {"dropout": 0.3, "attn_dropout": 0.2, "activation_dropout": 0.1}
+    converted = _convert_from_dense(model_config(ffn=spec, **rates), load_checkpoint(dense))
+    attention = [m for m in converted.modules() if isinstance(m, MultiHeadAttention)]
+    assert attention and all(m.dropout == 0.2 for m in attention)
+    assert all(m.dropout.p == 0.1 for m in converted.modules() if isinstance(m, FeedForward))
+    assert converted.dropout.p == 0.3
+
+
+def test_logged_learning_rate_is_the_one_each_update_used(tmp_path: Path) -> None:
+    data = write_corpus(tmp_path / "data", pairs=16)
+    train(model_config(), config(data, tmp_path / "run", max_steps=3, log_every=1))
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    logged = {r["step"]: r["lr"] for r in map(json.loads, lines) if "lr" in r}
+    assert logged == {step: pytest.approx(inverse_sqrt_lr(step, 3e-3, 10)) for step in (1, 2, 3)}
 
 
 def test_write_atomic_replaces_whole_files_only(tmp_path: Path) -> None:
@@ -270,3 +288,22 @@ def test_average_checkpoints_rejects_different_models(tmp_path: Path) -> None:
     assert torch.equal(same["model"]["mask"], torch.tensor([1, 0]))
     with pytest.raises(ValueError, match="keep_checkpoints must be >= 0"):
         config(data, tmp_path / "c", max_steps=2, keep_checkpoints=-1)
+
+
+def test_process_group_backend_serves_cpu_tensors_on_gpus_too() -> None:
+    from torch.distributed.distributed_c10d import BackendConfig
+
+    from compressed_transformer.train.distributed import process_group_backend
+
+    assert process_group_backend(torch.device("cpu")) == "gloo"
+    backends = BackendConfig(process_group_backend(torch.device("cuda", 0))).get_device_backend_map()
+    assert backends == {"cpu": "gloo", "cuda": "nccl"}  # NCCL alone refuses the trainer's host-side flags
+
+
+def test_a_validation_pair_longer_than_max_tokens_is_validated_whole(tmp_path: Path) -> None:
+    data = write_corpus(tmp_path / "data", pairs=16)
+    for side, word in (("de", "hund"), ("en", "dog")):  # a validation pair of ~50 subwords (max_positions // 2: 64)
+        path = data / f"valid.{side}"
+        path.write_text(path.read_text() + " ".join([word] * 12) + "\n")
+    summary = train(model_config(), config(data, tmp_path / "run", max_steps=2, max_tokens=24))
+    assert summary["steps"] == 2 and summary["best_valid_bleu"] >= 0.0

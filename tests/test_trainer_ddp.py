@@ -97,3 +97,42 @@ def test_two_process_gloo_matches_one_process(tmp_path: Path, method: str) -> No
     for a, b in zip(steps["one"], steps["two"], strict=True):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+RESUME_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from compressed_transformer.models.transformer import preset
+    from compressed_transformer.train.trainer import TrainConfig, train
+
+    data, out, steps, resume = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "resume"
+    model = preset("tiny", vocab_size=48, dropout=0.3)
+    train(model, TrainConfig(dataset="plain", data_dir=data, out_dir=out, max_tokens=64, max_steps=steps, lr=3e-3,
+                             warmup_steps=2, eval_every=1000, save_every=1000, log_every=1, progress=False,
+                             device="cpu", seed=3), resume=resume)
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_two_process_run_resumes_exactly(tmp_path: Path) -> None:
+    """With dropout on, each rank draws its own masks; after a resume every rank must draw what it would have."""
+    data = write_corpus(tmp_path / "data")
+    script = tmp_path / "run.py"
+    script.write_text(RESUME_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def launch(out: str, steps: int, resume: bool = False) -> None:
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+        args = [str(script), str(data), str(tmp_path / out), str(steps), "resume" if resume else "new"]
+        done = subprocess.run([*torchrun, *args], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+
+    launch("straight", 4)
+    launch("split", 2)
+    launch("split", 4, resume=True)
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoint_last.pt")
+    resumed = load_checkpoint(tmp_path / "split" / "checkpoint_last.pt")
+    assert straight["position"] == resumed["position"]
+    for name, value in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][name], value, atol=0, rtol=0, msg=name)

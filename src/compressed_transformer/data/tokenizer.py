@@ -18,6 +18,7 @@ import sentencepiece as spm
 __all__ = ["BOS_ID", "EOS_ID", "PAD_ID", "UNK_ID", "Tokenizer", "load_or_train_tokenizer", "train_tokenizer"]
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+_DROPPED = frozenset((PAD_ID, BOS_ID, EOS_ID))  # ids that decode() leaves out
 
 
 class Tokenizer:
@@ -57,8 +58,9 @@ class Tokenizer:
         return self._sp.encode(list(texts))
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Detokenised text of ``ids``; special ids (pad, BOS, EOS) are dropped."""
-        return self._sp.decode([i for i in ids if i > EOS_ID])
+        """Detokenised text of ``ids``; pad, BOS and EOS are dropped, an unknown piece (``unk``) is kept as
+        sentencepiece writes it (`` ⁇ ``), as a wrong word rather than a silent gap in a scored hypothesis."""
+        return self._sp.decode([i for i in ids if i not in _DROPPED])
 
     def decode_batch(self, batch: Iterable[Sequence[int]]) -> list[str]:
         return [self.decode(ids) for ids in batch]

@@ -180,6 +180,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if (path.is_dir() and (path / EXPORT_WEIGHTS).is_file()) or (path.suffix == ".safetensors" and path.is_file()):
         return _load_export(path)
+    if path.is_dir():
+        raise FileNotFoundError(
+            f"{path} is a folder without {EXPORT_WEIGHTS}: pass a checkpoint in it (checkpoint_best.pt, "
+            "checkpoint_last.pt) or a folder written by translate export"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
@@ -237,7 +242,9 @@ def capture_rng() -> dict[str, Any]:
 
 
 def restore_rng(state: dict[str, Any]) -> None:
+    """Restore :func:`capture_rng`'s states (CUDA: of the devices this process sees, which may be fewer)."""
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)

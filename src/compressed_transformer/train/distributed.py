@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "cleanup", "resolve_device", "setup"]
+__all__ = ["DistContext", "cleanup", "process_group_backend", "resolve_device", "setup"]
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,14 @@ def setup(device: str | None = None) -> DistContext:
     if world_size > 1 and not dist.is_initialized():
         if resolved.type == "cuda":
             torch.cuda.set_device(resolved)
-        dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
+        dist.init_process_group(backend=process_group_backend(resolved))
     return DistContext(rank, local_rank, world_size, resolved)
+
+
+def process_group_backend(device: torch.device) -> str:
+    """The process-group backend for training on ``device``: gloo on CPU; on CUDA, NCCL for CUDA tensors and gloo
+    for any CPU tensor (NCCL alone refuses CPU tensors, e.g. a small flag or counter kept on the host)."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
 def cleanup() -> None:

@@ -12,6 +12,7 @@ logs, evaluates and saves. The run folder (``TrainConfig.out_dir``) receives:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shlex
@@ -36,6 +37,7 @@ from compressed_transformer.evaluate.decoding import translate
 from compressed_transformer.models.transformer import (
     FeedForward,
     FFNSpec,
+    MultiHeadAttention,
     Transformer,
     TransformerConfig,
     fc2_options,
@@ -79,6 +81,14 @@ RESUMABLE_KEYS = (
 PRECISIONS = ("auto", "bf16", "fp32")
 # Model settings a conversion run may change from its dense checkpoint's (FFN spec and regularisation).
 CONVERSION_MAY_CHANGE = ("ffn", "dropout", "attn_dropout", "activation_dropout")
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of update ``step`` on process ``rank``. Every update reseeds from it (as fairseq reseeds
+    with ``seed + updates``), so dropout depends on ``(seed, rank, step)`` only: a resumed run draws exactly what
+    the uninterrupted one drew, on every rank, whatever was saved with the checkpoint."""
+    digest = hashlib.blake2b(f"{seed}/{rank}/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 class TrainingDiverged(RuntimeError):
@@ -232,8 +242,10 @@ def _convert_from_dense(model_config: TransformerConfig, state: dict[str, Any]) 
         if fc1:
             compress_(model, model_config.ffn.method, filter=lambda name, _: name in fc1, **options)
             compress_(model, model_config.ffn.method, filter=lambda name, _: name in fc2, **fc2_options(options))
-    for module in model.modules():
-        if hasattr(module, "dropout") and isinstance(module.dropout, nn.Dropout):
+    for module in model.modules():  # dropout rates may differ from the dense run's (CONVERSION_MAY_CHANGE)
+        if isinstance(module, MultiHeadAttention):
+            module.dropout = model_config.attn_dropout
+        elif hasattr(module, "dropout") and isinstance(module.dropout, nn.Dropout):
             ffn = isinstance(module, FeedForward)
             module.dropout.p = model_config.ffn_dropout if ffn else model_config.dropout
     return model
@@ -367,7 +379,8 @@ def _train(
         log(f"skipped {too_long} training pairs longer than max_len={cfg.max_len} subwords")
     valid_pairs, _ = encode_pairs(tokenizer, valid_corpus.src, valid_corpus.tgt, model_config.max_positions // 2)
     batcher = TokenBatcher(pairs, cfg.max_tokens, seed=cfg.seed)
-    valid_batcher = TokenBatcher(valid_pairs, cfg.max_tokens, shuffle=False)
+    longest_valid = max((max(len(s), len(t)) + 1 for s, t in valid_pairs), default=0)  # TokenBatcher's measure
+    valid_batcher = TokenBatcher(valid_pairs, max(cfg.max_tokens, longest_valid), shuffle=False)  # kept whole
     steps_per_epoch = batcher.steps_per_epoch(ctx.world_size, cfg.accum_steps)
     if steps_per_epoch == 0:
         raise ValueError(
@@ -459,7 +472,7 @@ def _train(
         if cfg.max_epochs and epoch >= cfg.max_epochs:
             return True
         if cfg.max_minutes:
-            over = torch.tensor(float(time.perf_counter() - run_start > 60 * cfg.max_minutes))
+            over = torch.tensor(float(time.perf_counter() - run_start > 60 * cfg.max_minutes), device=ctx.device)
             if ctx.distributed:
                 dist.broadcast(over, src=0)  # rank 0's clock decides, so every rank stops at the same step
             return bool(over)
@@ -492,6 +505,7 @@ def _train(
             if cfg.eval_every == 0:
                 evaluate_and_save({"epoch": epoch, "step_in_epoch": 0, "global_step": global_step})
             continue
+        torch.manual_seed(step_seed(cfg.seed, ctx.rank, global_step))  # dropout of this update, on this rank
         micro = batcher.step_batches(epoch, step_in_epoch, ctx.rank, ctx.world_size, cfg.accum_steps)
         global_tokens = batcher.global_tokens(epoch, step_in_epoch, ctx.world_size, cfg.accum_steps)
         step_loss = 0.0
@@ -522,6 +536,7 @@ def _train(
                 f"training stopped. The last good checkpoint is {kept if kept.exists() else 'none yet'}; "
                 "lower --lr or raise --warmup and resume"
             )
+        step_lr = optimizer.param_groups[0]["lr"]  # the rate this update used (logged below)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
@@ -532,7 +547,7 @@ def _train(
         if progress is not None:
             progress.update(1)
         if global_step % cfg.log_every == 0:
-            counts = torch.tensor([window_loss, float(window_tokens)], dtype=torch.float64)
+            counts = torch.tensor([window_loss, float(window_tokens)], dtype=torch.float64, device=ctx.device)
             if ctx.distributed:
                 dist.all_reduce(counts)
             elapsed = time.perf_counter() - window_start
@@ -540,7 +555,7 @@ def _train(
                 "step": global_step,
                 "epoch": epoch,
                 "loss": float(counts[0] / max(counts[1], 1)),
-                "lr": optimizer.param_groups[0]["lr"],
+                "lr": step_lr,
                 "grad_norm": float(grad_norm),
                 "tokens_per_s": float(counts[1]) / max(elapsed, 1e-9),
                 "wall": round(trained_seconds, 1),
