@@ -8,8 +8,10 @@ Layouts under a user-chosen data directory (see ``/work/shared/data/*/SOURCES.md
   directory or its ``fairseq_tok/`` or ``fairseq_bpe/`` subfolder.
 * **IWSLT'14, raw layout**: the release's ``train.tags.de-en.{de,en}`` (TED metadata tag lines skipped, title and
   description text kept, as fairseq does) and the ``IWSLT14.TED*.de-en.{de,en}.xml`` dev/test files, in the data
-  directory or its ``raw/`` or ``de-en/`` subfolder. Validation is every 23rd training pair (fairseq's split), test the
-  concatenation dev2010, TEDX.dev2012, tst2010, tst2011, tst2012 (6,750 pairs).
+  directory or its ``raw/`` or ``de-en/`` subfolder. Validation is every 23rd training pair (fairseq's rule; fairseq
+  applies it after Moses tokenisation and its length / ratio cleaning, which the raw text has not had, so these are
+  not fairseq's 7,283 pairs: use the fairseq layout for that split), test the concatenation dev2010, TEDX.dev2012,
+  tst2010, tst2011, tst2012 (6,750 pairs).
 
 Every reader checks that both sides have the same number of lines; files listed in ``SOURCES.md`` are checked against
 their sha256 and line counts; empty pairs are skipped and counted, never silently.
@@ -293,7 +295,8 @@ def _iwslt(data_dir: Path, split: str, src_lang: str, tgt_lang: str) -> Parallel
                 "(this machine's /work/shared/data/iwslt14 has only the dev/test sets)"
             )
         full = read_pair(paths[src_lang], paths[tgt_lang], f"iwslt14/{split}", reader=read_ted_tags)
-        # fairseq holds out every 23rd pair (1-based line 23, 46, ...) as its validation set.
+        # fairseq's rule: every 23rd pair (1-based line 23, 46, ...) is held out for validation. fairseq counts the
+        # lines after cleaning (clean-corpus-n: 1-175 Moses tokens, length ratio <= 1.5), so its split differs.
         keep = [i for i in range(len(full)) if (i % 23 == 22) == (split == "valid")]
         return ParallelCorpus([full.src[i] for i in keep], [full.tgt[i] for i in keep], full.name, full.skipped)
     if split != "test":
