@@ -210,6 +210,17 @@ def test_a_shared_linear_is_replaced_everywhere() -> None:
     assert model[0] is model[2][0] and isinstance(model[0], METHODS["svd"])
 
 
+def test_a_linear_tied_to_another_module_is_refused() -> None:
+    model = nn.ModuleDict({"emb": nn.Embedding(100, 16), "hidden": nn.Linear(16, 16), "out": nn.Linear(16, 100)})
+    model["out"].weight = model["emb"].weight  # a tied output projection
+    with pytest.raises(ValueError, match=r"'out' shares a parameter with emb\.weight.*compress_embeddings_"):
+        compress_(model, "svd", ratio=2)
+    assert type(model["out"]) is nn.Linear and type(model["hidden"]) is nn.Linear  # nothing replaced
+    compress_(model, "svd", filter="hidden", rank=2)  # the untied layer alone is fine
+    compress_embeddings_(model, rank=4)  # and the table with its tied projection
+    assert model["out"].left is model["emb"].left
+
+
 def test_new_layers_take_the_train_or_eval_mode_of_the_modules_they_replace() -> None:
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Embedding(10, 8)).eval()
     model[1].train()

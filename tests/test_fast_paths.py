@@ -299,20 +299,39 @@ def test_layers_in_every_dtype(method: str, dtype: torch.dtype, tol: float) -> N
             assert float((y.double() - expected).abs().max() / expected.abs().max()) < tol
 
 
-@pytest.mark.parametrize("method", ALL)
+def sparse_layer(method: str) -> nn.Module:
+    """A pruned / Sparse VD layer sparse and large enough for the CSR kernels (97 % of its weights zero)."""
+    torch.manual_seed(0)
+    if method == "prune-csr":
+        return PrunedLinear.from_linear(nn.Linear(512, 256), sparsity=0.97)
+    layer = SparseVDLinear.from_linear(nn.Linear(512, 256))
+    with torch.no_grad():
+        layer.log_sigma2.copy_(torch.where(torch.rand_like(layer.theta) < 0.97, 5.0, -12.0))
+    return layer
+
+
+@pytest.mark.parametrize("method", [*ALL, "prune-csr", "svd-o-csr"])
 def test_layers_under_autocast(method: str) -> None:
-    """bf16 autocast (how the trainer runs on CUDA), eval and train; TT at 20000 tokens takes its chunked plan."""
-    layer = TTLinear(512, 2048, ranks=2) if method == "tt" else make_layer(method, dtype=torch.float32)
+    """bf16 autocast (how the trainer runs on CUDA, and on CPU with --precision bf16), eval and train: outputs in
+    bf16 as nn.Linear's; TT at 20000 tokens takes its chunked plan; sparse layers leave their CSR kernels (which
+    autocast does not cover) for the dense product."""
+    if method.endswith("-csr"):
+        layer = sparse_layer(method)
+    else:
+        layer = TTLinear(512, 2048, ranks=2) if method == "tt" else make_layer(method, dtype=torch.float32)
     x = torch.randn(20000 if method == "tt" else 300, layer.in_features)
     expected = reference(layer.eval(), x).double()
     if method == "tt":
         assert layer.forward_path(x.shape[0], train=False).endswith("x512")  # chunked
+    if method.endswith("-csr"):
+        assert layer.forward_path(x.shape[0]) == "csr"  # without autocast
     for mode in ("eval", "train"):
-        if mode == "train" and method == "svd-o":
+        if mode == "train" and method.startswith("svd-o"):
             continue  # training samples noise
         layer.train(mode == "train")
         with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(mode == "train"):
             y = layer(x)
+        assert y.dtype == torch.bfloat16, mode
         assert float((y.detach().double() - expected).norm() / expected.norm()) < 2e-2, mode
         if mode == "train":  # the backward runs outside autocast, through the custom TT autograd Function too
             y.float().pow(2).mean().backward()
@@ -421,6 +440,24 @@ def test_pytorch_encoder_fast_path_uses_the_cached_weights(method: str) -> None:
 
 def _options(method: str) -> dict:
     return {"tt": {"ranks": 2}, "tucker": {"ranks": 2}, "svd": {"rank": 3}, "prune": {"sparsity": 0.9}}.get(method, {})
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_caches_built_in_inference_mode_serve_later_training(method: str) -> None:
+    layer = make_layer(method).eval()
+    x = torch.randn(4, 24, dtype=torch.float64)
+    with torch.inference_mode():
+        layer(x)
+    layer.train()
+    layer(x).sum().backward()  # a cached inference tensor here would fail: "cannot be saved for backward"
+    for param in layer.parameters():  # frozen parameters, input gradients only, after an inference-mode call
+        param.requires_grad_(False)
+    layer.eval()
+    with torch.inference_mode():
+        layer(x)
+    x.requires_grad_(True)
+    layer(x).sum().backward()
+    assert x.grad is not None
 
 
 def test_threshold_change_invalidates_the_sparse_vd_cache() -> None:

@@ -161,6 +161,24 @@ def _select(model: nn.Module, filter: Filter, kind: type[nn.Module]) -> list[tup
     return chosen
 
 
+def _check_untied(model: nn.Module, linears: list[tuple[str, nn.Linear]]) -> None:
+    """Refuse a selected layer whose weight or bias another module also holds (a tied output projection):
+    replacing the layer would untie them and keep the shared tensor, so the model would grow."""
+    holders: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            holders.setdefault(id(param), []).append(f"{module_name}.{param_name}" if module_name else param_name)
+    for name, linear in linears:
+        for param in (linear.weight, linear.bias):
+            others = [] if param is None else [h for h in holders[id(param)] if h.rpartition(".")[0] != name]
+            if others:
+                raise ValueError(
+                    f"layer {name!r} shares a parameter with {', '.join(others)} (tied weights): replacing it would "
+                    "untie them and keep the shared tensor. Compress the table with compress_embeddings_ (a tied "
+                    "projection stays tied) or leave this layer out with filter="
+                )
+
+
 def _check_options(method: str, options: dict[str, Any], ratio: float | None) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
@@ -402,6 +420,7 @@ def compress_(
     """
     _check_options(method, options, ratio)
     linears = select_linears(model, filter)
+    _check_untied(model, linears)
     if any(name == "" for name, _ in linears):
         raise ValueError(
             "compress_ replaces submodules, but the model itself is an nn.Linear; "

@@ -174,6 +174,16 @@ def test_default_modes_for_awkward_sizes(
         assert_close(layer(x), linear(x))
 
 
+def test_a_full_tt_rank_list_fixes_the_number_of_cores() -> None:
+    """10 has two prime factors, but [1, 2, 2, 1] asks for three cores: modes of 1 fill the rest."""
+    linear = nn.Linear(64, 10)
+    layer = TTLinear(64, 10, ranks=[1, 2, 2, 1])
+    assert (len(layer.cores), layer.out_modes, math.prod(layer.in_modes)) == (3, [5, 2, 1], 64)
+    exact = TTLinear.from_linear(linear, ranks=[1, 20, 4, 1])  # the largest ranks these modes allow: exact
+    assert len(exact.cores) == 3
+    assert_close(exact.to_dense(), linear.weight.detach(), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("method", ALL)
 def test_weight_property_is_the_dense_weight(method: str) -> None:
     layer = make(method)

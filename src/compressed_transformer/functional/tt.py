@@ -510,6 +510,7 @@ def tt_apply_matrices(
     lead = x.shape[:-1]
     n = math.prod(lead)
     flat = x.reshape(n, in_features)
+    (bias,) = autocast_inputs(flat.device.type, bias)  # under autocast, added in the products' dtype (as F.linear)
     chunk = plan.chunk
     if chunk is None or chunk >= n:
         y = _sweep(flat, matrices, shapes, plan.direction, bias, None)

@@ -31,16 +31,21 @@ def resolve_modes(
     in_modes: Sequence[int] | None,
     out_modes: Sequence[int] | None,
     default_d: int,
+    *,
+    exact_d: bool = False,
 ) -> tuple[list[int], list[int]]:
     """Validate or choose the factorisations ``in_features = prod(in_modes)``, ``out_features = prod(out_modes)``.
 
     When a side is omitted it is factorised into as many balanced factors as the other side has (or
-    ``default_d``, lowered to the number of prime factors available, when both are omitted).
+    ``default_d`` when both are omitted: lowered to the number of prime factors available, unless ``exact_d``,
+    e.g. for a full list of TT ranks, which fixes the number of cores; modes of 1 then fill the rest).
 
     Raises:
         ValueError: if a product differs from the features, the lengths differ, or a mode is below 1.
     """
-    if in_modes is None and out_modes is None:
+    if in_modes is None and out_modes is None and exact_d:
+        d = default_d
+    elif in_modes is None and out_modes is None:
         # At most as many modes as prime factors, so that no mode is 1 unless d is forced by the caller.
         d = max(1, min(default_d, len(_prime_factors(in_features)), len(_prime_factors(out_features))))
     else:

@@ -6,7 +6,9 @@
 dtype, device, shape and ``_version`` counter of every tensor it was derived from: an optimiser step,
 ``load_state_dict``, ``.to()`` or any in-place change made through the parameter itself (``p.copy_``, ``p.add_``,
 ``p.mul_``...) bumps ``_version`` or replaces the tensor, so the next forward rebuilds the entry. Changes made
-through ``p.data`` bypass the version counter: call :func:`clear_caches` after those. Entering training mode, or
+through ``p.data`` bypass the version counter, and so do the steps of PyTorch's fused optimisers
+(``fused=True``): call :func:`clear_caches` after those when a no-grad eval forward ran before them (any forward
+that needs gradients drops the cache anyway). Entering training mode, or
 running any forward that needs gradients, drops the cache to free its memory; under ``torch.compile`` the cache
 is not used (the compiled graph rebuilds what it needs). :func:`cache_nbytes` reports the memory held.
 """
@@ -73,13 +75,14 @@ class EvalCache:
 
     def get(self, name: str, tensors: Iterable[torch.Tensor], build: Callable[[], Any], extra: tuple = ()) -> Any:
         """The entry ``name`` if it was built from the current ``tensors`` (and the same ``extra`` key), else
-        ``build()`` run without autograd, stored and returned."""
+        ``build()`` run without autograd, stored and returned. Entries are ordinary tensors even when built under
+        ``torch.inference_mode()`` (an inference tensor could not be used by a later training forward)."""
         key = (_key(tensors), extra)
         hit = self._entries.get(name)
         if hit is not None and hit[0] == key:
             return hit[1]
         self._entries.pop(name, None)  # free the stale value before building the new one
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():
             value = build()
         self._entries[name] = (key, value)
         return value
@@ -319,8 +322,15 @@ def sparse_is_faster(device: tuple[str, int, int], tokens: int, in_features: int
 
 
 def sparse_supported(param: torch.Tensor) -> bool:
-    """Whether a CSR copy of a weight like ``param`` can be multiplied here (dtype and device)."""
-    return param.dtype in CSR_DTYPES and param.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling()
+    """Whether a CSR copy of a weight like ``param`` can be multiplied here: its dtype and device, and no autocast
+    on that device (the CSR kernels take no part in autocast; the dense path's ``F.linear`` does)."""
+    device = param.device.type
+    return (
+        param.dtype in CSR_DTYPES
+        and device in ("cpu", "cuda")
+        and not torch.is_autocast_enabled(device)
+        and not torch.compiler.is_compiling()
+    )
 
 
 def to_csr(weight: torch.Tensor) -> torch.Tensor:

@@ -118,6 +118,11 @@ def _tt_table(out_modes, in_modes, ranks, train, cached, device) -> tuple:
     return tuple(rows)
 
 
+def _full_rank_list(ranks: int | Sequence[int] | None) -> bool:
+    """Whether ``ranks`` lists every TT rank (so it fixes the number of cores)."""
+    return ranks is not None and not isinstance(ranks, int)
+
+
 def _cores_for(ranks: int | Sequence[int] | None) -> int:
     """Number of cores for default modes: ``len(ranks) - 1`` for a full rank list (the seed's
     ``[1, 2, 2, 2, 2, 1]`` means 5 cores), else 4."""
@@ -173,7 +178,9 @@ class TTLinear(nn.Module):
         check_features(in_features, out_features)
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
-        self.in_modes, self.out_modes = resolve_modes(in_features, out_features, in_modes, out_modes, _cores_for(ranks))
+        self.in_modes, self.out_modes = resolve_modes(
+            in_features, out_features, in_modes, out_modes, _cores_for(ranks), exact_d=_full_rank_list(ranks)
+        )
         shape = [o * i for o, i in zip(self.out_modes, self.in_modes, strict=True)]
         self.ranks = resolve_tt_ranks(ranks, shape)
         self.cores = nn.ParameterList(
@@ -218,8 +225,9 @@ class TTLinear(nn.Module):
         check_linear(linear, cls.__name__)
         if ranks is None and eps is None:
             raise ValueError("TTLinear.from_linear needs ranks= (int or list), eps= (in (0, 1)) or both")
+        features = (linear.in_features, linear.out_features)
         in_modes, out_modes = resolve_modes(
-            linear.in_features, linear.out_features, in_modes, out_modes, _cores_for(ranks)
+            *features, in_modes, out_modes, _cores_for(ranks), exact_d=_full_rank_list(ranks)
         )
         with torch.no_grad():
             weight = linear.weight.detach()
