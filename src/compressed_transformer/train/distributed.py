@@ -1,11 +1,12 @@
 """DDP set-up from torchrun's environment variables only (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``).
 
-Without those variables the process runs alone, exactly as it would without this module. NCCL is used on CUDA,
-gloo on CPU.
+Without those variables the process runs alone, exactly as it would without this module. NCCL is used on CUDA
+(with gloo for any CPU tensor), gloo on CPU.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass, field
 
@@ -50,6 +51,11 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
     return device
 
 
+# Rank 0 validates (beam search over the validation set) while the other ranks wait in the next collective: allow
+# that much longer than NCCL's default 10 minutes before a rank gives up.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=90)
+
+
 def setup(device: str | None = None) -> DistContext:
     """Initialise the process group if torchrun launched us; pick the device; set CPU threads per process.
 
@@ -67,7 +73,7 @@ def setup(device: str | None = None) -> DistContext:
     if world_size > 1 and not dist.is_initialized():
         if resolved.type == "cuda":
             torch.cuda.set_device(resolved)
-        dist.init_process_group(backend=process_group_backend(resolved))
+        dist.init_process_group(backend=process_group_backend(resolved), timeout=COLLECTIVE_TIMEOUT)
     return DistContext(rank, local_rank, world_size, resolved)
 
 
