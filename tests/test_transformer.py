@@ -49,6 +49,11 @@ def test_presets() -> None:
         ("enc:0,3;dec:1", ((0, 3), (1,))),
         ("dec:2", ((), (2,))),
         ("0,1,7", ((0, 1), (3,))),
+        ("1", ((1,), ())),  # a bare integer is a block index, not the fraction 1
+        ("0", ((0,), ())),
+        ("5", ((), (1,))),
+        ("1.0", ((0, 1, 2, 3), (0, 1, 2, 3))),
+        ("0.0", ((), ())),
     ],
 )
 def test_resolve_blocks(blocks: str, expected) -> None:
@@ -64,6 +69,10 @@ def test_resolve_blocks_rejects(blocks: str) -> None:
 def test_config_validation_and_round_trip() -> None:
     with pytest.raises(ValueError, match="divisible"):
         TransformerConfig(d_model=30, heads=4)
+    with pytest.raises(ValueError, match="d_model=15 must be even"):
+        TransformerConfig(d_model=15, heads=5)
+    narrow = Transformer(tiny(d_model=12, heads=4))  # an odd head width (3) is fine
+    assert narrow(torch.randint(4, 64, (1, 3)), torch.randint(4, 64, (1, 2))).shape == (1, 2, tiny().vocab_size)
     with pytest.raises(ValueError, match="unknown FFN method"):
         FFNSpec("quantum")
     config = tiny(ffn=FFNSpec("tt", {"ranks": 2}, "1/2"))

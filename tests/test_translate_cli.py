@@ -102,6 +102,17 @@ def test_train_eval_translate_end_to_end(
         result
     )
     assert result["sentences"] == 2 and 0.0 <= result["bleu_seed"] <= 1.0
+    # references already tokenised (fairseq's files): the seed-style figure is their BLEU as the study reports it,
+    # not a second 13a tokenisation (which would split "dog." and score this hypothesis higher)
+    tok_ref = tmp_path / "ref.tok.en"
+    tok_ref.write_text("a dog. on grass\na cat. on grass\n")
+    hyps = (["a dog . on grass", "a cat . on grass"], 0.1)
+    monkeypatch.setattr("compressed_transformer.evaluate.decoding.translate", lambda *a, **k: hyps)
+    evaluate = ["translate", "eval", "--checkpoint", checkpoint, "--src", str(src), "--ref", str(tok_ref)]
+    assert run([*evaluate, "--tokenized-ref"]) == 0
+    tokenized = json.loads(capsys.readouterr().out)
+    assert tokenized["bleu_seed"] == round(tokenized["bleu_tok_lc"] / 100, 4) < 0.5
+    monkeypatch.undo()
 
     monkeypatch.setattr("sys.stdin", io.StringIO("ein hund\nein baum\n"))
     assert run(["translate", "translate", "--checkpoint", checkpoint, "--beam", "1"]) == 0

@@ -17,6 +17,7 @@ from compressed_transformer.models.transformer import Transformer, parameter_rep
 from compressed_transformer.studies import translation
 from compressed_transformer.studies.translation import (
     ROW_NAMES,
+    SEED_POINTS,
     LowRankEmbedding,
     StudyConfig,
     describe_blocks,
@@ -156,6 +157,7 @@ def test_tiny_study_end_to_end_then_skips_finished_rows(tmp_path: Path, capsys: 
     assert rows["tt-all-convert"]["route"] == "convert"
     assert rows["tt-all-convert"]["params"] == rows["tt-all"]["params"]
     assert rows["tt-3/4"]["same_as"] == "tt-all" and rows["tt-3/4"]["bleu"] == rows["tt-all"]["bleu"]
+    assert rows["tt-3/4"]["seed"]["label"] == SEED_POINTS["multi30k"]["tt-3/4"].label  # its own seed figure
     assert not (out / "rows" / "tt-3_4" / "checkpoint_last.pt").exists()  # not trained twice
     emb = rows["tt-all+attn+emb"]
     assert emb["ratio"] > rows["tt-all"]["ratio"]
@@ -211,8 +213,16 @@ def test_tiny_study_end_to_end_then_skips_finished_rows(tmp_path: Path, capsys: 
     (moved / "table.md").unlink()
     assert run([*study_argv(moved_data, moved, "all"), "--report-only"]) == 0
     assert "training" not in capsys.readouterr().out
-    assert [r["name"] for r in json.loads((moved / "results.json").read_text())["rows"]] == list(rows)
+    reported = {r["name"]: r for r in json.loads((moved / "results.json").read_text())["rows"]}
+    assert list(reported) == list(rows) and reported["tt-3/4"]["seed"] == rows["tt-3/4"]["seed"]
     assert (moved / "table.md").is_file() and not (moved / "rows" / "tucker-all").exists()
+
+    # another --beam (or --average) scores a finished row again, without training it again
+    last = out / "rows" / "original" / "checkpoint_last.pt"
+    trained = last.stat().st_mtime_ns
+    assert run([*study_argv(data, out, "original"), "--beam", "2"]) == 0
+    assert "scoring it again" in capsys.readouterr().out and last.stat().st_mtime_ns == trained
+    assert json.loads((out / "rows" / "original" / "result.json").read_text())["beam"] == 2
 
     with pytest.raises(ValueError, match="budget 'tiny'"):
         run([*study_argv(data, out, "original")[:3], "small", *study_argv(data, out, "original")[4:]])
@@ -220,6 +230,8 @@ def test_tiny_study_end_to_end_then_skips_finished_rows(tmp_path: Path, capsys: 
     stored.write_text(json.dumps({**rows["tt-all"], "train": {**rows["tt-all"]["train"], "lr": 0.5}}))
     with pytest.raises(ValueError, match=r"different training config.*lr"):
         run(study_argv(data, out, "tt-all"))
+    with pytest.raises(ValueError, match=r"different training config.*lr"):  # one table, one configuration
+        run([*study_argv(data, out, "original"), "--report-only"])
 
 
 def test_interrupted_row_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -506,7 +506,9 @@ TRANSFORMER_VARIANTS = ("dense", "tt", "tucker", "tt+emb", "tt+ttemb")
 TT_TABLE_RANK = 16  # the ``tt+ttemb`` variant's table, as the study's ``tt-all+ttemb`` row
 
 
-def build_transformer(variant: str, spec: TransformerBench, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def build_transformer(
+    variant: str, spec: TransformerBench, device: torch.device, dtype: torch.dtype, seed: int = 0
+) -> nn.Module:
     """The benchmark Transformer with every FFN linear ``dense``, ``tt`` or ``tucker`` (the model's own
     :class:`~compressed_transformer.models.transformer.FFNSpec`, as the translation study builds it); ``tt+emb``:
     TT FFNs and the shared embedding / tied output table low-rank, rank ``d_model / 4`` (the study's ``tt-all+emb``);
@@ -521,7 +523,7 @@ def build_transformer(variant: str, spec: TransformerBench, device: torch.device
     method, _, table = variant.partition("+")
     if method not in options or (table and (method != "tt" or table not in ("emb", "ttemb"))):
         raise ValueError(f"unknown transformer variant {variant!r}; use {', '.join(TRANSFORMER_VARIANTS)}")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = preset(
         spec.preset,
         vocab_size=spec.vocab_size,
@@ -574,16 +576,18 @@ def bench_transformer(
     repeats: int,
     clock: str = "wall",
     compile_mode: str = "default",
+    seed: int = 0,
 ) -> list[dict]:
-    """Rows of the whole-model part: a training step, a greedy and a beam decoding pass per variant."""
+    """Rows of the whole-model part: a training step, a greedy and a beam decoding pass per variant (weights and
+    inputs drawn from ``seed``)."""
     from .size import stored_params
 
     variants = TRANSFORMER_VARIANTS
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed + 1)
     src = torch.randint(4, spec.vocab_size, (spec.batch, spec.length), generator=gen).to(device)
     tgt = torch.randint(4, spec.vocab_size, (spec.batch, spec.length + 1), generator=gen).to(device)
     dec_src = torch.randint(4, spec.vocab_size, (spec.decode_batch, spec.length), generator=gen).to(device)
-    models = {v: build_transformer(v, spec, device, dtype) for v in variants}
+    models = {v: build_transformer(v, spec, device, dtype, seed) for v in variants}
     fns: dict[str, dict[str, Callable[[], Any]]] = {"train": {}, "greedy": {}, "beam": {}}
     for variant, model in models.items():
         # decoding runs eager: its shapes change every step
@@ -839,7 +843,9 @@ def run_bench(config: BenchConfig, argv: list[str] | None = None) -> dict:
     rows = bench_layers(config, device, dtype, compiled, clock)
     if config.transformer is not None:
         repeats = max(3, config.repeats // 2)
-        rows += bench_transformer(config.transformer, device, dtype, compiled, repeats, clock, config.compile_mode)
+        rows += bench_transformer(
+            config.transformer, device, dtype, compiled, repeats, clock, config.compile_mode, config.seed
+        )
     meta = {
         "command": command,
         "config": asdict(config),

@@ -55,8 +55,9 @@ class FFNSpec:
         blocks: which FFN blocks use ``method`` (the others stay dense):
 
             * ``"all"``, ``"none"``, ``"encoder"``, ``"decoder"``;
-            * a fraction ``"1/2"``, ``"0.25"``, ...: in *each* stack, the lowest ``round(f * layers)`` blocks
-              (those nearest the embeddings), so ``"1/2"`` of a 6+6 model is encoder 0-2 and decoder 0-2;
+            * a fraction ``"1/2"``, ``"0.25"``, ``"1.0"``, ...: in *each* stack, the lowest ``round(f * layers)``
+              blocks (those nearest the embeddings), so ``"1/2"`` of a 6+6 model is encoder 0-2 and decoder 0-2
+              (a fraction has a ``/`` or a decimal point: ``"1"`` is block 1);
             * explicit indices ``"enc:0,2;dec:1"`` (either part optional), or plain ``"0,1,7"`` counting the
               encoder blocks first and the decoder blocks after them.
     """
@@ -90,7 +91,7 @@ def resolve_blocks(blocks: str, enc_layers: int, dec_layers: int) -> tuple[tuple
     if re.fullmatch(r"\d+\s*/\s*\d+", text):
         num, den = (int(part) for part in text.split("/"))
         fraction = num / den if den else None
-    elif re.fullmatch(r"0?\.\d+|1(\.0*)?|0", text):
+    elif re.fullmatch(r"0?\.\d+|1\.0*", text):  # a decimal point: a bare "0" or "1" is a block index
         fraction = float(text)
     if fraction is not None:
         if not 0.0 <= fraction <= 1.0:
@@ -174,8 +175,8 @@ class TransformerConfig:
                 raise ValueError(f"TransformerConfig.{name} must be positive, got {getattr(self, name)}")
         if self.d_model % self.heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
-        if (self.d_model // self.heads) % 2:
-            raise ValueError(f"head width d_model/heads={self.d_model // self.heads} must be even")
+        if self.d_model % 2:
+            raise ValueError(f"d_model={self.d_model} must be even (the sinusoidal positions pair sines and cosines)")
         for name in ("dropout", "attn_dropout", "label_smoothing", "activation_dropout"):
             if getattr(self, name) is not None and not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"TransformerConfig.{name} must be in [0, 1), got {getattr(self, name)}")

@@ -172,12 +172,13 @@ class RowResult:
     infer_seconds: float
     sentences: int
     sentences_per_s: float
-    beam: int
+    beam: int  # the test set's beam size; ``checkpoint`` (and ``average``, when > 0) what was decoded
     bleu_signature: str
     bleu_tok_lc_signature: str
     run_dir: str
     checkpoint: str
     same_as: str | None = None
+    average: int = 0  # checkpoints averaged into ``checkpoint`` (0: the best one)
     seed: dict[str, Any] | None = None
     row: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
@@ -336,6 +337,7 @@ def _score_row(
         sentences=len(test),
         sentences_per_s=len(test) / max(seconds, 1e-9),
         beam=beam,
+        average=study.average,
         bleu_signature=signature,
         bleu_tok_lc_signature=tok_signature,
         run_dir=str(folder),
@@ -355,12 +357,22 @@ def _check_same_run(plan: _Plan, saved: Mapping[str, Any], path: Path) -> None:
     check_same_config(saved["train"], plan.train.to_dict(), f"{what} training config{hint}", ignore=ignore)
 
 
-def _copy_result(source: RowResult, plan: _Plan) -> RowResult:
-    """The result of a row that trains exactly what ``source`` trained (kept current with the source's result)."""
+def _copy_result(source: RowResult, plan: _Plan, dataset: str) -> RowResult:
+    """The result of a row that trains exactly what ``source`` trained (kept current with the source's result),
+    with its own name, description and seed figure."""
     result = RowResult.from_dict(source.to_dict())
     result.name, result.note, result.same_as = plan.row.name, plan.row.note, source.name
     result.method, result.row = describe_method(plan.row), plan.row.to_dict()
+    result.seed = _seed_reference(dataset, plan.row.name)
     return result
+
+
+def _scored_as_asked(stored: Mapping[str, Any], study: StudyConfig) -> bool:
+    """Whether a stored result was decoded with this invocation's beam and checkpoint choice (``--average``)."""
+    beam = study.beam or study.resolved_budget.beam
+    checkpoint = "checkpoint_average.pt" if study.average else "checkpoint_best.pt"
+    same_average = stored.get("average", study.average) == study.average  # results before the field: as asked
+    return stored.get("beam") == beam and Path(stored.get("checkpoint", "")).name == checkpoint and same_average
 
 
 def _log(message: str) -> None:
@@ -382,7 +394,7 @@ def _run_row(
     name = plan.row.name
     if plan.same_as is not None:
         _log(f"{name}: same model and training as {plan.same_as}; its result is reused")
-        result = _copy_result(results[plan.same_as], plan)
+        result = _copy_result(results[plan.same_as], plan, study.dataset)
         return _save_result(result, study, result_path)
     with _row_lock(folder):
         summary_path = folder / "summary.json"
@@ -391,9 +403,11 @@ def _run_row(
         if result_path.exists():
             stored = json.loads(result_path.read_text())
             _check_same_run(plan, stored, result_path)
-            if not extend:
+            if not extend and _scored_as_asked(stored, study):
                 _log(f"{name}: finished earlier, skipped ({result_path})")
                 return RowResult.from_dict(stored)
+            if not extend:
+                _log(f"{name}: finished earlier; scoring it again with this invocation's --beam / --average")
         if extend or not summary_path.exists():
             if (folder / "config.json").exists():  # written before the first checkpoint: a clear message now
                 _check_same_run(plan, json.loads((folder / "config.json").read_text()), folder / "config.json")
@@ -480,8 +494,13 @@ def run_study(study: StudyConfig, argv: Sequence[str] = (), *, report_only: bool
     table: list[RowResult] = []
     for name, plan in plans.items():  # rows finished by earlier invocations belong to the table too
         if name not in results and (plan.folder / "result.json").exists():
-            stored = RowResult.from_dict(json.loads((plan.folder / "result.json").read_text()))
-            results[name] = _copy_result(results[plan.same_as], plan) if plan.same_as in results else stored
+            saved = json.loads((plan.folder / "result.json").read_text())
+            if plan.same_as is None:  # one table, one configuration (a duplicate holds its source's result)
+                _check_same_run(plan, saved, plan.folder / "result.json")
+            if plan.same_as in results:
+                results[name] = _copy_result(results[plan.same_as], plan, study.dataset)
+            else:
+                results[name] = RowResult.from_dict(saved)
         if name in results:
             table.append(results[name])
     write_outputs(table, study, plans, argv, time.perf_counter() - start)
