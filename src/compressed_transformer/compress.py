@@ -396,9 +396,10 @@ def compress_(
     Each selected layer is converted with ``METHODS[method].from_linear(linear, **options)``; every new layer is
     built before any is swapped, so a failure leaves ``model`` untouched. With ``ratio=R`` the method's size
     options are chosen so that the selected layers together store at most ``1/R`` of their dense parameters
-    (biases included), with the least reconstruction error the allocator finds: one global magnitude threshold
-    for ``prune``, a greedy split of singular components for ``svd``, greedy per-layer uniform ranks for ``tt``
-    and ``tucker``.
+    (biases included), with the least reconstruction error the allocator finds: for ``prune`` one ranking of
+    every weight's magnitude relative to its layer's Frobenius norm (a threshold per layer); for ``svd`` a greedy
+    split of singular components; for ``tt`` the better of a bisection on the TT-SVD tolerance ``eps`` and a
+    uniform rank cap; for ``tucker`` greedy per-layer uniform ranks.
 
     Args:
         model: any ``nn.Module``; its submodules are replaced.
