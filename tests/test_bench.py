@@ -11,6 +11,8 @@ from torch import nn
 from compressed_transformer import bench
 from compressed_transformer.bench import BenchConfig, PeakTensorMemory, TransformerBench, build_layer, run_bench
 from compressed_transformer.cli import build_parser
+from compressed_transformer.functional.tt import TTPlan, tt_plan_macs
+from compressed_transformer.layers import LowRankLinear, PrunedLinear, TTLinear
 
 TINY_LAYERS = ("dense", "tt-r2", "tucker-r2", "svd-r4", "prune-0.9", "svd-o-0.9")
 
@@ -184,3 +186,21 @@ def test_profile_layer_script_writes_both_tables(tmp_path) -> None:
     assert json.loads((tmp_path / "tt-r2-train-3.trace.json").read_text())["traceEvents"]
     bad = subprocess.run([*argv[:-2], "--steps", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--steps must be >= 1" in bad.stderr
+
+
+def test_closed_form_multiply_adds_of_each_layer() -> None:
+    linear = nn.Linear(512, 2048)
+    low_rank = LowRankLinear.from_linear(linear, rank=64)
+    assert bench.layer_macs(low_rank, 10, train=False) == (10 * 64 * 2560, 10 * 64 * 2560)  # factorised at 10 tokens
+    pruned = PrunedLinear.from_linear(linear, sparsity=0.9)
+    nnz = int(pruned.mask.sum())
+    taken, fewest = bench.layer_macs(pruned, 100, train=True)
+    assert fewest == 3 * 100 * nnz and taken in (3 * 100 * nnz, 3 * 100 * 512 * 2048)
+    tt = TTLinear.from_linear(linear, ranks=2)
+    _, fewest = bench.layer_macs(tt, 1, train=False)
+    core_by_core = min(
+        tt_plan_macs(tt.out_modes, tt.in_modes, tt.ranks, TTPlan((1,) * len(tt.cores), direction))
+        for direction in ("ltr", "rtl")
+    )
+    assert fewest <= core_by_core < 512 * 2048 // 10  # ~14x fewer than dense
+    assert bench.layer_macs(linear, 7, train=True) == (3 * 7 * 512 * 2048,) * 2

@@ -122,7 +122,7 @@ def test_compress_transformer_encoder_ffn(method: str) -> None:
     layer = encoder_layer()
     original = copy.deepcopy(layer)
     out_proj = layer.self_attn.out_proj
-    report = compress_(layer, method, filter="linear", **OPTIONS[method])
+    report = compress_(layer, method, **OPTIONS[method])  # every nn.Linear: out_proj is a subclass, left alone
     assert [row.name for row in report.rows] == ["linear1", "linear2"]
     assert isinstance(layer.linear1, METHODS[method]) and isinstance(layer.linear2, METHODS[method])
     assert layer.self_attn.out_proj is out_proj  # the attention projection is left alone
@@ -144,8 +144,8 @@ def test_compress_transformer_encoder_ffn(method: str) -> None:
 @pytest.mark.parametrize("method", RATIO_METHODS)
 def test_ratio_on_transformer_ffn_leaves_attention_alone(method: str) -> None:
     layer = encoder_layer()
-    report = compress_(layer, method, filter=r"linear[12]", ratio=4)
-    assert report.ratio >= 4
+    report = compress_(layer, method, ratio=4)  # no filter: the attention's out_proj (an nn.Linear subclass) is
+    assert report.ratio >= 4 and [row.name for row in report.rows] == ["linear1", "linear2"]  # not a candidate
     assert type(layer.self_attn.out_proj) is not METHODS[method]
     with torch.no_grad():
         assert layer.eval()(torch.randn(2, 5, 16)).shape == (2, 5, 16)
@@ -305,12 +305,19 @@ def test_unreachable_ratio_raises(method: str) -> None:
         compress_(mlp(), method, ratio=1_000_000)
 
 
-@pytest.mark.parametrize("method, options", [("svd", {"rank": 5}), ("tt", {"ranks": [1, 12, 1]}), ("cp", {})])
-def test_a_failure_leaves_the_model_untouched(method: str, options) -> None:
+@pytest.mark.parametrize(
+    "method, options, match",
+    [
+        ("svd", {"rank": 5}, r"rank must be in \[1, 4\] for a \(4, 16\) weight"),
+        ("tt", {"ranks": [1, 12, 1]}, r"ranks\[1\]=12 is outside"),
+        ("cp", {}, "unknown method 'cp'"),
+    ],
+)
+def test_a_failure_leaves_the_model_untouched(method: str, options, match: str) -> None:
     model = mlp()
     before = dict(model.named_modules())
     state = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError):  # "svd" fails on the last layer (16 -> 4 has rank 4), after the first two
+    with pytest.raises(ValueError, match=match):  # "svd" fails on the last layer (16 -> 4), after the first two
         compress_(model, method, **options)
     assert dict(model.named_modules()) == before
     for name, tensor in model.state_dict().items():

@@ -231,7 +231,10 @@ def test_whole_pipeline_on_a_few_hundred_images(tmp_path, capsys):
     sweep = results["sweep"]
     assert {point["compression"] for point in sweep} == {"prune", "svd", "tucker", "tt", "svd-o"}
     assert all(point["sweep"] for point in sweep)
-    assert len({point["ratio"] for point in sweep if point["compression"] == "svd-o"}) >= 1
+    sparse_vd = [point for point in sweep if point["compression"] == "svd-o"]  # one point per log-alpha threshold
+    assert [p["layer_options"]["fc1"]["threshold"] for p in sparse_vd] == list(study.SWEEP_SPARSE_VD_THRESHOLDS)
+    ratios = [p["ratio"] for p in sparse_vd]
+    assert ratios == sorted(ratios, reverse=True)  # a higher threshold keeps more weights
     assert rows["svd"]["layer_options"]["fc1"]["whitened"]
 
     # Every table row's network is written to models/; loaded into a fresh dense MLP it scores the row's accuracy.
@@ -280,3 +283,33 @@ def test_original_checkpoint_round_trip(tmp_path):
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"not an original\.pt"):
         study.load_original(tmp_path / "other.pt")
+
+
+def test_distillation_loss_is_the_tempered_kl_divergence() -> None:
+    from compressed_transformer.studies.mnist.training import distillation_loss
+
+    logits, teacher = torch.randn(8, 10, dtype=torch.float64), torch.randn(8, 10, dtype=torch.float64)
+    assert float(distillation_loss(teacher, teacher, 3.0)) == pytest.approx(0.0, abs=1e-12)
+    for temperature in (1.0, 4.0):
+        p = torch.softmax(teacher / temperature, -1)
+        q = torch.softmax(logits / temperature, -1)
+        expected = temperature**2 * (p * (p.log() - q.log())).sum(-1).mean()
+        torch.testing.assert_close(distillation_loss(logits, teacher, temperature), expected)
+
+
+def test_whitened_low_rank_is_the_svd_for_white_inputs_and_better_for_correlated_ones() -> None:
+    from compressed_transformer.studies.mnist.compression import whitened_low_rank
+
+    torch.manual_seed(0)
+    weight = torch.randn(20, 30, dtype=torch.float64)
+    left, right = whitened_low_rank(weight, torch.eye(30, dtype=torch.float64), 5, damping=0.0)
+    u, s, vh = torch.linalg.svd(weight)
+    torch.testing.assert_close(left @ right, (u[:, :5] * s[:5]) @ vh[:5])  # Eckart-Young: the plain SVD
+    x = torch.randn(2000, 30, dtype=torch.float64) @ torch.randn(30, 30, dtype=torch.float64)  # correlated inputs
+    gram = x.T @ x / len(x)
+    left, right = whitened_low_rank(weight, gram, 5, damping=0.0)
+
+    def response_error(approx: torch.Tensor) -> float:
+        return float(((weight - approx) @ x.T).square().mean())
+
+    assert response_error(left @ right) < 0.9 * response_error((u[:, :5] * s[:5]) @ vh[:5])

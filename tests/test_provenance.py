@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import re
 import subprocess
+from pathlib import Path
 
+import pytest
 import torch
 
 from compressed_transformer import provenance
 
 
-def test_revision_of_this_checkout_is_a_commit_or_none() -> None:
+def test_revision_of_this_checkout_is_its_head_commit() -> None:
+    root = Path(provenance.__file__).resolve().parent
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("the package does not run from a git checkout here")
     revision = provenance.git_revision()
-    assert revision is None or re.fullmatch(r"[0-9a-f]{40}( \(with uncommitted changes\))?", revision)
+    assert revision is not None and re.fullmatch(r"[0-9a-f]{40}( \(with uncommitted changes\))?", revision)
+    assert revision.split()[0] == head.stdout.strip()
 
 
 def test_no_git_gives_none(monkeypatch) -> None:

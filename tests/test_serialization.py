@@ -27,6 +27,7 @@ from compressed_transformer.serialization import (
     read_structure,
     restructure_,
     save_compressed,
+    saved_bytes,
 )
 
 OPTIONS = {
@@ -274,6 +275,7 @@ def test_pruned_layers_are_stored_as_their_kept_weights(tmp_path) -> None:
     save_compressed(model, sparse_file)
     save_compressed(model, unpacked_file, pack_sparse=False)
     dense_bytes = dense_file.stat().st_size
+    assert saved_bytes(model) == sparse_file.stat().st_size and saved_bytes(mlp(0)) == dense_bytes
     # 10 % of the weights, float32 values + int16 columns: ~0.15 of the dense bytes, plus headers and biases
     assert sparse_file.stat().st_size < 0.2 * dense_bytes
     assert unpacked_file.stat().st_size > dense_bytes  # dense weight plus bool mask

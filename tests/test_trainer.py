@@ -52,8 +52,10 @@ def test_schedule() -> None:
     restored = InverseSqrtSchedule(optimizer, 2.0, 1)
     restored.load_state_dict(schedule.state_dict())
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.4)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="peak learning rate must be positive"):
         InverseSqrtSchedule(optimizer, 0.0, 10)
+    with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
+        InverseSqrtSchedule(optimizer, 1.0, -1)
 
 
 def test_train_config_needs_a_stopping_rule() -> None:

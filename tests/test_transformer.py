@@ -60,9 +60,18 @@ def test_resolve_blocks(blocks: str, expected) -> None:
     assert resolve_blocks(blocks, 4, 4) == expected
 
 
-@pytest.mark.parametrize("blocks", ["enc:9", "12", "half", "5/4", "enc:x"])
-def test_resolve_blocks_rejects(blocks: str) -> None:
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    ("blocks", "match"),
+    [
+        ("enc:9", r"do not exist \(enc:9\)"),
+        ("12", r"do not exist \(dec:8\)"),
+        ("half", "cannot parse"),
+        ("5/4", r"fraction must be in \[0, 1\]"),
+        ("enc:x", "cannot parse"),
+    ],
+)
+def test_resolve_blocks_rejects(blocks: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
         resolve_blocks(blocks, 4, 4)
 
 

@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from .functional.tt import TTPlan, factorize, tt_groupings, tt_plan_macs
+from .functional.tt import factorize, tt_plan_candidates, tt_plan_macs
 from .functional.tucker import tucker_linear_rank
 from .layers import LowRankLinear, PrunedLinear, SparseVDLinear, TTLinear, TuckerLinear
 from .layers._fast import cache_nbytes
@@ -248,12 +248,8 @@ def layer_macs(layer: nn.Module, tokens: int, train: bool) -> tuple[int | None, 
     factor = 3 if train else 1
     path = layer_path(layer, tokens, train)
     if isinstance(layer, TTLinear):
-        fewest = min(
-            tt_plan_macs(layer.out_modes, layer.in_modes, layer.ranks, TTPlan(groups, direction))
-            for groups in tt_groupings(len(layer.cores))
-            for direction in ("ltr", "rtl")
-            if len(groups) > 1 or len(layer.cores) == 1
-        )
+        candidates = tt_plan_candidates(len(layer.cores))
+        fewest = min(tt_plan_macs(layer.out_modes, layer.in_modes, layer.ranks, plan) for plan in candidates)
         plan = layer.forward_plan(tokens, train=train, cached=not train)
         taken = dense if plan is None else tt_plan_macs(layer.out_modes, layer.in_modes, layer.ranks, plan)
     elif isinstance(layer, TuckerLinear | LowRankLinear):

@@ -184,12 +184,19 @@ def test_a_full_tt_rank_list_fixes_the_number_of_cores() -> None:
     assert_close(exact.to_dense(), linear.weight.detach(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("method", ALL)
-def test_weight_property_is_the_dense_weight(method: str) -> None:
-    layer = make(method)
-    effective = layer.weight * layer.mask if method == "prune" else layer.weight
-    assert_close(effective, layer.to_dense())
-    assert layer.to_dense().shape == (OUT, IN)
+def test_weight_property_is_the_weight_the_forward_applies(method: str, mode: str) -> None:
+    """``.weight`` against the layer's own forward on the identity (bias removed), in training mode (rebuilt) and
+    in eval mode without autograd (the cached copy)."""
+    layer = make(method).train(mode == "train")
+    with torch.no_grad():
+        applied = (layer(torch.eye(IN)) - layer.bias).T if mode == "eval" or method != "svd-o" else None
+        weight = layer.weight * layer.mask if method == "prune" else layer.weight
+    assert weight.shape == (OUT, IN)
+    if applied is not None:  # (a Sparse VD layer in training mode samples its weights)
+        assert_close(weight, applied, atol=1e-5, rtol=1e-5)
+    assert_close(weight, layer.to_dense())
 
 
 def test_sparse_vd_eval_drops_weights_above_threshold() -> None:

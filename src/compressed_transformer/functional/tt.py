@@ -39,9 +39,11 @@ __all__ = [
     "tt_matrix_rebuild",
     "tt_matrix_rows",
     "tt_matrix_to_dense",
+    "tt_plan_candidates",
     "tt_plan_chunk",
     "tt_plan_macs",
     "tt_plan_matrices",
+    "tt_plan_seconds",
     "tt_plan_shapes",
     "tt_plan_steps",
     "tt_svd",
@@ -596,6 +598,46 @@ def tt_plan_chunk(
     return None if chunk >= tokens else chunk
 
 
+def tt_plan_seconds(
+    out_modes: Sequence[int],
+    in_modes: Sequence[int],
+    ranks: Sequence[int],
+    plan: TTPlan,
+    tokens: int,
+    *,
+    train: bool = False,
+    threads: int = 1,
+    costs: CostModel = CPU_COSTS,
+    element_size: int = 4,
+    cached_factors: bool = False,
+) -> tuple[float, int | None]:
+    """Predicted seconds of the factorised ``plan`` (its groups and direction) for ``tokens`` vectors, with the
+    chunk size :func:`tt_plan_chunk` chooses for it: ``(seconds, chunk)``. Arguments as in :func:`tt_matrix_plan`."""
+    d = len(out_modes)
+    op = (costs.train if train else costs.forward).op_s
+    chunk = tt_plan_chunk(
+        out_modes, in_modes, ranks, plan, tokens, chunk_bytes=costs.chunk_bytes, element_size=element_size
+    )
+    rows = min(tokens, chunk) if chunk else tokens
+    blocks = -(-tokens // rows) if tokens else 1
+    steps = tt_plan_steps(out_modes, in_modes, ranks, plan, max(rows, 1))
+    seconds = blocks * (costs.steps_seconds(steps, train=train, threads=threads) + (costs.forward.op_s if chunk else 0))
+    if not cached_factors:  # each merge of two cores: an einsum and reshapes (and their backward)
+        seconds += 1.5 * (d - len(plan.groups)) * op
+    return seconds, chunk
+
+
+def tt_plan_candidates(d: int) -> list[TTPlan]:
+    """The factorised plans :func:`tt_matrix_plan` chooses from for ``d`` cores: every contiguous grouping with at
+    least two groups (one group, rebuilding ``W``, is the dense path), in both directions."""
+    return [
+        TTPlan(groups, direction)
+        for groups in tt_groupings(d)
+        if len(groups) > 1 or d == 1
+        for direction in (("ltr", "rtl") if len(groups) > 1 else ("ltr",))
+    ]
+
+
 @functools.lru_cache(maxsize=4096)
 def _best_plan(
     out_modes: tuple[int, ...],
@@ -609,26 +651,21 @@ def _best_plan(
     cached_factors: bool,
 ) -> tuple[TTPlan, float]:
     best: tuple[float, TTPlan] | None = None
-    d = len(out_modes)
-    op = (costs.train if train else costs.forward).op_s
-    for groups in tt_groupings(d):
-        if len(groups) == 1 and d > 1:
-            continue  # rebuilding W is the dense path, which the caller prices itself
-        for direction in ("ltr", "rtl") if len(groups) > 1 else ("ltr",):
-            plan = TTPlan(groups, direction)
-            chunk = tt_plan_chunk(
-                out_modes, in_modes, ranks, plan, tokens, chunk_bytes=costs.chunk_bytes, element_size=element_size
-            )
-            rows = min(tokens, chunk) if chunk else tokens
-            blocks = -(-tokens // rows) if tokens else 1
-            steps = tt_plan_steps(out_modes, in_modes, ranks, plan, max(rows, 1))
-            seconds = blocks * (
-                costs.steps_seconds(steps, train=train, threads=threads) + (costs.forward.op_s if chunk else 0)
-            )
-            if not cached_factors:  # each merge of two cores: an einsum and reshapes (and their backward)
-                seconds += 1.5 * (d - len(groups)) * op
-            if best is None or seconds < best[0]:
-                best = (seconds, TTPlan(groups, direction, chunk))
+    for plan in tt_plan_candidates(len(out_modes)):
+        seconds, chunk = tt_plan_seconds(
+            out_modes,
+            in_modes,
+            ranks,
+            plan,
+            tokens,
+            train=train,
+            threads=threads,
+            costs=costs,
+            element_size=element_size,
+            cached_factors=cached_factors,
+        )
+        if best is None or seconds < best[0]:
+            best = (seconds, TTPlan(plan.groups, plan.direction, chunk))
     assert best is not None
     return best[1], best[0]
 
