@@ -66,6 +66,10 @@ def test_lookup_and_attend_match_the_dense_table(num: int, padding_idx: int | No
     hidden = torch.randn(3, 2, 12, dtype=torch.float64)
     torch.testing.assert_close(layer.attend(hidden), hidden @ table.T, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(layer.weight, table)
+    with torch.no_grad():  # in eval mode, .weight is the cached table the lookup reads: the forward's own rows
+        rows = layer.eval()(torch.arange(num))
+        cached = layer.weight if padding_idx is None else layer.weight.index_fill(0, torch.tensor([padding_idx]), 0)
+    torch.testing.assert_close(cached, rows, rtol=0, atol=0)
     if padding_idx is not None:
         assert not layer(torch.tensor([padding_idx])).any() and table[padding_idx].any()
         # the padding id passes no gradient
