@@ -64,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     rows = run_study(study, sys.argv[1:], report_only=args.report_only)
     print(format_table(rows, study.dataset))
-    print(f"\noutputs in {study.out}/ (table.md, results.json, bleu_vs_ratio.png)")
+    print(f"\noutputs in {study.out}/ (table.md, results.json, bleu_vs_ratio.png, valid_bleu_curves.png)")
     return 0
 
 

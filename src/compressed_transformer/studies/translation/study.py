@@ -453,7 +453,8 @@ def _seed_reference(dataset: str, name: str) -> dict[str, Any] | None:
 
 
 def run_study(study: StudyConfig, argv: Sequence[str] = (), *, report_only: bool = False) -> list[RowResult]:
-    """Run (or skip, or resume) the requested rows; write ``table.md``, ``results.json``, ``bleu_vs_ratio.png``.
+    """Run (or skip, or resume) the requested rows; write ``table.md``, ``results.json``, ``bleu_vs_ratio.png`` and
+    ``valid_bleu_curves.png``.
 
     With ``report_only`` nothing is trained or decoded: the outputs are written from the rows finished so far
     (e.g. after several invocations ran groups of rows side by side on one machine).
