@@ -172,8 +172,7 @@ class TuckerLinear(nn.Module):
                 differentiate the parameters.
             cached: whether ``W`` and the factors would come from the eval cache; default: as a forward now.
         """
-        params = [self.core, *params_of(self, "out_factors"), *params_of(self, "in_factors"), self.bias]
-        train, cached = resolve_mode(self, params, train, cached)
+        train, cached = resolve_mode(self, [*self._factor_params(), self.bias], train, cached)
         rank = tucker_linear_rank(self.ranks, len(self.out_modes))
         device = device_key(self.core)
         return low_rank_is_faster(device, tokens, self.in_features, self.out_features, rank, train, cached)
@@ -182,6 +181,10 @@ class TuckerLinear(nn.Module):
         """``"low-rank"`` or ``"dense"``: the path taken for ``tokens`` vectors."""
         factorized = self.use_factorized(tokens, train=train, cached=None if train is None else not train)
         return "low-rank" if factorized else "dense"
+
+    def _factor_params(self) -> list[torch.Tensor]:
+        """The core, the output factors and the input factors (what ``W`` is derived from)."""
+        return [self.core, *params_of(self, "out_factors"), *params_of(self, "in_factors")]
 
     def to_dense(self) -> torch.Tensor:
         """The represented weight, ``(out_features, in_features)``: ``left @ right`` of
@@ -193,8 +196,7 @@ class TuckerLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         """The represented dense weight (computed, not stored; in eval mode without autograd, the cached copy the
         forward uses)."""
-        params = [self.core, *params_of(self, "out_factors"), *params_of(self, "in_factors")]
-        return represented_weight(self, params, self.to_dense)
+        return represented_weight(self, self._factor_params(), self.to_dense)
 
     def num_stored_params(self) -> int:
         """Stored weights and bias: ``prod(ranks) + sum_k n_k r_k + out_features``."""

@@ -48,11 +48,24 @@ def _row_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**31
 
 
+@dataclass(frozen=True)
+class _Reference:
+    """The original network's sizes, measured once, that every row's ratios divide."""
+
+    params: int
+    bytes: int
+    file_bytes: int
+
+    @classmethod
+    def of(cls, dense: MLP) -> _Reference:
+        return cls(stored_params(dense), stored_bytes(dense), saved_bytes(dense))
+
+
 def _measure(
     name: str,
     model: nn.Module,
     data: Tensors,
-    dense: MLP,
+    dense: _Reference,
     seconds: float,
     recipe: RowRecipe,
     *,
@@ -65,12 +78,12 @@ def _measure(
     return RowResult(
         method=name,
         accuracy=accuracy(model, data.x_test, data.y_test),
-        ratio=stored_params(dense) / params,
+        ratio=dense.params / params,
         params=params,
         bytes=nbytes,
-        bytes_ratio=stored_bytes(dense) / nbytes,
+        bytes_ratio=dense.bytes / nbytes,
         file_bytes=file_bytes,
-        file_ratio=saved_bytes(dense) / file_bytes,
+        file_ratio=dense.file_bytes / file_bytes,
         seconds=seconds,
         compression=recipe.method,
         layers=list(recipe.layers),
@@ -98,6 +111,7 @@ class _Context:
     config: MNISTStudyConfig
     data: Tensors
     original: MLP
+    reference: _Reference
     input_gram: torch.Tensor | None = None  # E[x x^T] of the training images, for the whitened SVD
 
     def models(self, sweep: bool) -> Path | None:
@@ -130,7 +144,7 @@ def _compressed_point(
         name,
         model,
         ctx.data,
-        ctx.original,
+        ctx.reference,
         seconds,
         recipe,
         target_ratio=ratio,
@@ -172,7 +186,7 @@ def _sparse_vd(ctx: _Context, name: str, recipe: RowRecipe) -> tuple[RowResult, 
             name,
             model,
             ctx.data,
-            ctx.original,
+            ctx.reference,
             seconds,
             recipe,
             layer_options=options,
@@ -333,10 +347,11 @@ def run_study(config: MNISTStudyConfig, data: MNIST | None = None, *, argv: Sequ
         )
     models = out / MODELS_DIR
     seconds = time.perf_counter() - start
-    rows.append(_measure("original", original, tensors, original, seconds, RECIPES["original"], models=models))
+    reference = _Reference.of(original)
+    rows.append(_measure("original", original, tensors, reference, seconds, RECIPES["original"], models=models))
     save_original(out / "original.pt", original)
     _log(config, rows[-1])
-    ctx = _Context(config, tensors, original)
+    ctx = _Context(config, tensors, original, reference)
     if config.svd_whiten and any(RECIPES[name].method == "svd" for name in config.rows):
         x = tensors.x_train.double()
         ctx.input_gram = x.T @ x / x.shape[0]  # (784, 784)
@@ -359,7 +374,7 @@ def run_study(config: MNISTStudyConfig, data: MNIST | None = None, *, argv: Sequ
                     name,
                     model,
                     tensors,
-                    original,
+                    reference,
                     time.perf_counter() - start,
                     recipe,
                     models=models,
