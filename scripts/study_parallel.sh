@@ -13,11 +13,14 @@
 #                   (default: the conversion rows)
 #   CONVERT_ARGS    extra study options of those processes (e.g. "--max-minutes 2" for svd-o-all's train schedule)
 #   STUDY           the study command (default: compressed-transformer study)
-# Each process logs to OUT/logs/<first row>.log; the last step (study --report-only) writes table.md, results.json
-# and bleu_vs_ratio.png from every finished row. Rerunning the script resumes unfinished rows, skips finished ones.
+#   RESCORE         1 (default): the last step (study --rescore) decodes every trained row's test set again, one row
+#                   after another, so that the table's decoding times are not those of rows sharing the machine;
+#                   0: it only writes the outputs (study --report-only)
+# Each process logs to OUT/logs/<first row>.log; the last step writes table.md, results.json and bleu_vs_ratio.png
+# from every finished row. Rerunning the script resumes unfinished rows, skips finished ones.
 set -euo pipefail
 if [[ $# -lt 2 ]]; then
-    sed -n '2,18p' "$0" >&2
+    sed -n '2,21p' "$0" >&2
     exit 2
 fi
 dataset=$1 out=$2
@@ -80,5 +83,13 @@ for rows in "${!pids[@]}"; do
         status=1
     fi
 done
-"${study[@]}" "$dataset" --out "$out" --report-only "$@"
+case ${RESCORE:-1} in
+1) last=--rescore ;;
+0) last=--report-only ;;
+*)
+    echo "RESCORE must be 0 or 1, not '$RESCORE'" >&2
+    exit 2
+    ;;
+esac
+"${study[@]}" "$dataset" --out "$out" "$last" "$@"
 exit $status

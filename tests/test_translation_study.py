@@ -281,6 +281,37 @@ def test_raised_budget_continues_finished_rows(tmp_path: Path, capsys: pytest.Ca
         run([*study_argv(data, out, "original"), "--max-steps", "-1"])
 
 
+def test_rescore_decodes_trained_rows_again_and_trains_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = write_corpus(tmp_path / "data", pairs=16)
+    out = tmp_path / "study"
+    assert run(study_argv(data, out, "original,tt-3/4")) == 0  # tt-3/4 of the 2+2 tiny model is tt-all
+    folder = out / "rows" / "original"
+    first = json.loads((folder / "result.json").read_text())
+    last = folder / "checkpoint_last.pt"
+    trained = last.stat().st_mtime_ns
+    (folder / "test.hyp").unlink()
+    monkeypatch.setattr(translation.study, "train", lambda *a, **k: pytest.fail("--rescore trained a row"))
+    capsys.readouterr()
+    # a raised budget would continue the row in a normal run; --rescore only decodes what is there
+    assert run([*study_argv(data, out, "all"), "--rescore", "--max-steps", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "original: decoding the test set again" in printed and "tt-all: decoding the test set again" in printed
+    assert "tucker-all: not trained" in printed and not (out / "rows" / "tucker-all" / "result.json").exists()
+    again = json.loads((folder / "result.json").read_text())
+    assert (folder / "test.hyp").is_file() and last.stat().st_mtime_ns == trained
+    assert again["bleu"] == first["bleu"] and again["steps"] == first["steps"] == 4
+    assert again["train"]["max_steps"] == 4  # the budget it was trained under
+    assert again["infer_seconds"] > 0 and again["infer_seconds"] != first["infer_seconds"]
+    rows = [r["name"] for r in json.loads((out / "results.json").read_text())["rows"]]
+    assert rows == ["original", "tt-all", "tt-3/4", "tt-1/4"]  # tt-1/4 of 2+2 blocks: none, the original
+    with pytest.raises(SystemExit):
+        parser().parse_args([*study_argv(data, out, "all"), "--rescore", "--report-only"])
+    with pytest.raises(ValueError, match="exclude each other"):
+        translation.run_study(StudyConfig("plain", str(out), str(data), "tiny"), report_only=True, rescore=True)
+
+
 def test_budget_left_compares_every_limit_with_the_run() -> None:
     from compressed_transformer.train.trainer import TrainConfig, budget_left
 
@@ -369,9 +400,11 @@ def test_study_parallel_script(tmp_path: Path) -> None:
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     rows = [r["name"] for r in json.loads((out / "results.json").read_text())["rows"]]
-    assert rows == ["original", "tt-all", "tt-3/4", "tt-all-convert"]
+    # the last step (--rescore, every row) also lists tt-1/4, which on 2+2 blocks is the trained original
+    assert rows == ["original", "tt-all", "tt-3/4", "tt-1/4", "tt-all-convert"]
     convert_log = (out / "logs" / "tt-all-convert.log").read_text()
     assert "original: finished earlier, skipped" in convert_log  # started after the original, never retrained it
+    assert "tt-all-convert: decoding the test set again" in done.stdout  # the last step: every row timed alone
     assert sorted(p.name for p in (out / "logs").iterdir()) == ["original.log", "tt-all-convert.log", "tt-all.log"]
 
     bad = subprocess.run(["bash", str(script)], capture_output=True, text=True)

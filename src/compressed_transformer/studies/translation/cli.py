@@ -62,7 +62,7 @@ def main(args: argparse.Namespace) -> int:
     study = config_from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = run_study(study, sys.argv[1:], report_only=args.report_only)
+    rows = run_study(study, sys.argv[1:], report_only=args.report_only, rescore=args.rescore)
     print(format_table(rows, study.dataset))
     print(f"\noutputs in {study.out}/ (table.md, results.json, bleu_vs_ratio.png, valid_bleu_curves.png)")
     return 0
@@ -128,10 +128,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (1 is fastest on a busy CPU)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
-    parser.add_argument(
+    once = parser.add_mutually_exclusive_group()
+    once.add_argument(
         "--report-only",
         action="store_true",
         help="train nothing: write table.md / results.json / bleu_vs_ratio.png from the rows finished in --out "
         "(after groups of rows ran side by side, e.g. scripts/study_parallel.sh)",
+    )
+    once.add_argument(
+        "--rescore",
+        action="store_true",
+        help="train nothing: decode the test set of every trained row again, one row after another, then write "
+        "the outputs (comparable decoding times on an otherwise idle machine, after rows ran side by side)",
     )
     parser.set_defaults(func=main)

@@ -386,18 +386,32 @@ def _run_row(
     test: ParallelCorpus,
     tokenized_refs: bool,
     device: torch.device,
-) -> RowResult:
+    rescore: bool = False,
+) -> RowResult | None:
     """Copy a duplicate's source, skip a finished row, or train (resuming if interrupted, continuing if its budget was
-    raised) and score the row."""
+    raised) and score the row. With ``rescore``, train nothing: decode a trained row's test set again (``None`` for
+    a row not trained yet)."""
     folder = plan.folder
     result_path = folder / "result.json"
     name = plan.row.name
     if plan.same_as is not None:
+        if plan.same_as not in results:  # --rescore of a duplicate whose source is not trained yet
+            return None
         _log(f"{name}: same model and training as {plan.same_as}; its result is reused")
         result = _copy_result(results[plan.same_as], plan, study.dataset)
         return _save_result(result, study, result_path)
     with _row_lock(folder):
         summary_path = folder / "summary.json"
+        if rescore:
+            if not summary_path.exists():
+                _log(f"{name}: not trained (or not finished) in {folder}; skipped (--rescore trains nothing)")
+                return None
+            _check_same_run(plan, json.loads((folder / "config.json").read_text()), folder / "config.json")
+            _log(f"{name}: decoding the test set again ({len(test)} sentences)")
+            result = _score_row(plan, study, test, tokenized_refs, device)
+            if result_path.exists():  # the budget it was trained under, not this invocation's
+                result.train = json.loads(result_path.read_text())["train"]
+            return _save_result(result, study, result_path)
         # a finished row whose budget was raised since (--max-minutes / --max-steps) trains on from its last checkpoint
         extend = summary_path.exists() and budget_left(plan.train, json.loads(summary_path.read_text()))
         if result_path.exists():
@@ -452,12 +466,16 @@ def _seed_reference(dataset: str, name: str) -> dict[str, Any] | None:
     return None if point is None else asdict(point)
 
 
-def run_study(study: StudyConfig, argv: Sequence[str] = (), *, report_only: bool = False) -> list[RowResult]:
+def run_study(
+    study: StudyConfig, argv: Sequence[str] = (), *, report_only: bool = False, rescore: bool = False
+) -> list[RowResult]:
     """Run (or skip, or resume) the requested rows; write ``table.md``, ``results.json``, ``bleu_vs_ratio.png`` and
     ``valid_bleu_curves.png``.
 
     With ``report_only`` nothing is trained or decoded: the outputs are written from the rows finished so far
-    (e.g. after several invocations ran groups of rows side by side on one machine).
+    (e.g. after several invocations ran groups of rows side by side on one machine). With ``rescore`` nothing is
+    trained either, but every requested row trained so far decodes the test set again, one row after another in
+    this process: on an otherwise idle machine, the decoding times of rows trained side by side become comparable.
 
     Returns:
         The table's rows: every row of the dataset with a result in ``study.out``, in table order.
@@ -466,6 +484,8 @@ def run_study(study: StudyConfig, argv: Sequence[str] = (), *, report_only: bool
         ValueError: for a study folder of another dataset or budget, a row folder of another configuration.
         FileNotFoundError: when the dataset's train, valid or test files are missing (before any training).
     """
+    if report_only and rescore:
+        raise ValueError("report_only and rescore exclude each other (report_only decodes nothing)")
     out = Path(study.out)
     marker = out / "study.json"
     identity = {"dataset": study.dataset, "budget": study.budget}
@@ -491,7 +511,9 @@ def run_study(study: StudyConfig, argv: Sequence[str] = (), *, report_only: bool
     results: dict[str, RowResult] = {}
     if not report_only:
         for name in _to_run(study, plans):
-            results[name] = _run_row(plans[name], results, study, test, tokenized_refs, device)
+            result = _run_row(plans[name], results, study, test, tokenized_refs, device, rescore)
+            if result is not None:
+                results[name] = result
     table: list[RowResult] = []
     for name, plan in plans.items():  # rows finished by earlier invocations belong to the table too
         if name not in results and (plan.folder / "result.json").exists():
