@@ -26,7 +26,7 @@ import platform
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from .functional.costs import COSTS_ENV_VAR, load_cost_models, set_cost_model
 from .functional.tt import factorize, tt_plan_candidates, tt_plan_macs
 from .functional.tucker import tucker_linear_rank
 from .layers import LowRankLinear, PrunedLinear, SparseVDLinear, TTLinear, TuckerLinear
@@ -117,6 +118,8 @@ class BenchConfig:
         transformer: the whole-model part, or ``None`` to skip it.
         seed: random seed.
         out: output folder.
+        costs: a ``compressed-transformer calibrate`` file whose cost model the layers decide their paths with
+            (``None``: the one in use, built-in unless ``$COMPRESSED_TRANSFORMER_COSTS`` names a file).
     """
 
     shapes: tuple[tuple[int, int], ...] = FULL_SHAPES
@@ -133,6 +136,7 @@ class BenchConfig:
     transformer: TransformerBench | None = field(default_factory=TransformerBench)
     seed: int = 0
     out: str = "runs/bench"
+    costs: str | None = None
 
     def __post_init__(self) -> None:
         if not self.shapes or any(len(s) != 2 or min(s) < 1 for s in self.shapes):
@@ -276,8 +280,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def resolve_clock(config: BenchConfig, device: torch.device) -> str:
-    """``wall`` or ``cpu`` from ``config.clock`` (see :class:`BenchConfig`).
+def resolve_clock(config: Any, device: torch.device) -> str:
+    """``wall`` or ``cpu`` from ``config.clock`` (see :class:`BenchConfig`; any config with a ``clock`` works).
 
     Raises:
         ValueError: for an unknown clock, or ``cpu`` where ops may run outside the calling thread.
@@ -826,22 +830,17 @@ def run_bench(config: BenchConfig, argv: list[str] | None = None) -> dict:
     torch.manual_seed(config.seed)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    argv = sys.argv if argv is None else argv
-    if argv and Path(argv[0]).name in ("compressed-transformer", "__main__.py"):  # the script or python -m package
-        command = shlex.join(["compressed-transformer", *argv[1:]])
-    elif argv:
-        command = shlex.join(["python", "-m", "compressed_transformer.bench", *argv[1:]])
-    else:
-        command = "compressed-transformer bench"
+    command = command_line(sys.argv if argv is None else argv, "bench")
     if compiled:  # any pass
         _allow_recompiles()
     start = time.perf_counter()
-    rows = bench_layers(config, device, dtype, compiled, clock)
-    if config.transformer is not None:
-        repeats = max(3, config.repeats // 2)
-        rows += bench_transformer(
-            config.transformer, device, dtype, compiled, repeats, clock, config.compile_mode, config.seed
-        )
+    with using_costs(config.costs, device) as costs:
+        rows = bench_layers(config, device, dtype, compiled, clock)
+        if config.transformer is not None:
+            repeats = max(3, config.repeats // 2)
+            rows += bench_transformer(
+                config.transformer, device, dtype, compiled, repeats, clock, config.compile_mode, config.seed
+            )
     meta = {
         "command": command,
         "config": asdict(config),
@@ -849,6 +848,7 @@ def run_bench(config: BenchConfig, argv: list[str] | None = None) -> dict:
         "compiled": sorted(compiled),
         "clock": clock,
         "machine": machine_description(device),
+        "costs": costs,
         "git_revision": git_revision(),
         "seconds": time.perf_counter() - start,
         "transformer": asdict(config.transformer) if config.transformer is not None else None,
@@ -858,6 +858,39 @@ def run_bench(config: BenchConfig, argv: list[str] | None = None) -> dict:
     (out / "bench.md").write_text(markdown(result) + "\n")
     plot(result, out / "ratio.png")
     return result
+
+
+def command_line(argv: list[str], subcommand: str) -> str:
+    """The command that ran, as a user would type it: ``compressed-transformer SUBCOMMAND ...`` (the script or
+    ``python -m compressed_transformer``) or ``python -m compressed_transformer.SUBCOMMAND ...``."""
+    if argv and Path(argv[0]).name in ("compressed-transformer", "__main__.py"):  # the script or python -m package
+        return shlex.join(["compressed-transformer", *argv[1:]])
+    if argv:
+        return shlex.join(["python", "-m", f"compressed_transformer.{subcommand}", *argv[1:]])
+    return f"compressed-transformer {subcommand}"
+
+
+@contextlib.contextmanager
+def using_costs(path: str | None, device: torch.device) -> Iterator[str]:
+    """Within the block, layers on ``device`` decide their paths with the cost model of a ``calibrate`` file
+    (``None``: the one in use); yields what is in use, for the record.
+
+    Raises:
+        FileNotFoundError, ValueError: for a missing or malformed file, or one without a model for ``device``.
+    """
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    if path is None:
+        env = os.environ.get(COSTS_ENV_VAR)
+        yield f"{env} (${COSTS_ENV_VAR})" if env and kind in load_cost_models(env) else "built-in"
+        return
+    models = load_cost_models(path)
+    if kind not in models:
+        raise ValueError(f"{path} has a cost model for {', '.join(models)} only, not for {kind}")
+    previous = set_cost_model(kind, models[kind])
+    try:
+        yield str(path)
+    finally:
+        set_cost_model(kind, previous)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -905,6 +938,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads before measuring")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument(
+        "--costs", help=f"cost model file of compressed-transformer calibrate (default: built-in, or ${COSTS_ENV_VAR})"
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -913,6 +949,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     changes["compile_mode"] = args.compile_mode
     changes["clock"] = args.clock
     changes["seed"] = args.seed
+    changes["costs"] = args.costs
     if args.shapes is not None:
         changes["shapes"] = args.shapes
     if args.tokens is not None:

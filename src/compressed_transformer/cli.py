@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES = (
     "compressed_transformer.translate",
     "compressed_transformer.studies.translation",
     "compressed_transformer.bench",
+    "compressed_transformer.calibrate",
 )
 
 

@@ -1,6 +1,17 @@
 """Pure tensor maths (no ``nn.Module``): TT, Tucker, truncated SVD, sparsity masks and the Sparse VD KL term."""
 
-from .costs import CPU_COSTS, CUDA_COSTS, CostModel, PassCosts, cost_model_for
+from .costs import (
+    CPU_COSTS,
+    CUDA_COSTS,
+    CostModel,
+    PassCosts,
+    cost_model_for,
+    fit_cost_model,
+    load_cost_models,
+    nnls,
+    save_cost_models,
+    set_cost_model,
+)
 from .sparsity import global_magnitude_threshold, log_alpha, magnitude_mask, magnitude_threshold, sparse_vd_kl
 from .svd import rank_for_energy, svd_error, truncated_svd
 from .tt import (
@@ -50,18 +61,23 @@ __all__ = [
     "TTPlan",
     "cost_model_for",
     "factorize",
+    "fit_cost_model",
     "global_magnitude_threshold",
     "hooi",
     "hosvd",
     "kron_matmul",
+    "load_cost_models",
     "log_alpha",
     "magnitude_mask",
     "magnitude_threshold",
     "max_tt_ranks",
     "mode_product",
+    "nnls",
     "rank_for_energy",
     "resolve_tt_ranks",
     "resolve_tucker_ranks",
+    "save_cost_models",
+    "set_cost_model",
     "sparse_vd_kl",
     "svd_error",
     "truncated_svd",

@@ -20,14 +20,40 @@ ignores other processes) of every contiguous core grouping and sweep direction o
 CSR constants from ``torch.sparse.addmm`` / ``addmv`` at 90 % and 98 % sparsity on the same machine. The CUDA
 constants are conservative guesses (kernel launch cost dominates small steps), not a calibration. The model only
 has to rank the candidates; layers additionally require a margin before leaving the dense path.
+
+On another machine the constants can be refitted: ``compressed-transformer calibrate`` times the same kinds of
+steps there and fits every constant at once (:func:`fit_cost_model`: each prediction is linear in the per-unit
+costs, so a calibration is a non-negative least-squares problem); :func:`set_cost_model` installs the result, or
+the environment variable ``COMPRESSED_TRANSFORMER_COSTS`` names its JSON file (read at the first decision).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
 
-__all__ = ["CPU_COSTS", "CUDA_COSTS", "CostModel", "PassCosts", "cost_model_for"]
+import torch
+
+__all__ = [
+    "COSTS_ENV_VAR",
+    "CPU_COSTS",
+    "CUDA_COSTS",
+    "CostModel",
+    "PassCosts",
+    "cost_features",
+    "cost_model_for",
+    "costs_version",
+    "fit_cost_model",
+    "load_cost_models",
+    "nnls",
+    "save_cost_models",
+    "set_cost_model",
+]
 
 
 @dataclass(frozen=True)
@@ -168,6 +194,300 @@ CUDA_COSTS = CostModel(
 )
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The models in use: built-in, installed with set_cost_model, or read from $COMPRESSED_TRANSFORMER_COSTS
+# ---------------------------------------------------------------------------------------------------------------
+
+COSTS_ENV_VAR = "COMPRESSED_TRANSFORMER_COSTS"
+BUILT_IN: dict[str, CostModel] = {"cpu": CPU_COSTS, "cuda": CUDA_COSTS}
+_installed: dict[str, CostModel] = {}
+_state = {"version": 0, "env_read": False}
+
+
+def _kind(device_type: str) -> str:
+    return "cuda" if device_type == "cuda" else "cpu"
+
+
+def _read_env() -> None:
+    if _state["env_read"]:
+        return
+    _state["env_read"] = True
+    path = os.environ.get(COSTS_ENV_VAR)
+    if path:
+        for kind, model in load_cost_models(path).items():
+            _installed.setdefault(kind, model)  # set_cost_model calls made before the first decision win
+        _state["version"] += 1
+
+
 def cost_model_for(device_type: str) -> CostModel:
-    """The cost model of a device type (``"cuda"`` or anything else, which gets the CPU model)."""
-    return CUDA_COSTS if device_type == "cuda" else CPU_COSTS
+    """The cost model in use for a device type (``"cuda"``, or anything else: the CPU model): the one installed by
+    :func:`set_cost_model`, else the one in the file named by ``$COMPRESSED_TRANSFORMER_COSTS``, else the
+    built-in :data:`CPU_COSTS` / :data:`CUDA_COSTS`.
+
+    Raises:
+        FileNotFoundError, ValueError: when ``$COMPRESSED_TRANSFORMER_COSTS`` names a missing or malformed file.
+    """
+    _read_env()
+    kind = _kind(device_type)
+    return _installed.get(kind, BUILT_IN[kind])
+
+
+def costs_version() -> int:
+    """A number that changes whenever the models in use change (a key for cached path decisions)."""
+    _read_env()
+    return _state["version"]
+
+
+def set_cost_model(device_type: str, model: CostModel | None) -> CostModel | None:
+    """Install ``model`` for ``"cpu"`` or ``"cuda"`` (``None``: back to the built-in one); every layer decides
+    its paths with it from its next forward on. Returns the model installed before (``None``: the built-in).
+
+    Raises:
+        ValueError: for another device type, or a ``model`` that is not a :class:`CostModel`.
+    """
+    if device_type not in BUILT_IN:
+        raise ValueError(f"device_type must be 'cpu' or 'cuda', got {device_type!r}")
+    if model is not None and not isinstance(model, CostModel):
+        raise ValueError(f"model must be a CostModel or None, got {type(model).__name__}")
+    _read_env()
+    before = _installed.pop(device_type, None)
+    if model is not None:
+        _installed[device_type] = model
+    _state["version"] += 1
+    return before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------------------------
+
+COSTS_FORMAT = "compressed-transformer-costs/1"
+_MODEL_KEYS = ("thread_scaling", "margin", "min_saving_s", "chunk_bytes")
+
+
+def _pass_to_dict(costs: PassCosts) -> dict[str, float | None]:
+    return {k: (None if math.isinf(v) else v) for k, v in asdict(costs).items()}  # null: unbounded throughput
+
+
+def _pass_from_dict(data: Any, where: str) -> PassCosts:
+    names = [f.name for f in fields(PassCosts)]
+    if not isinstance(data, Mapping) or set(data) != set(names):
+        got = sorted(data) if isinstance(data, Mapping) else type(data).__name__
+        raise ValueError(f"{where}: expected the keys {names}, got {got}")
+    values = {}
+    for name in names:
+        value = data[name]
+        unbounded = value is None and name.endswith("_per_s")
+        if not unbounded and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise ValueError(f"{where}.{name} must be a number >= 0, got {value!r}")
+        if name.endswith("_per_s") and value == 0:
+            raise ValueError(f"{where}.{name} must be > 0 (null: unbounded), got 0")
+        values[name] = math.inf if unbounded else float(value)
+    return PassCosts(**values)
+
+
+def cost_model_to_dict(model: CostModel) -> dict[str, Any]:
+    """A JSON-ready dict of ``model`` (throughputs fitted as unbounded are ``None``)."""
+    data: dict[str, Any] = {"forward": _pass_to_dict(model.forward), "train": _pass_to_dict(model.train)}
+    data.update({k: getattr(model, k) for k in _MODEL_KEYS})
+    return data
+
+
+def cost_model_from_dict(data: Any, where: str = "cost model") -> CostModel:
+    """The :class:`CostModel` of :func:`cost_model_to_dict`'s output.
+
+    Raises:
+        ValueError: for missing or unknown keys, negative or non-numeric values.
+    """
+    expected = {"forward", "train", *_MODEL_KEYS}
+    if not isinstance(data, Mapping) or set(data) != expected:
+        got = sorted(data) if isinstance(data, Mapping) else type(data).__name__
+        raise ValueError(f"{where}: expected the keys {sorted(expected)}, got {got}")
+    chunk = data["chunk_bytes"]
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"{where}.chunk_bytes must be a positive integer or null, got {chunk!r}")
+    for key in ("thread_scaling", "margin", "min_saving_s"):
+        value = data[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{where}.{key} must be a number >= 0, got {value!r}")
+    return CostModel(
+        forward=_pass_from_dict(data["forward"], f"{where}.forward"),
+        train=_pass_from_dict(data["train"], f"{where}.train"),
+        thread_scaling=float(data["thread_scaling"]),
+        margin=float(data["margin"]),
+        min_saving_s=float(data["min_saving_s"]),
+        chunk_bytes=chunk,
+    )
+
+
+def save_cost_models(path: str | Path, models: Mapping[str, CostModel], **meta: Any) -> Path:
+    """Write ``{"cpu": model, "cuda": model}`` (either or both) to a JSON file :func:`load_cost_models` reads;
+    ``meta`` (e.g. the machine, the fit's errors) is stored beside them."""
+    unknown = set(models) - set(BUILT_IN)
+    if unknown or not models:
+        raise ValueError(f"models must be keyed by 'cpu' and/or 'cuda', got {sorted(models)}")
+    data = {"format": COSTS_FORMAT, "models": {k: cost_model_to_dict(m) for k, m in models.items()}, **meta}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
+
+
+def load_cost_models(path: str | Path) -> dict[str, CostModel]:
+    """The models of a file written by :func:`save_cost_models` (``compressed-transformer calibrate``).
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: for a file that is not such a JSON file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"cost model file {path} does not exist (write one with compressed-transformer calibrate)"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not JSON: {error}") from None
+    if not isinstance(data, Mapping) or data.get("format") != COSTS_FORMAT:
+        raise ValueError(f"{path} is not a cost model file (format {COSTS_FORMAT!r})")
+    models = data.get("models")
+    if not isinstance(models, Mapping) or not models or set(models) - set(BUILT_IN):
+        raise ValueError(f"{path}: 'models' must map 'cpu' and/or 'cuda' to a cost model")
+    return {kind: cost_model_from_dict(value, f"{path}: models.{kind}") for kind, value in models.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fitting: every prediction is linear in the per-unit costs (op_s, matrix_s, 1 / throughputs, sparse_entry_s)
+# ---------------------------------------------------------------------------------------------------------------
+
+_PASS_FIELDS = tuple(f.name for f in fields(PassCosts))
+UNIT_NAMES = tuple(f"{p}.{name}" for p in ("forward", "train") for name in _PASS_FIELDS)
+
+
+def _unit(name: str, unit: float) -> float:
+    """The field value whose per-unit cost is ``unit`` (throughputs are 1 / cost)."""
+    if name.endswith("_per_s"):
+        return math.inf if unit == 0 else 1.0 / unit
+    return unit
+
+
+def _per_unit(name: str, value: float) -> float:
+    return 1.0 / value if name.endswith("_per_s") else value
+
+
+def _pass_with(units: Sequence[float]) -> PassCosts:
+    return PassCosts(**{name: _unit(name, u) for name, u in zip(_PASS_FIELDS, units, strict=True)})
+
+
+def model_units(model: CostModel) -> list[float]:
+    """The 16 per-unit costs of ``model`` (forward then train, in :data:`UNIT_NAMES` order)."""
+    return [_per_unit(n, getattr(getattr(model, p), n)) for p in ("forward", "train") for n in _PASS_FIELDS]
+
+
+def model_with_units(base: CostModel, units: Sequence[float]) -> CostModel:
+    """``base`` with its 16 per-unit costs replaced (its thread scaling, margin and chunking kept)."""
+    if len(units) != len(UNIT_NAMES):
+        raise ValueError(f"expected {len(UNIT_NAMES)} per-unit costs, got {len(units)}")
+    half = len(_PASS_FIELDS)
+    return replace(base, forward=_pass_with(units[:half]), train=_pass_with(units[half:]))
+
+
+def cost_features(predict: Callable[[CostModel], float], base: CostModel) -> list[float]:
+    """The amounts of work behind a prediction: ``predict(model)`` equals the dot product of these with
+    :func:`model_units` of any ``model`` that shares ``base``'s thread scaling and chunking. Each amount is the
+    prediction under the model that charges one second per unit of that term and nothing for the others."""
+    out = []
+    for k in range(len(UNIT_NAMES)):
+        units = [0.0] * len(UNIT_NAMES)
+        units[k] = 1.0
+        out.append(float(predict(model_with_units(base, units))))
+    return out
+
+
+def nnls(a: torch.Tensor, b: torch.Tensor, *, tol: float = 1e-10, max_iter: int | None = None) -> torch.Tensor:
+    """``argmin_{x >= 0} ||a x - b||`` (Lawson and Hanson's active-set method), in float64.
+
+    Args:
+        a: ``(m, n)``.
+        b: ``(m,)``.
+        tol: gradients up to this (relative to the largest column norm times ``||b||``) count as zero.
+        max_iter: bound on the outer iterations (default ``3 n``).
+
+    Raises:
+        ValueError: for mismatched shapes.
+    """
+    a, b = a.double(), b.double()
+    if a.dim() != 2 or b.shape != (a.shape[0],):
+        raise ValueError(f"nnls needs a (m, n) matrix and an (m,) vector, got {tuple(a.shape)} and {tuple(b.shape)}")
+    n = a.shape[1]
+    x = torch.zeros(n, dtype=torch.float64)
+    passive = torch.zeros(n, dtype=torch.bool)
+    scale = float(a.norm(dim=0).max()) * float(b.norm()) + 1e-300
+    for _ in range(max_iter or 3 * n):
+        gradient = a.T @ (b - a @ x)
+        free = ~passive & (gradient > tol * scale)
+        if not free.any():
+            break
+        passive[torch.where(free, gradient, torch.full_like(gradient, -math.inf)).argmax()] = True
+        while True:
+            trial = torch.zeros(n, dtype=torch.float64)
+            trial[passive] = torch.linalg.lstsq(a[:, passive], b[:, None]).solution[:, 0]
+            if bool((trial[passive] > 0).all()):
+                break
+            blocked = passive & (trial <= 0)
+            step = float((x[blocked] / (x[blocked] - trial[blocked])).min())
+            x = x + step * (trial - x)
+            passive &= x > tol * float(x.abs().max() + 1e-300)
+            x[~passive] = 0.0
+        x = trial
+    return x
+
+
+def fit_cost_model(
+    samples: Sequence[tuple[Sequence[float], float]], base: CostModel
+) -> tuple[CostModel, dict[str, Any]]:
+    """The per-unit costs that best predict measured times, by non-negative least squares on relative errors.
+
+    Args:
+        samples: ``(features, seconds)`` pairs: the :func:`cost_features` of a prediction and the time measured
+            for what it predicts.
+        base: the model whose thread scaling, margin and chunking are kept, and whose costs stay where no sample
+            has any of that work.
+
+    Returns:
+        ``(model, report)``; the report names the costs the samples determined (``fitted``) and left to ``base``
+        (``kept``), and the median / maximum relative error of ``base`` and of the fitted model on the samples.
+
+    Raises:
+        ValueError: for no samples, non-positive times or feature vectors of the wrong length.
+    """
+    if not samples:
+        raise ValueError("fit_cost_model needs at least one (features, seconds) sample")
+    if any(len(f) != len(UNIT_NAMES) for f, _ in samples):
+        raise ValueError(f"every feature vector must have {len(UNIT_NAMES)} entries")
+    times = torch.tensor([t for _, t in samples], dtype=torch.float64)
+    if not bool((times > 0).all()):
+        raise ValueError("measured seconds must be > 0")
+    features = torch.tensor([list(f) for f, _ in samples], dtype=torch.float64)
+    used = features.abs().sum(0) > 0
+    units = torch.tensor(model_units(base), dtype=torch.float64)
+    weighted = features[:, used] / times[:, None]  # rows in units of their own time: relative errors
+    norms = weighted.norm(dim=0)
+    solution = nnls(weighted / norms, torch.ones_like(times)) / norms
+    fitted = units.clone()
+    fitted[used] = solution
+    model = model_with_units(base, fitted.tolist())
+
+    def errors(u: torch.Tensor) -> dict[str, float]:
+        relative = ((features @ u) / times - 1.0).abs()
+        return {"median": float(relative.median()), "max": float(relative.max())}
+
+    report = {
+        "samples": len(samples),
+        "fitted": [n for n, u in zip(UNIT_NAMES, used.tolist(), strict=True) if u],
+        "kept": [n for n, u in zip(UNIT_NAMES, used.tolist(), strict=True) if not u],
+        "relative_error_base": errors(units),
+        "relative_error_fitted": errors(fitted),
+    }
+    return model, report

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..functional.costs import CostModel, cost_model_for
+from ..functional.costs import CostModel, cost_model_for, costs_version
 
 __all__ = ["EvalCache", "cache_nbytes", "clear_caches", "csr_linear", "grad_needed", "resolve_mode", "use_cache"]
 
@@ -181,17 +181,20 @@ def clear_caches(model: nn.Module) -> None:
             m.__dict__["_mask_cache"].clear()
 
 
+DeviceKey = tuple[str, int, int, int]  # see device_key
 _threads = [1]  # the intra-op thread count last seen outside torch.compile (which cannot trace the query)
 
 
-def device_key(param: torch.Tensor) -> tuple[str, int, int]:
-    """``(device type, element size, threads)`` of a computation on ``param``'s device and dtype: what the cost
-    model needs, as plain values (so that decisions can be made while ``torch.compile`` traces)."""
+def device_key(param: torch.Tensor) -> DeviceKey:
+    """``(device type, element size, threads, cost model version)`` of a computation on ``param``'s device and
+    dtype: what the cost model needs, as plain values (so that decisions can be made while ``torch.compile``
+    traces); the version (:func:`~compressed_transformer.functional.costs.costs_version`) makes cached decisions
+    expire when another cost model is installed."""
     if param.device.type == "cuda":
-        return "cuda", param.element_size(), 1
+        return "cuda", param.element_size(), 1, costs_version()
     if not torch.compiler.is_compiling():
         _threads[0] = torch.get_num_threads()
-    return param.device.type, param.element_size(), _threads[0]
+    return param.device.type, param.element_size(), _threads[0], costs_version()
 
 
 # torch.sparse CSR products run on these dtypes on every backend we use.
@@ -243,7 +246,7 @@ def csr_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
 
 @functools.lru_cache(maxsize=4096)
 def _low_rank_is_faster(
-    device: tuple[str, int, int],
+    device: DeviceKey,
     tokens: int,
     in_features: int,
     out_features: int,
@@ -261,7 +264,7 @@ def _low_rank_is_faster(
         cached: ``W`` comes from the eval cache (no rebuild cost on the dense path).
         (Building ``left`` / ``right``, e.g. Tucker's Kronecker products, costs both paths the same.)
     """
-    device_type, element_size, threads = device
+    device_type, element_size, threads, _ = device
     costs = cost_model_for(device_type)
     steps = [(tokens, rank, in_features, 1), (tokens, out_features, rank, 1)]
     factorized = costs.steps_seconds(steps, train=train, threads=threads)
@@ -294,7 +297,7 @@ def _low_rank_table(device, in_features, out_features, rank, train, cached) -> t
 
 
 def low_rank_is_faster(
-    device: tuple[str, int, int],
+    device: DeviceKey,
     tokens: int,
     in_features: int,
     out_features: int,
@@ -310,10 +313,10 @@ def low_rank_is_faster(
 
 
 @functools.lru_cache(maxsize=4096)
-def sparse_is_faster(device: tuple[str, int, int], tokens: int, in_features: int, out_features: int, nnz: int) -> bool:
+def sparse_is_faster(device: DeviceKey, tokens: int, in_features: int, out_features: int, nnz: int) -> bool:
     """Whether :func:`csr_linear` with ``nnz`` stored weights is predicted faster than one dense GEMM (eval mode,
     dense weight cached)."""
-    device_type, element_size, threads = device
+    device_type, element_size, threads, _ = device
     costs = cost_model_for(device_type)
     weights = in_features * out_features
     dense = costs.gemm_seconds(tokens * weights, weight_bytes=weights * element_size, train=False, threads=threads)
@@ -467,16 +470,29 @@ def masked_csr_linear(
 
 
 @functools.lru_cache(maxsize=4096)
-def sparse_train_is_faster(
-    device: tuple[str, int, int], tokens: int, in_features: int, out_features: int, nnz: int
-) -> bool:
+def sparse_train_is_faster(device: DeviceKey, tokens: int, in_features: int, out_features: int, nnz: int) -> bool:
     """Whether :func:`masked_csr_linear` forward+backward is predicted faster than the dense masked product's."""
-    device_type, element_size, threads = device
+    device_type, element_size, threads, _ = device
     costs = cost_model_for(device_type)
+    dense = masked_dense_train_seconds(costs, threads, tokens, in_features, out_features, element_size)
+    sparse = masked_csr_train_seconds(costs, threads, nnz, tokens, in_features, out_features, element_size)
+    return costs.prefers(sparse, dense)
+
+
+def masked_dense_train_seconds(
+    costs: CostModel, threads: int, tokens: int, in_features: int, out_features: int, element_size: int
+) -> float:
+    """Predicted seconds of ``F.linear(x, weight * mask, bias)`` forward and backward."""
     weights = in_features * out_features
     wbytes = weights * element_size
-    dense = costs.gemm_seconds(tokens * weights, weight_bytes=wbytes, train=True, threads=threads)
-    dense += costs.copy_seconds(wbytes, train=True, threads=threads)  # the mask product and its backward
+    gemm = costs.gemm_seconds(tokens * weights, weight_bytes=wbytes, train=True, threads=threads)
+    return gemm + costs.copy_seconds(wbytes, train=True, threads=threads)  # the mask product and its backward
+
+
+def masked_csr_train_seconds(
+    costs: CostModel, threads: int, nnz: int, tokens: int, in_features: int, out_features: int, element_size: int
+) -> float:
+    """Predicted seconds of :func:`masked_csr_linear` forward and backward (three CSR products and the
+    zero-filled weight gradient)."""
     sparse = 3 * csr_seconds(costs, threads, nnz, tokens, max(in_features, out_features), element_size)
-    sparse += costs.copy_seconds(wbytes, train=False, threads=threads)  # the zero-filled weight gradient
-    return costs.prefers(sparse, dense)
+    return sparse + costs.copy_seconds(in_features * out_features * element_size, train=False, threads=threads)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..functional.costs import CostModel, cost_model_for
+from ..functional.costs import CostModel, cost_model_for, costs_version
 from ..functional.tt import (
     TTPlan,
     resolve_tt_ranks,
@@ -27,6 +27,7 @@ from ..functional.tt import (
 from ._common import check_features, check_linear, copy_bias, product_init_std, reset_bias, resolve_modes
 from ._fast import (
     TOKEN_BUCKETS,
+    DeviceKey,
     device_key,
     grad_needed,
     layer_cache,
@@ -50,10 +51,10 @@ def _tt_best(
     tokens: int,
     train: bool,
     cached: bool,
-    device: tuple[str, int, int],
+    device: DeviceKey,
 ) -> tuple[TTPlan, float]:
     """The cheapest factorised plan (:func:`tt_matrix_plan`) and its predicted seconds."""
-    device_type, element_size, threads = device
+    device_type, element_size, threads, _ = device
     return tt_matrix_plan(
         out_modes,
         in_modes,
@@ -93,10 +94,10 @@ def _tt_choice(
     tokens: int,
     train: bool,
     cached: bool,
-    device: tuple[str, int, int],
+    device: DeviceKey,
 ) -> TTPlan | None:
     """The plan of the forward, or ``None`` when one GEMM with the rebuilt (or cached) ``W`` is predicted faster."""
-    device_type, element_size, threads = device
+    device_type, element_size, threads, _ = device
     costs = cost_model_for(device_type)
     plan, factorized = _tt_best(out_modes, in_modes, ranks, tokens, train, cached, device)
     weights = math.prod(out_modes) * math.prod(in_modes)
@@ -272,7 +273,7 @@ class TTLinear(nn.Module):
             use, groups, direction = pick(_tt_table(*modes, train, cached, device_key(first)), tokens)
             best = TTPlan(groups, direction)
             return (best if use else None), best, tt_plan_shapes(*modes, groups)
-        key = (tokens, train, cached, first.dtype, first.device, torch.get_num_threads())
+        key = (tokens, train, cached, first.dtype, first.device, torch.get_num_threads(), costs_version())
         table = memo(self)
         hit = table.get(key)
         if hit is None:

@@ -1,0 +1,563 @@
+"""``compressed-transformer calibrate``: fit the cost model that picks each compressed layer's path, on this machine.
+
+Every compressed layer chooses how to compute ``x @ W.T`` (which TT contraction order, factorised or one GEMM
+with the rebuilt weight, CSR or dense) by predicted time: :mod:`compressed_transformer.functional.costs`. Its
+built-in CPU constants were fitted on one machine, its CUDA constants are guesses. This command times the same
+kinds of work here (``nn.Linear``'s GEMM, the weight transposes of a rebuild, every TT contraction order of TT
+layers at several ranks and token counts, two-GEMM low-rank products, CSR products, the masked products of
+pruned training; forward without autograd and forward+backward), fits every constant at once by non-negative
+least squares on relative errors (:func:`~compressed_transformer.functional.costs.fit_cost_model`), and reports
+how well the built-in and the fitted model pick the fastest measured TT path of each case.
+
+Outputs in ``--out``: ``costs.json`` (the fitted model with the machine, the fit's errors, the decisions check
+and every sample) and ``calibrate.md``. Use the model with ``export COMPRESSED_TRANSFORMER_COSTS=OUT/costs.json``
+(read at the first decision) or ``set_cost_model(device_type, load_cost_models(path)[device_type])``; ``bench
+--costs OUT/costs.json`` benchmarks with it. Runnable as ``compressed-transformer calibrate`` or ``python -m
+compressed_transformer.calibrate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .bench import CLOCKS, _ints, _shapes, command_line, machine_description, median, resolve_clock, time_interleaved
+from .functional.costs import (
+    COSTS_ENV_VAR,
+    UNIT_NAMES,
+    CostModel,
+    cost_features,
+    cost_model_for,
+    fit_cost_model,
+    model_units,
+    save_cost_models,
+)
+from .functional.sparsity import magnitude_mask, magnitude_threshold
+from .functional.tt import (
+    TTPlan,
+    tt_apply_matrices,
+    tt_matrix_rebuild,
+    tt_plan_candidates,
+    tt_plan_chunk,
+    tt_plan_matrices,
+    tt_plan_seconds,
+    tt_plan_shapes,
+)
+from .layers import TTLinear
+from .layers._fast import (
+    csr_linear,
+    csr_pattern,
+    csr_seconds,
+    masked_csr_linear,
+    masked_csr_train_seconds,
+    masked_dense_train_seconds,
+    sparse_supported,
+    to_csr,
+)
+from .layers.tt import _rebuild_seconds
+from .provenance import git_revision
+
+__all__ = ["CalibrateConfig", "main", "register", "run_calibration"]
+
+FULL_SHAPES = ((512, 2048), (2048, 512), (256, 1024), (1024, 256))
+FULL_TOKENS = (1, 32, 256)
+QUICK_SHAPES = ((256, 1024),)
+QUICK_TOKENS = (1, 32)
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    """What ``compressed-transformer calibrate`` times.
+
+    Args:
+        shapes: ``(in_features, out_features)`` of the layers.
+        tokens: token counts.
+        tt_ranks: uniform TT ranks of the TT layers (every contraction order of each is timed).
+        sparsities: sparsities of the CSR samples (CPU / float32 and float64 only).
+        low_rank_ratio: the low-rank samples' rank stores ``1 / low_rank_ratio`` of the weight.
+        max_slowdown: TT orders the current model predicts this many times slower than its best are not timed
+            (they would take long and never be chosen).
+        repeats: timed repetitions per sample (the median is used).
+        budget_s: rough seconds per group of samples timed together.
+        device: ``cpu``, ``cuda`` or ``auto``.
+        dtype: ``float32``, ``bfloat16``, ``float64`` or ``auto`` (bf16 on CUDA).
+        clock: as ``bench --clock``.
+        seed: random seed.
+        out: output folder.
+    """
+
+    shapes: tuple[tuple[int, int], ...] = FULL_SHAPES
+    tokens: tuple[int, ...] = FULL_TOKENS
+    tt_ranks: tuple[int, ...] = (2, 4, 8)
+    sparsities: tuple[float, ...] = (0.9, 0.98)
+    low_rank_ratio: float = 8.0
+    max_slowdown: float = 20.0
+    repeats: int = 7
+    budget_s: float = 0.2
+    device: str = "auto"
+    dtype: str = "auto"
+    clock: str = "auto"
+    seed: int = 0
+    out: str = "runs/calibrate"
+
+    def __post_init__(self) -> None:
+        if not self.shapes or any(len(s) != 2 or min(s) < 1 for s in self.shapes):
+            raise ValueError(f"shapes must be (in_features, out_features) pairs of positive ints, got {self.shapes}")
+        if not self.tokens or min(self.tokens) < 1:
+            raise ValueError(f"token counts must be >= 1, got {self.tokens}")
+        if not self.tt_ranks or min(self.tt_ranks) < 1:
+            raise ValueError(f"tt_ranks must be >= 1, got {self.tt_ranks}")
+        if any(not 0.0 < s < 1.0 for s in self.sparsities):
+            raise ValueError(f"sparsities must lie in (0, 1), got {self.sparsities}")
+        if self.low_rank_ratio < 1 or self.max_slowdown < 1:
+            raise ValueError("low_rank_ratio and max_slowdown must be >= 1")
+        if self.repeats < 1 or not self.budget_s > 0:
+            raise ValueError(f"repeats must be >= 1 and budget_s > 0, got {self.repeats} and {self.budget_s}")
+
+
+def quick_config(**changes: Any) -> CalibrateConfig:
+    """The reduced grid of ``--quick`` (seconds; a smoke test, too few samples for a trustworthy fit)."""
+    base = CalibrateConfig(
+        shapes=QUICK_SHAPES, tokens=QUICK_TOKENS, tt_ranks=(2,), sparsities=(0.9,), repeats=3, budget_s=0.02
+    )
+    return replace(base, **changes)
+
+
+@dataclass
+class Sample:
+    """One timed piece of work and the prediction of its time (a function of the cost model)."""
+
+    kind: str
+    shape: tuple[int, int]
+    tokens: int
+    train: bool
+    run: Callable[[], Any]
+    predict: Callable[[CostModel], float]
+    detail: str = ""
+    group: str = ""  # samples of one group are alternatives for one layer and token count (decisions check)
+    seconds: float = math.nan
+
+
+def _resolve(config: CalibrateConfig) -> tuple[torch.device, torch.dtype]:
+    name = config.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but torch.cuda.is_available() is False; use --device cpu")
+    device = torch.device(name)
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+    dtype_name = config.dtype if config.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    if dtype_name not in dtypes:
+        raise ValueError(f"--dtype must be one of auto, {', '.join(dtypes)}; got {config.dtype!r}")
+    return device, dtypes[dtype_name]
+
+
+def _timed(fn: Callable[[], torch.Tensor], train: bool, grad: torch.Tensor, leaves: list[torch.Tensor]):
+    """What one timed call runs: ``fn`` without autograd, or ``fn`` and its backward (gradients reset first, as
+    a training step with ``zero_grad(set_to_none=True)`` has them)."""
+    if not train:
+
+        def forward() -> None:
+            with torch.no_grad():
+                fn()
+
+        return forward
+
+    def step() -> None:
+        for leaf in leaves:
+            leaf.grad = None
+        fn().backward(grad)
+
+    return step
+
+
+def _leaf(t: torch.Tensor, train: bool) -> torch.Tensor:
+    return t.detach().clone().requires_grad_(train)
+
+
+def _samples(config: CalibrateConfig, device: torch.device, dtype: torch.dtype, threads: int) -> list[list[Sample]]:
+    """The work to time, in groups timed together (interleaved)."""
+    groups: list[list[Sample]] = []
+    for n_in, n_out in config.shapes:
+        groups += _shape_samples(config, n_in, n_out, device, dtype, threads)
+    return groups
+
+
+def _shape_samples(
+    config: CalibrateConfig, n_in: int, n_out: int, device: torch.device, dtype: torch.dtype, threads: int
+) -> list[list[Sample]]:
+    """The samples of one layer shape."""
+    es = torch.empty((), dtype=dtype).element_size()
+    current = cost_model_for(device.type)
+    kw = {"device": device, "dtype": dtype}
+    groups: list[list[Sample]] = []
+    shape, weights = (n_in, n_out), n_in * n_out
+    weight = torch.randn(n_out, n_in, **kw) / math.sqrt(n_in)
+    rank = max(1, int(weights / (config.low_rank_ratio * (n_in + n_out))))
+    right, left = torch.randn(rank, n_in, **kw) / math.sqrt(n_in), torch.randn(n_out, rank, **kw) / math.sqrt(rank)
+    tts = [TTLinear(n_in, n_out, ranks=r, **kw) for r in config.tt_ranks]
+    masks = []
+    if sparse_supported(weight):
+        masks = [(s, magnitude_mask(weight, magnitude_threshold(weight, s))) for s in config.sparsities]
+    for train in (False, True):
+        w, b = _leaf(weight, train), _leaf(torch.zeros(n_out, **kw), train)
+        r_, l_ = _leaf(right, train), _leaf(left, train)
+        ones = torch.ones(n_in, n_out, **kw)
+        copy = Sample(
+            "copy",
+            shape,
+            0,
+            train,
+            _timed(lambda w=w: w.t().contiguous(), train, ones, [w]),
+            lambda m, train=train: m.copy_seconds(weights * es, train=train, threads=threads),
+            "weight transpose",
+        )
+        groups.append([copy])
+        for tokens in config.tokens:
+            x = _leaf(torch.randn(tokens, n_in, **kw), train)
+            g = torch.randn(tokens, n_out, **kw)
+            dense = Sample(
+                "dense",
+                shape,
+                tokens,
+                train,
+                _timed(lambda x=x, w=w, b=b: F.linear(x, w, b), train, g, [x, w, b]),
+                lambda m, t=tokens, train=train: m.gemm_seconds(
+                    t * weights, weight_bytes=weights * es, train=train, threads=threads
+                ),
+                "nn.Linear",
+            )
+            low_rank = Sample(
+                "low-rank",
+                shape,
+                tokens,
+                train,
+                _timed(lambda x=x, r_=r_, l_=l_, b=b: F.linear(F.linear(x, r_), l_, b), train, g, [x, r_, l_, b]),
+                lambda m, t=tokens, train=train: m.steps_seconds(
+                    [(t, rank, n_in, 1), (t, n_out, rank, 1)], train=train, threads=threads
+                ),
+                f"rank {rank}",
+            )
+            groups.append([dense, low_rank])
+            for tt in tts:
+                groups.append(_tt_samples(tt, x, g, train, tokens, current, es, threads, config.max_slowdown))
+            for sparsity, mask in masks:
+                nnz, label = int(mask.sum()), f"sparsity {sparsity}"
+                if not train:
+                    matrix = to_csr(weight * mask)
+                    run = _timed(lambda x=x, mx=matrix, b=b: csr_linear(x, mx, b), False, g, [])
+                    predict = lambda m, t=tokens, nnz=nnz: csr_seconds(m, threads, nnz, t, n_out, es)  # noqa: E731
+                    groups.append([Sample("csr", shape, tokens, False, run, predict, label)])
+                    continue
+                pattern, dense_mask = csr_pattern(mask), mask.to(dtype)
+                csr_run = _timed(
+                    lambda x=x, w=w, b=b, p=pattern, dm=dense_mask: masked_csr_linear(x, w, b, p, lambda: dm),
+                    True,
+                    g,
+                    [x, w, b],
+                )
+                dense_run = _timed(lambda x=x, w=w, b=b, dm=dense_mask: F.linear(x, w * dm, b), True, g, [x, w, b])
+                groups.append(
+                    [
+                        Sample(
+                            "masked-csr",
+                            shape,
+                            tokens,
+                            True,
+                            csr_run,
+                            lambda m, t=tokens, nnz=nnz: masked_csr_train_seconds(m, threads, nnz, t, n_in, n_out, es),
+                            label,
+                        ),
+                        Sample(
+                            "masked-dense",
+                            shape,
+                            tokens,
+                            True,
+                            dense_run,
+                            lambda m, t=tokens: masked_dense_train_seconds(m, threads, t, n_in, n_out, es),
+                            label,
+                        ),
+                    ]
+                )
+    return groups
+
+
+def _tt_samples(
+    tt: TTLinear,
+    x: torch.Tensor,
+    g: torch.Tensor,
+    train: bool,
+    tokens: int,
+    current: CostModel,
+    es: int,
+    threads: int,
+    max_slowdown: float,
+) -> list[Sample]:
+    """Every TT contraction order the current model does not rule out (predicted within ``max_slowdown`` of its
+    best), and the dense path (training: rebuild ``W`` and one GEMM; inference: one GEMM with the cached ``W``),
+    as the layer runs them."""
+    modes = (tuple(tt.out_modes), tuple(tt.in_modes), tuple(tt.ranks))
+    cores = [_leaf(c, train) for c in tt.cores]
+    bias = _leaf(tt.bias, train)
+    leaves = [x, *cores, bias]
+    shape = (tt.in_features, tt.out_features)
+    label = f"tt ranks {'-'.join(map(str, tt.ranks))}"
+    group = f"{label} {shape[0]}x{shape[1]} tokens {tokens} {'train' if train else 'forward'}"
+
+    def predicted(plan: TTPlan, m: CostModel) -> float:
+        kw = {"train": train, "threads": threads, "costs": m, "element_size": es, "cached_factors": not train}
+        return tt_plan_seconds(*modes, plan, tokens, **kw)[0]
+
+    plans = tt_plan_candidates(len(cores))
+    estimates = [predicted(plan, current) for plan in plans]
+    samples = []
+    for plan, estimate in zip(plans, estimates, strict=True):
+        if estimate > max_slowdown * min(estimates):
+            continue
+        chunk = tt_plan_chunk(*modes, plan, tokens, chunk_bytes=current.chunk_bytes, element_size=es)
+        run_plan, shapes = TTPlan(plan.groups, plan.direction, chunk), tt_plan_shapes(*modes, plan.groups)
+        if train:
+            fn = lambda p=run_plan, sh=shapes: tt_apply_matrices(x, tt_plan_matrices(cores, p), sh, p, bias)  # noqa: E731
+        else:
+            with torch.no_grad():
+                matrices = tt_plan_matrices(cores, run_plan)
+            fn = lambda p=run_plan, sh=shapes, mx=matrices: tt_apply_matrices(x, mx, sh, p, bias)  # noqa: E731
+        detail = f"{label}: {plan.direction}({','.join(map(str, plan.groups))})"
+        predict = lambda m, plan=plan: predicted(plan, m)  # noqa: E731
+        samples.append(Sample("tt", shape, tokens, train, _timed(fn, train, g, leaves), predict, detail, group))
+    weights = shape[0] * shape[1]
+
+    def dense(m: CostModel) -> float:
+        gemm = m.gemm_seconds(tokens * weights, weight_bytes=weights * es, train=train, threads=threads)
+        return gemm + (_rebuild_seconds(*modes, m, train, threads, es) if train else 0.0)
+
+    if train:
+        fn = lambda: F.linear(x, tt_matrix_rebuild(cores), bias)  # noqa: E731
+    else:
+        with torch.no_grad():
+            cached = tt_matrix_rebuild(cores)
+        fn = lambda: F.linear(x, cached, bias)  # noqa: E731
+    detail = f"{label}: {'rebuilt' if train else 'cached'} W, one GEMM"
+    samples.append(Sample("tt-dense", shape, tokens, train, _timed(fn, train, g, leaves), dense, detail, group))
+    return samples
+
+
+# --- timing, fit, decisions -----------------------------------------------------------------------------------------
+
+
+def _measure(groups: list[list[Sample]], config: CalibrateConfig, device: torch.device, clock: str) -> None:
+    for group in groups:
+        fns = {str(i): s.run for i, s in enumerate(group)}
+        times = time_interleaved(fns, device, config.repeats, config.budget_s, clock=CLOCKS[clock])
+        for i, s in enumerate(group):
+            s.seconds = median(times[str(i)])
+
+
+def _decisions(samples: list[Sample], model: CostModel) -> dict[str, Any]:
+    """How well ``model`` picks among the timed alternatives of each TT case (every contraction order and the
+    dense path): the measured time of its pick over the fastest measured alternative (1 = the fastest)."""
+    cases: dict[str, list[Sample]] = {}
+    for s in samples:
+        if s.group:
+            cases.setdefault(s.group, []).append(s)
+    slowdowns, missed = [], []
+    for name, options in cases.items():
+        fastest = min(s.seconds for s in options)
+        factorised = [s for s in options if s.kind == "tt"]
+        dense = next(s for s in options if s.kind == "tt-dense")
+        pick = min(factorised, key=lambda s: s.predict(model)) if factorised else dense
+        # the layers' rule: leave the dense path only when the margin and the minimum saving allow it
+        if not factorised or not model.prefers(pick.predict(model), dense.predict(model)):
+            pick = dense
+        slowdowns.append(pick.seconds / fastest)
+        if slowdowns[-1] > 1.1:
+            missed.append({"case": name, "picked": pick.detail, "slowdown": round(slowdowns[-1], 3)})
+    if not slowdowns:
+        return {"cases": 0}
+    ordered = sorted(slowdowns)
+    return {
+        "cases": len(ordered),
+        "fastest_picked": sum(v <= 1.0 + 1e-9 for v in ordered),
+        "within_10_percent": sum(v <= 1.1 for v in ordered),
+        "median_slowdown": ordered[len(ordered) // 2],
+        "worst_slowdown": ordered[-1],
+        "geomean_slowdown": math.exp(sum(math.log(v) for v in ordered) / len(ordered)),
+        "missed": missed,
+    }
+
+
+def run_calibration(config: CalibrateConfig, argv: list[str] | None = None) -> dict[str, Any]:
+    """Time the work, fit the model, check its decisions; write ``costs.json`` and ``calibrate.md`` into
+    ``config.out``.
+
+    Returns:
+        what ``costs.json`` holds, with the fitted :class:`CostModel` under ``"model"``.
+    """
+    device, dtype = _resolve(config)
+    clock = resolve_clock(config, device)
+    torch.manual_seed(config.seed)
+    threads = 1 if device.type == "cuda" else torch.get_num_threads()
+    start = time.perf_counter()
+    groups = _samples(config, device, dtype, threads)
+    _measure(groups, config, device, clock)
+    samples = [s for group in groups for s in group]
+    base = cost_model_for(device.type)
+    fitted, report = fit_cost_model([(cost_features(s.predict, base), s.seconds) for s in samples], base)
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    argv = sys.argv if argv is None else argv
+    meta = {
+        "device_type": kind,
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": threads,
+        "clock": clock,
+        "command": command_line(argv, "calibrate"),
+        "config": asdict(config),
+        "machine": machine_description(device),
+        "git_revision": git_revision(),
+        "seconds": time.perf_counter() - start,
+        "fit": report,
+        "decisions": {"before": _decisions(samples, base), "fitted": _decisions(samples, fitted)},
+        "units_before": model_units(base),
+        "samples": [
+            {
+                "kind": s.kind,
+                "shape": list(s.shape),
+                "tokens": s.tokens,
+                "pass": "train" if s.train else "forward",
+                "detail": s.detail,
+                "seconds": s.seconds,
+                "predicted_before": s.predict(base),
+                "predicted_fitted": s.predict(fitted),
+            }
+            for s in samples
+        ],
+    }
+    out = Path(config.out)
+    save_cost_models(out / "costs.json", {kind: fitted}, **meta)
+    result = {**json.loads((out / "costs.json").read_text()), "model": fitted}
+    (out / "calibrate.md").write_text(markdown(result) + "\n")
+    return result
+
+
+# --- report and command line ----------------------------------------------------------------------------------------
+
+
+def _fmt(value: float) -> str:
+    return "unbounded" if math.isinf(value) else f"{value:.3g}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The summary ``calibrate.md`` holds: the fitted constants beside the ones used before, the fit's errors and
+    the decisions check."""
+    model: CostModel = result["model"]
+    before = dict(zip(UNIT_NAMES, result["units_before"], strict=True))
+    fit, decisions = result["fit"], result["decisions"]
+    lines = [
+        f"# Cost model calibration ({result['device_type']}, {result['dtype']}, {result['threads']} thread(s))",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Machine: {result['machine'].get('gpu') or result['machine'].get('cpu')}; git {result['git_revision']}; "
+        f"{len(result['samples'])} samples in {result['seconds']:.0f} s ({result['clock']} clock)",
+        "",
+        "| constant | before | fitted |",
+        "|---|---:|---:|",
+    ]
+    for name in UNIT_NAMES:
+        pass_name, field_name = name.split(".")
+        value = getattr(getattr(model, pass_name), field_name)
+        old = before[name]
+        old_value = (math.inf if old == 0 else 1 / old) if field_name.endswith("_per_s") else old
+        kept = " (kept: no sample has this work)" if name in fit["kept"] else ""
+        lines.append(f"| {name} | {_fmt(old_value)} | {_fmt(value)}{kept} |")
+    lines += [
+        "",
+        "| relative error on the samples | median | max |",
+        "|---|---:|---:|",
+        *(
+            f"| {label} | {fit[key]['median']:.3f} | {fit[key]['max']:.3f} |"
+            for label, key in (("before", "relative_error_base"), ("fitted", "relative_error_fitted"))
+        ),
+        "",
+        "TT path decisions (every contraction order within the slowdown bound, and the dense path, timed per case):",
+        "",
+        "| model | cases | fastest picked | within 10 % | median slowdown | worst slowdown |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label in ("before", "fitted"):
+        d = decisions[label]
+        if d.get("cases"):
+            lines.append(
+                f"| {label} | {d['cases']} | {d['fastest_picked']} | {d['within_10_percent']} | "
+                f"{d['median_slowdown']:.3f} | {d['worst_slowdown']:.3f} |"
+            )
+    lines += [
+        "",
+        f"Use it: `export {COSTS_ENV_VAR}={Path(result['config']['out']) / 'costs.json'}` (or `bench --costs ...`).",
+    ]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = CalibrateConfig()
+    parser.add_argument("--quick", action="store_true", help="tiny grid in seconds (a smoke test, not a real fit)")
+    parser.add_argument("--out", default=defaults.out, help="output folder (costs.json, calibrate.md)")
+    parser.add_argument("--shapes", type=_shapes, help="comma-separated INxOUT (default 512x2048,2048x512,...)")
+    parser.add_argument("--tokens", type=_ints, help="comma-separated token counts (default 1,32,256)")
+    parser.add_argument("--tt-ranks", type=_ints, help="comma-separated uniform TT ranks (default 2,4,8)")
+    parser.add_argument("--repeats", type=int, help="timed repetitions per sample (median used)")
+    parser.add_argument("--device", default=defaults.device, help="cpu, cuda or auto")
+    parser.add_argument("--dtype", default=defaults.dtype, help="float32, bfloat16, float64 or auto (bf16 on CUDA)")
+    parser.add_argument(
+        "--clock", default=defaults.clock, help="wall, cpu (thread CPU time; CPU with --threads 1 only) or auto"
+    )
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads before measuring")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+
+
+def config_from_args(args: argparse.Namespace) -> CalibrateConfig:
+    base = quick_config() if args.quick else CalibrateConfig()
+    changes: dict[str, Any] = {"out": args.out, "device": args.device, "dtype": args.dtype, "clock": args.clock}
+    changes["seed"] = args.seed
+    for key in ("shapes", "tokens", "tt_ranks", "repeats"):
+        if getattr(args, key) is not None:
+            changes[key] = getattr(args, key)
+    return replace(base, **changes)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``calibrate`` from parsed arguments; prints the summary and where the model went."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_calibration(config_from_args(args))
+    print(markdown(result))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``calibrate`` subcommand."""
+    parser = subparsers.add_parser(
+        "calibrate",
+        help="time the work behind each compressed layer's path choice here and fit the cost model to it",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=main)
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(
+        prog="python -m compressed_transformer.calibrate", description=__doc__.split("\n\n")[0]
+    )
+    add_arguments(_parser)
+    sys.exit(main(_parser.parse_args()))
