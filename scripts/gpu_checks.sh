@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Everything this project checks on a CUDA machine, in one go (about 3 minutes on one H200):
+# Everything this project checks on a CUDA machine, in one go (a few minutes on one H200):
 #   1. the CUDA tests (every fast path in f32/bf16 against float64, autocast, inductor, beam search);
 #   2. the benchmark, eager, whole grid with the Transformer rows;
 #   3. the benchmark's compiled subset (inductor) at the FFN shapes;
 #   4. the whole-Transformer step compiled with CUDA graphs (reduce-overhead) at 128x32 tokens per step;
-#   5. profiles (scripts/profile_layer.py) of a TT and a Tucker training pass at 512->2048, 4096 tokens, next to dense.
+#   5. profiles (scripts/profile_layer.py) of a TT and a Tucker training pass at 512->2048, 4096 tokens, next to dense;
+#   6. the CUDA cost model calibrated on this GPU (the built-in CUDA constants are guesses), and the eager layer grid
+#      benchmarked again with it (compare bench-cuda-calibrated/ with bench-cuda/).
 #
 #   scripts/gpu_checks.sh OUT_DIR
-#   (writes OUT_DIR/{tests.log,bench-cuda/,bench-cuda-compiled/,bench-cuda-graphs/,profile/})
+#   (writes OUT_DIR/{tests.log,bench-cuda/,bench-cuda-compiled/,bench-cuda-graphs/,profile/,calibrate-cuda/,
+#    bench-cuda-calibrated/})
 #
 # Run from the repository root with the package importable (pip install -e ., or PYTHONPATH=src).
 set -uo pipefail
@@ -36,4 +39,11 @@ for layer in tt-r2 tucker-r2; do
         --out "$out/profile" >"$out/profile-$layer.log" 2>&1 || status=1
     grep "^## " "$out/profile-$layer.log"
 done
+timeout 600 "$python" -m compressed_transformer calibrate --out "$out/calibrate-cuda" >"$out/calibrate-cuda.log" 2>&1 ||
+    status=1
+tail -12 "$out/calibrate-cuda.log"
+timeout 600 "$python" -m compressed_transformer bench --compile off --no-transformer \
+    --costs "$out/calibrate-cuda/costs.json" --out "$out/bench-cuda-calibrated" >"$out/bench-cuda-calibrated.log" 2>&1 ||
+    status=1
+tail -12 "$out/bench-cuda-calibrated.log"
 exit $status
