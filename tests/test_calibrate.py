@@ -239,19 +239,24 @@ def test_calibrate_command_writes_a_model_bench_can_use(tmp_path: Path, capsys: 
     out = tmp_path / "cal"
     argv = ["calibrate", "--quick", "--out", str(out), "--threads", "1", "--tokens", "1,8"]
     assert cli.main(argv) == 0
-    assert "TT path decisions" in capsys.readouterr().out
+    assert "Decisions (each layer" in capsys.readouterr().out
     result = json.loads((out / "costs.json").read_text())
     model = load_cost_models(out / "costs.json")["cpu"]
     kinds = {s["kind"] for s in result["samples"]}
-    assert {"copy", "dense", "low-rank", "tt", "tt-dense", "csr", "masked-csr", "masked-dense"} <= kinds
+    expected_kinds = {"copy", "dense", "low-rank", "low-rank-dense", "tt", "tt-dense", "csr", "masked-csr"}
+    assert expected_kinds | {"masked-dense"} == kinds
     assert all(s["seconds"] > 0 for s in result["samples"])
-    assert result["decisions"]["fitted"]["cases"] == 2 * 2  # one TT rank, two token counts, two passes
+    # per pass and token count: the low-rank, the TT (one rank) and the sparse (one sparsity) decision
+    decisions = result["decisions"]
+    assert decisions["before"]["cases"] == decisions["written"]["cases"] == 2 * 2 * 3
+    # the written model decides the measured cases at least as well as the model in use and the time fit
+    for other in ("before", "fitted"):
+        assert decisions["written"]["geomean_slowdown"] <= decisions[other]["geomean_slowdown"] + 1e-12
     assert result["fit"]["samples"] == len(result["samples"]) and (out / "calibrate.md").is_file()
-    # the stored predictions are the fitted model's (the file holds what was fitted)
-    sample = next(s for s in result["samples"] if s["kind"] == "dense" and s["pass"] == "train")
+    # the stored predictions are the written model's
+    sample = next(s for s in result["samples"] if s["kind"] == "dense" and s["pass"] == "train" and s["tokens"] == 8)
     expected = model.gemm_seconds(8 * 256 * 1024, weight_bytes=4 * 256 * 1024, train=True, threads=1)
-    if sample["tokens"] == 8:
-        assert sample["predicted_fitted"] == pytest.approx(expected)
+    assert sample["predicted_written"] == pytest.approx(expected)
     assert cost_model_for("cpu") is CPU_COSTS  # calibrating installs nothing
 
     config = BenchConfig(

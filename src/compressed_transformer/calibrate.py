@@ -23,7 +23,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from .functional.costs import (
     cost_model_for,
     fit_cost_model,
     model_units,
+    model_with_units,
     save_cost_models,
 )
 from .functional.sparsity import magnitude_mask, magnitude_threshold
@@ -144,8 +145,24 @@ class Sample:
     run: Callable[[], Any]
     predict: Callable[[CostModel], float]
     detail: str = ""
-    group: str = ""  # samples of one group are alternatives for one layer and token count (decisions check)
     seconds: float = math.nan
+
+
+@dataclass
+class Case:
+    """One decision a layer makes, as the layer makes it: the cheapest predicted ``candidates`` (factorised or
+    sparse paths) replace ``dense`` when ``model.prefers(candidate, dense_gemm, dense - dense_gemm)``."""
+
+    name: str
+    candidates: list[Sample]
+    dense: Sample
+    dense_gemm: Callable[[CostModel], float]  # the part of dense.predict the margin applies to (the rest: extra)
+
+
+@dataclass
+class Grid:
+    groups: list[list[Sample]]  # timed together (interleaved)
+    cases: list[Case]
 
 
 def _resolve(config: CalibrateConfig) -> tuple[torch.device, torch.dtype]:
@@ -185,22 +202,20 @@ def _leaf(t: torch.Tensor, train: bool) -> torch.Tensor:
     return t.detach().clone().requires_grad_(train)
 
 
-def _samples(config: CalibrateConfig, device: torch.device, dtype: torch.dtype, threads: int) -> list[list[Sample]]:
-    """The work to time, in groups timed together (interleaved)."""
-    groups: list[list[Sample]] = []
+def build_grid(config: CalibrateConfig, device: torch.device, dtype: torch.dtype, threads: int) -> Grid:
+    """The work to time and the decisions to check, for every shape of ``config``."""
+    grid = Grid([], [])
     for n_in, n_out in config.shapes:
-        groups += _shape_samples(config, n_in, n_out, device, dtype, threads)
-    return groups
+        _add_shape(grid, config, n_in, n_out, device, dtype, threads)
+    return grid
 
 
-def _shape_samples(
-    config: CalibrateConfig, n_in: int, n_out: int, device: torch.device, dtype: torch.dtype, threads: int
-) -> list[list[Sample]]:
-    """The samples of one layer shape."""
+def _add_shape(
+    grid: Grid, config: CalibrateConfig, n_in: int, n_out: int, device: torch.device, dtype: torch.dtype, threads: int
+) -> None:
     es = torch.empty((), dtype=dtype).element_size()
     current = cost_model_for(device.type)
     kw = {"device": device, "dtype": dtype}
-    groups: list[list[Sample]] = []
     shape, weights = (n_in, n_out), n_in * n_out
     weight = torch.randn(n_out, n_in, **kw) / math.sqrt(n_in)
     rank = max(1, int(weights / (config.low_rank_ratio * (n_in + n_out))))
@@ -209,21 +224,25 @@ def _shape_samples(
     masks = []
     if sparse_supported(weight):
         masks = [(s, magnitude_mask(weight, magnitude_threshold(weight, s))) for s in config.sparsities]
+
+    def gemm(tokens: int, train: bool) -> Callable[[CostModel], float]:
+        return lambda m: m.gemm_seconds(tokens * weights, weight_bytes=weights * es, train=train, threads=threads)
+
     for train in (False, True):
         w, b = _leaf(weight, train), _leaf(torch.zeros(n_out, **kw), train)
         r_, l_ = _leaf(right, train), _leaf(left, train)
-        ones = torch.ones(n_in, n_out, **kw)
         copy = Sample(
             "copy",
             shape,
             0,
             train,
-            _timed(lambda w=w: w.t().contiguous(), train, ones, [w]),
+            _timed(lambda w=w: w.t().contiguous(), train, torch.ones(n_in, n_out, **kw), [w]),
             lambda m, train=train: m.copy_seconds(weights * es, train=train, threads=threads),
             "weight transpose",
         )
-        groups.append([copy])
+        grid.groups.append([copy])
         for tokens in config.tokens:
+            where = f"{n_in}x{n_out} tokens {tokens} {'train' if train else 'forward'}"
             x = _leaf(torch.randn(tokens, n_in, **kw), train)
             g = torch.randn(tokens, n_out, **kw)
             dense = Sample(
@@ -232,64 +251,76 @@ def _shape_samples(
                 tokens,
                 train,
                 _timed(lambda x=x, w=w, b=b: F.linear(x, w, b), train, g, [x, w, b]),
-                lambda m, t=tokens, train=train: m.gemm_seconds(
-                    t * weights, weight_bytes=weights * es, train=train, threads=threads
-                ),
+                gemm(tokens, train),
                 "nn.Linear",
             )
+            steps = [(tokens, rank, n_in, 1), (tokens, n_out, rank, 1)]
             low_rank = Sample(
                 "low-rank",
                 shape,
                 tokens,
                 train,
                 _timed(lambda x=x, r_=r_, l_=l_, b=b: F.linear(F.linear(x, r_), l_, b), train, g, [x, r_, l_, b]),
-                lambda m, t=tokens, train=train: m.steps_seconds(
-                    [(t, rank, n_in, 1), (t, n_out, rank, 1)], train=train, threads=threads
-                ),
+                lambda m, steps=steps, train=train: m.steps_seconds(steps, train=train, threads=threads),
                 f"rank {rank}",
             )
-            groups.append([dense, low_rank])
+            group = [dense, low_rank]
+            low_rank_dense = dense  # inference: one GEMM with the cached W
+            if train:  # rebuild W = left @ right, then one GEMM
+                rebuild = [(n_out, n_in, rank, 1)]
+                low_rank_dense = Sample(
+                    "low-rank-dense",
+                    shape,
+                    tokens,
+                    True,
+                    _timed(lambda x=x, r_=r_, l_=l_, b=b: F.linear(x, l_ @ r_, b), True, g, [x, r_, l_, b]),
+                    lambda m, t=tokens, rb=rebuild: gemm(t, True)(m) + m.steps_seconds(rb, train=True, threads=threads),
+                    f"rank {rank}: rebuilt W, one GEMM",
+                )
+                group.append(low_rank_dense)
+            grid.groups.append(group)
+            grid.cases.append(Case(f"low-rank {where}", [low_rank], low_rank_dense, gemm(tokens, train)))
             for tt in tts:
-                groups.append(_tt_samples(tt, x, g, train, tokens, current, es, threads, config.max_slowdown))
+                candidates, tt_dense = _tt_samples(tt, x, g, train, tokens, current, es, threads, config.max_slowdown)
+                grid.groups.append([*candidates, tt_dense])
+                name = f"tt ranks {'-'.join(map(str, tt.ranks))} {where}"
+                grid.cases.append(Case(name, candidates, tt_dense, gemm(tokens, train)))
             for sparsity, mask in masks:
                 nnz, label = int(mask.sum()), f"sparsity {sparsity}"
-                if not train:
+                if not train:  # eval: the CSR copy against the cached dense weight
                     matrix = to_csr(weight * mask)
                     run = _timed(lambda x=x, mx=matrix, b=b: csr_linear(x, mx, b), False, g, [])
                     predict = lambda m, t=tokens, nnz=nnz: csr_seconds(m, threads, nnz, t, n_out, es)  # noqa: E731
-                    groups.append([Sample("csr", shape, tokens, False, run, predict, label)])
+                    csr = Sample("csr", shape, tokens, False, run, predict, label)
+                    grid.groups.append([csr, dense])
+                    grid.cases.append(Case(f"csr {label} {where}", [csr], dense, dense.predict))
                     continue
                 pattern, dense_mask = csr_pattern(mask), mask.to(dtype)
-                csr_run = _timed(
-                    lambda x=x, w=w, b=b, p=pattern, dm=dense_mask: masked_csr_linear(x, w, b, p, lambda: dm),
+                csr = Sample(
+                    "masked-csr",
+                    shape,
+                    tokens,
                     True,
-                    g,
-                    [x, w, b],
+                    _timed(
+                        lambda x=x, w=w, b=b, p=pattern, dm=dense_mask: masked_csr_linear(x, w, b, p, lambda: dm),
+                        True,
+                        g,
+                        [x, w, b],
+                    ),
+                    lambda m, t=tokens, nnz=nnz: masked_csr_train_seconds(m, threads, nnz, t, n_in, n_out, es),
+                    label,
                 )
-                dense_run = _timed(lambda x=x, w=w, b=b, dm=dense_mask: F.linear(x, w * dm, b), True, g, [x, w, b])
-                groups.append(
-                    [
-                        Sample(
-                            "masked-csr",
-                            shape,
-                            tokens,
-                            True,
-                            csr_run,
-                            lambda m, t=tokens, nnz=nnz: masked_csr_train_seconds(m, threads, nnz, t, n_in, n_out, es),
-                            label,
-                        ),
-                        Sample(
-                            "masked-dense",
-                            shape,
-                            tokens,
-                            True,
-                            dense_run,
-                            lambda m, t=tokens: masked_dense_train_seconds(m, threads, t, n_in, n_out, es),
-                            label,
-                        ),
-                    ]
+                masked = Sample(
+                    "masked-dense",
+                    shape,
+                    tokens,
+                    True,
+                    _timed(lambda x=x, w=w, b=b, dm=dense_mask: F.linear(x, w * dm, b), True, g, [x, w, b]),
+                    lambda m, t=tokens: masked_dense_train_seconds(m, threads, t, n_in, n_out, es),
+                    label,
                 )
-    return groups
+                grid.groups.append([csr, masked])
+                grid.cases.append(Case(f"masked {label} {where}", [csr], masked, masked.predict))
 
 
 def _tt_samples(
@@ -302,7 +333,7 @@ def _tt_samples(
     es: int,
     threads: int,
     max_slowdown: float,
-) -> list[Sample]:
+) -> tuple[list[Sample], Sample]:
     """Every TT contraction order the current model does not rule out (predicted within ``max_slowdown`` of its
     best), and the dense path (training: rebuild ``W`` and one GEMM; inference: one GEMM with the cached ``W``),
     as the layer runs them."""
@@ -312,7 +343,6 @@ def _tt_samples(
     leaves = [x, *cores, bias]
     shape = (tt.in_features, tt.out_features)
     label = f"tt ranks {'-'.join(map(str, tt.ranks))}"
-    group = f"{label} {shape[0]}x{shape[1]} tokens {tokens} {'train' if train else 'forward'}"
 
     def predicted(plan: TTPlan, m: CostModel) -> float:
         kw = {"train": train, "threads": threads, "costs": m, "element_size": es, "cached_factors": not train}
@@ -334,7 +364,7 @@ def _tt_samples(
             fn = lambda p=run_plan, sh=shapes, mx=matrices: tt_apply_matrices(x, mx, sh, p, bias)  # noqa: E731
         detail = f"{label}: {plan.direction}({','.join(map(str, plan.groups))})"
         predict = lambda m, plan=plan: predicted(plan, m)  # noqa: E731
-        samples.append(Sample("tt", shape, tokens, train, _timed(fn, train, g, leaves), predict, detail, group))
+        samples.append(Sample("tt", shape, tokens, train, _timed(fn, train, g, leaves), predict, detail))
     weights = shape[0] * shape[1]
 
     def dense(m: CostModel) -> float:
@@ -348,8 +378,7 @@ def _tt_samples(
             cached = tt_matrix_rebuild(cores)
         fn = lambda: F.linear(x, cached, bias)  # noqa: E731
     detail = f"{label}: {'rebuilt' if train else 'cached'} W, one GEMM"
-    samples.append(Sample("tt-dense", shape, tokens, train, _timed(fn, train, g, leaves), dense, detail, group))
-    return samples
+    return samples, Sample("tt-dense", shape, tokens, train, _timed(fn, train, g, leaves), dense, detail)
 
 
 # --- timing, fit, decisions -----------------------------------------------------------------------------------------
@@ -363,58 +392,117 @@ def _measure(groups: list[list[Sample]], config: CalibrateConfig, device: torch.
             s.seconds = median(times[str(i)])
 
 
-def _decisions(samples: list[Sample], model: CostModel) -> dict[str, Any]:
-    """How well ``model`` picks among the timed alternatives of each TT case (every contraction order and the
-    dense path): the measured time of its pick over the fastest measured alternative (1 = the fastest)."""
-    cases: dict[str, list[Sample]] = {}
-    for s in samples:
-        if s.group:
-            cases.setdefault(s.group, []).append(s)
-    slowdowns, missed = [], []
-    for name, options in cases.items():
-        fastest = min(s.seconds for s in options)
-        factorised = [s for s in options if s.kind == "tt"]
-        dense = next(s for s in options if s.kind == "tt-dense")
-        pick = min(factorised, key=lambda s: s.predict(model)) if factorised else dense
-        # the layers' rule: leave the dense path only when the margin and the minimum saving allow it
-        if not factorised or not model.prefers(pick.predict(model), dense.predict(model)):
-            pick = dense
-        slowdowns.append(pick.seconds / fastest)
-        if slowdowns[-1] > 1.1:
-            missed.append({"case": name, "picked": pick.detail, "slowdown": round(slowdowns[-1], 3)})
-    if not slowdowns:
-        return {"cases": 0}
-    ordered = sorted(slowdowns)
-    return {
-        "cases": len(ordered),
-        "fastest_picked": sum(v <= 1.0 + 1e-9 for v in ordered),
-        "within_10_percent": sum(v <= 1.1 for v in ordered),
-        "median_slowdown": ordered[len(ordered) // 2],
-        "worst_slowdown": ordered[-1],
-        "geomean_slowdown": math.exp(sum(math.log(v) for v in ordered) / len(ordered)),
-        "missed": missed,
-    }
+class _Decider:
+    """Every case's decision under per-unit costs, vectorised: predictions are features times units."""
+
+    def __init__(self, cases: list[Case], base: CostModel) -> None:
+        self.cases, self.base = cases, base
+        samples = {id(s): s for case in cases for s in (*case.candidates, case.dense)}
+        self.index = {key: i for i, key in enumerate(samples)}
+        self.features = torch.tensor([cost_features(s.predict, base) for s in samples.values()], dtype=torch.float64)
+        self.gemm = torch.tensor([cost_features(c.dense_gemm, base) for c in cases], dtype=torch.float64)
+        self.seconds = torch.tensor([s.seconds for s in samples.values()], dtype=torch.float64)
+
+    def picks(self, units: Sequence[float]) -> list[Sample]:
+        u = torch.tensor(list(units), dtype=torch.float64)
+        predicted, gemm = (self.features @ u).tolist(), (self.gemm @ u).tolist()
+        model = model_with_units(self.base, list(units))
+        picks = []
+        for case, dense_gemm in zip(self.cases, gemm, strict=True):
+            dense = predicted[self.index[id(case.dense)]]
+            best = min(case.candidates, key=lambda s: predicted[self.index[id(s)]], default=None)
+            use = best is not None and model.prefers(predicted[self.index[id(best)]], dense_gemm, dense - dense_gemm)
+            picks.append(best if use else case.dense)
+        return picks
+
+    def slowdowns(self, units: Sequence[float]) -> list[float]:
+        """Measured time of each case's pick over the fastest measured option of the case."""
+        return [
+            pick.seconds / min(s.seconds for s in (*case.candidates, case.dense))
+            for case, pick in zip(self.cases, self.picks(units), strict=True)
+        ]
+
+    def score(self, units: Sequence[float]) -> float:
+        """Mean log slowdown (0: every case picks its fastest option)."""
+        values = self.slowdowns(units)
+        return sum(math.log(v) for v in values) / max(len(values), 1)
+
+    def summary(self, units: Sequence[float]) -> dict[str, Any]:
+        values = self.slowdowns(units)
+        if not values:
+            return {"cases": 0}
+        picks = self.picks(units)
+        ordered = sorted(values)
+        missed = [
+            {"case": case.name, "picked": pick.detail or pick.kind, "slowdown": round(v, 3)}
+            for case, pick, v in zip(self.cases, picks, values, strict=True)
+            if v > 1.1
+        ]
+        return {
+            "cases": len(values),
+            "fastest_picked": sum(v <= 1.0 + 1e-9 for v in values),
+            "within_10_percent": sum(v <= 1.1 for v in values),
+            "median_slowdown": ordered[len(ordered) // 2],
+            "worst_slowdown": ordered[-1],
+            "geomean_slowdown": math.exp(sum(math.log(v) for v in values) / len(values)),
+            "missed": missed,
+        }
+
+
+TUNE_FACTORS = (0.5, 0.7, 0.85, 1 / 0.85, 1 / 0.7, 2.0)
+
+
+def tune_for_decisions(decider: _Decider, units: Sequence[float], sweeps: int = 4) -> list[float]:
+    """Coordinate search on the per-unit costs (each scaled by :data:`TUNE_FACTORS` in turn, a change kept only
+    when it lowers the mean log slowdown of the measured decisions): the time fit's least-squares compromise
+    between all samples need not rank the alternatives of each decision right."""
+    best, best_score = list(units), decider.score(units)
+    for _ in range(sweeps):
+        improved = False
+        for k in range(len(best)):
+            if best[k] == 0:
+                continue
+            for factor in TUNE_FACTORS:
+                trial = list(best)
+                trial[k] *= factor
+                score = decider.score(trial)
+                if score < best_score - 1e-12:
+                    best, best_score, improved = trial, score, True
+        if not improved:
+            break
+    return best
 
 
 def run_calibration(config: CalibrateConfig, argv: list[str] | None = None) -> dict[str, Any]:
-    """Time the work, fit the model, check its decisions; write ``costs.json`` and ``calibrate.md`` into
-    ``config.out``.
+    """Time the work, fit the model, tune it on the measured decisions; write ``costs.json`` and ``calibrate.md``
+    into ``config.out``.
+
+    The model written is the per-unit costs of the least-squares time fit, or the model in use if that decides
+    better, refined by :func:`tune_for_decisions`: on the measured cases it decides at least as well as both.
 
     Returns:
-        what ``costs.json`` holds, with the fitted :class:`CostModel` under ``"model"``.
+        what ``costs.json`` holds, with the written :class:`CostModel` under ``"model"``.
     """
     device, dtype = _resolve(config)
     clock = resolve_clock(config, device)
     torch.manual_seed(config.seed)
     threads = 1 if device.type == "cuda" else torch.get_num_threads()
     start = time.perf_counter()
-    groups = _samples(config, device, dtype, threads)
-    _measure(groups, config, device, clock)
-    samples = [s for group in groups for s in group]
+    grid = build_grid(config, device, dtype, threads)
+    _measure(grid.groups, config, device, clock)
+    samples = [s for group in grid.groups for s in group]
     base = cost_model_for(device.type)
-    fitted, report = fit_cost_model([(cost_features(s.predict, base), s.seconds) for s in samples], base)
+    features = [cost_features(s.predict, base) for s in samples]
+    fitted, report = fit_cost_model(list(zip(features, [s.seconds for s in samples], strict=True)), base)
+    decider = _Decider(grid.cases, base)
+    start_units = min((model_units(fitted), model_units(base)), key=decider.score)
+    model = model_with_units(base, tune_for_decisions(decider, start_units))
     kind = "cuda" if device.type == "cuda" else "cpu"
     argv = sys.argv if argv is None else argv
+    relative = {}
+    for label, m in (("before", base), ("fitted", fitted), ("written", model)):
+        errors = sorted(abs(s.predict(m) / s.seconds - 1) for s in samples)
+        relative[label] = {"median": errors[len(errors) // 2], "max": errors[-1]}
     meta = {
         "device_type": kind,
         "dtype": str(dtype).removeprefix("torch."),
@@ -425,9 +513,14 @@ def run_calibration(config: CalibrateConfig, argv: list[str] | None = None) -> d
         "machine": machine_description(device),
         "git_revision": git_revision(),
         "seconds": time.perf_counter() - start,
-        "fit": report,
-        "decisions": {"before": _decisions(samples, base), "fitted": _decisions(samples, fitted)},
+        "fit": {**report, "relative_error": relative},
+        "decisions": {
+            "before": decider.summary(model_units(base)),
+            "fitted": decider.summary(model_units(fitted)),
+            "written": decider.summary(model_units(model)),
+        },
         "units_before": model_units(base),
+        "units_fitted": model_units(fitted),
         "samples": [
             {
                 "kind": s.kind,
@@ -437,14 +530,14 @@ def run_calibration(config: CalibrateConfig, argv: list[str] | None = None) -> d
                 "detail": s.detail,
                 "seconds": s.seconds,
                 "predicted_before": s.predict(base),
-                "predicted_fitted": s.predict(fitted),
+                "predicted_written": s.predict(model),
             }
             for s in samples
         ],
     }
     out = Path(config.out)
-    save_cost_models(out / "costs.json", {kind: fitted}, **meta)
-    result = {**json.loads((out / "costs.json").read_text()), "model": fitted}
+    save_cost_models(out / "costs.json", {kind: model}, **meta)
+    result = {**json.loads((out / "costs.json").read_text()), "model": model}
     (out / "calibrate.md").write_text(markdown(result) + "\n")
     return result
 
@@ -457,8 +550,8 @@ def _fmt(value: float) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The summary ``calibrate.md`` holds: the fitted constants beside the ones used before, the fit's errors and
-    the decisions check."""
+    """The summary ``calibrate.md`` holds: the written constants beside the ones used before, the errors of the
+    time predictions and the decisions check."""
     model: CostModel = result["model"]
     before = dict(zip(UNIT_NAMES, result["units_before"], strict=True))
     fit, decisions = result["fit"], result["decisions"]
@@ -469,7 +562,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"Machine: {result['machine'].get('gpu') or result['machine'].get('cpu')}; git {result['git_revision']}; "
         f"{len(result['samples'])} samples in {result['seconds']:.0f} s ({result['clock']} clock)",
         "",
-        "| constant | before | fitted |",
+        "| constant | before | written |",
         "|---|---:|---:|",
     ]
     for name in UNIT_NAMES:
@@ -477,28 +570,25 @@ def markdown(result: dict[str, Any]) -> str:
         value = getattr(getattr(model, pass_name), field_name)
         old = before[name]
         old_value = (math.inf if old == 0 else 1 / old) if field_name.endswith("_per_s") else old
-        kept = " (kept: no sample has this work)" if name in fit["kept"] else ""
+        kept = " (no sample has this work)" if name in fit["kept"] else ""
         lines.append(f"| {name} | {_fmt(old_value)} | {_fmt(value)}{kept} |")
+    labels = {"before": "before", "fitted": "least-squares time fit", "written": "written (fit or before, tuned)"}
+    lines += ["", "| model | median relative time error | max |", "|---|---:|---:|"]
+    lines += [f"| {labels[k]} | {v['median']:.3f} | {v['max']:.3f} |" for k, v in fit["relative_error"].items()]
     lines += [
         "",
-        "| relative error on the samples | median | max |",
-        "|---|---:|---:|",
-        *(
-            f"| {label} | {fit[key]['median']:.3f} | {fit[key]['max']:.3f} |"
-            for label, key in (("before", "relative_error_base"), ("fitted", "relative_error_fitted"))
-        ),
+        "Decisions (each layer's choice between its factorised or sparse paths and its dense path, checked against",
+        "the measured times of every option; slowdown: the pick's time over the fastest option's):",
         "",
-        "TT path decisions (every contraction order within the slowdown bound, and the dense path, timed per case):",
-        "",
-        "| model | cases | fastest picked | within 10 % | median slowdown | worst slowdown |",
+        "| model | cases | fastest picked | within 10 % | geomean slowdown | worst slowdown |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for label in ("before", "fitted"):
-        d = decisions[label]
+    for key, label in labels.items():
+        d = decisions[key]
         if d.get("cases"):
             lines.append(
                 f"| {label} | {d['cases']} | {d['fastest_picked']} | {d['within_10_percent']} | "
-                f"{d['median_slowdown']:.3f} | {d['worst_slowdown']:.3f} |"
+                f"{d['geomean_slowdown']:.3f} | {d['worst_slowdown']:.3f} |"
             )
     lines += [
         "",
