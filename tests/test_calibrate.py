@@ -278,3 +278,22 @@ def test_calibrate_refuses_a_bad_grid(flags: list[str], message: str) -> None:
     args = cli.build_parser().parse_args(["calibrate", "--quick", *flags])
     with pytest.raises(ValueError, match=message):
         calibrate.config_from_args(args)
+
+
+def test_tuning_on_measured_decisions_fixes_a_wrong_pick_and_never_worsens() -> None:
+    def sample(kind: str, predict, seconds: float) -> calibrate.Sample:
+        return calibrate.Sample(kind, (512, 2048), 64, False, lambda: None, predict, kind, seconds)
+
+    gemm = lambda m: m.gemm_seconds(64 * 512 * 2048, weight_bytes=4 << 20, train=False)  # noqa: E731
+    thin = lambda m: m.steps_seconds([(64, 64, 512, 1), (64, 2048, 64, 1)], train=False)  # noqa: E731
+    slow_thin = replace(CPU_COSTS, forward=replace(CPU_COSTS.forward, macs_per_s=3e9))  # thin GEMMs look 13x too slow
+    dense = sample("dense", gemm, 1e-3)
+    case = calibrate.Case("low-rank", [sample("low-rank", thin, 1e-4)], dense, gemm)  # measured: low-rank wins
+    decider = calibrate._Decider([case], slow_thin)
+    start = model_units(slow_thin)
+    assert decider.picks(start)[0] is dense and decider.score(start) == pytest.approx(math.log(10))
+    tuned = calibrate.tune_for_decisions(decider, start)
+    assert decider.picks(tuned)[0].kind == "low-rank" and decider.score(tuned) == 0.0
+    assert decider.summary(tuned)["fastest_picked"] == 1 and decider.summary(start)["missed"][0]["slowdown"] == 10.0
+    # a start that already picks right is kept as it is
+    assert calibrate.tune_for_decisions(decider, tuned) == tuned

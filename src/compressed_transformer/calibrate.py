@@ -449,7 +449,7 @@ class _Decider:
         }
 
 
-TUNE_FACTORS = (0.5, 0.7, 0.85, 1 / 0.85, 1 / 0.7, 2.0)
+TUNE_FACTORS = (0.25, 0.5, 0.7, 0.85, 1 / 0.85, 1 / 0.7, 2.0, 4.0)
 
 
 def tune_for_decisions(decider: _Decider, units: Sequence[float], sweeps: int = 4) -> list[float]:
