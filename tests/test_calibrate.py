@@ -201,8 +201,9 @@ def test_files_round_trip_and_the_environment_variable(tmp_path: Path, monkeypat
     assert costs.costs_version() == version
     monkeypatch.setenv(costs.COSTS_ENV_VAR, str(tmp_path / "missing.json"))
     monkeypatch.setitem(costs._state, "env_read", False)
-    with pytest.raises(FileNotFoundError, match="calibrate"):
-        cost_model_for("cpu")
+    for _ in range(2):  # every decision, not only the first, until the file is fixed
+        with pytest.raises(FileNotFoundError, match="calibrate"):
+            cost_model_for("cpu")
 
 
 @pytest.mark.parametrize(

@@ -211,12 +211,12 @@ def _kind(device_type: str) -> str:
 def _read_env() -> None:
     if _state["env_read"]:
         return
-    _state["env_read"] = True
     path = os.environ.get(COSTS_ENV_VAR)
-    if path:
+    if path:  # a missing or malformed file raises at every decision until it is fixed, never silently ignored
         for kind, model in load_cost_models(path).items():
             _installed.setdefault(kind, model)  # set_cost_model calls made before the first decision win
         _state["version"] += 1
+    _state["env_read"] = True
 
 
 def cost_model_for(device_type: str) -> CostModel:
