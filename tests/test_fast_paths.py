@@ -38,6 +38,7 @@ from compressed_transformer.layers import (
     TuckerLinear,
 )
 from compressed_transformer.layers._fast import EvalCache, cache_nbytes, clear_caches, csr_linear, to_csr
+from forced_paths import force_path
 
 
 @pytest.fixture(autouse=True)
@@ -247,16 +248,12 @@ def reference_train(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x @ layer.to_dense().T + (layer.bias if layer.bias is not None else 0)
 
 
-def force(monkeypatch: pytest.MonkeyPatch, layer: nn.Module, factorized: bool) -> None:
-    monkeypatch.setattr(layer, "use_factorized", lambda tokens, **_: factorized)
-
-
 @pytest.mark.parametrize("factorized", [True, False], ids=["factorized", "dense"])
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("method", FACTORIZED)
 def test_both_sides_of_the_switch(monkeypatch, method: str, mode: str, factorized: bool) -> None:
     layer = make_layer(method).train(mode == "train")
-    force(monkeypatch, layer, factorized)
+    calls = force_path(monkeypatch, layer, factorized)
     for tokens in (1, 7, 300):  # 300 tokens: TT plans chunk at this size only with tiny budgets; still valid
         x = odd_input(tokens, 24)
         if mode == "eval":
@@ -272,6 +269,7 @@ def test_both_sides_of_the_switch(monkeypatch, method: str, mode: str, factorize
             expected = torch.autograd.grad(reference_train(layer, x).sum(), [x, *params])
             for g, e in zip(grads, expected, strict=True):
                 assert_close(g, e)
+    assert calls, "the forward no longer consults the hook force_path patches"
 
 
 @pytest.mark.parametrize("method", ["tt", "tucker", "svd"])
@@ -355,7 +353,7 @@ def test_layers_under_autocast(method: str) -> None:
 @pytest.mark.parametrize("method", FACTORIZED)
 def test_cache_is_used_in_eval_and_invalidated_by_an_optimiser_step(monkeypatch, method: str, factorized) -> None:
     layer = make_layer(method).eval()
-    force(monkeypatch, layer, factorized)
+    force_path(monkeypatch, layer, factorized)
     x = torch.randn(5, 24, dtype=torch.float64)
     with torch.no_grad():
         layer(x)
@@ -615,7 +613,7 @@ def test_every_path_on_cuda_matches_the_float64_reference(monkeypatch, method, f
     cpu = make_layer(method)
     layer = copy.deepcopy(cpu).to("cuda", dtype)
     if factorized is not None:
-        force(monkeypatch, layer, factorized)
+        force_path(monkeypatch, layer, factorized)
     for tokens in (1, 7, 300):
         x = odd_input(tokens, 24)
         expected = reference(cpu.eval(), x)

@@ -22,6 +22,7 @@ from compressed_transformer.layers import (
     build_linear,
     model_kl,
 )
+from forced_paths import force_path
 
 IN, OUT = 12, 8
 ALL = list(METHODS)  # tt, tucker, svd, prune, svd-o
@@ -83,18 +84,6 @@ def closed_form_params(layer: nn.Module, method: str) -> int:
     return int((layer.log_alpha() <= layer.threshold).sum()) + bias
 
 
-def force_path(monkeypatch: pytest.MonkeyPatch, layer: nn.Module, factorized: bool) -> list[int]:
-    """Make ``layer`` take the given forward path; returns the token counts it was asked about."""
-    calls: list[int] = []
-
-    def use_factorized(tokens: int) -> bool:
-        calls.append(tokens)
-        return factorized
-
-    monkeypatch.setattr(layer, "use_factorized", use_factorized)
-    return calls
-
-
 # --- parity with nn.Linear ----------------------------------------------------------------------------------------
 
 
@@ -154,7 +143,7 @@ def test_both_forward_paths_equal_dense_weight_product(
     calls = force_path(monkeypatch, layer, factorized)
     x = torch.randn(*lead, IN)
     y = layer(x)
-    assert calls == [math.prod(lead)], "the forward no longer asks use_factorized(tokens); update this test"
+    assert calls == [math.prod(lead)], "the forward no longer asks the hook force_path patches; update it"
     assert y.shape == (*lead, OUT)
     assert_close(y, x @ layer.to_dense().T + (layer.bias if bias else 0))
 

@@ -125,11 +125,12 @@ def use_cache(module: nn.Module, train: bool) -> bool:
     return not module.training and not train and not torch.compiler.is_compiling()
 
 
-def prepare_forward(module: nn.Module, params: list) -> bool:
-    """Start a forward: returns whether the eval cache may be used (and drops the cache if not)."""
+def prepare_forward(module: nn.Module, params: list | None = None, *, train: bool | None = None) -> bool:
+    """Start a forward: returns whether the eval cache may be used (and drops the cache if not). ``train``:
+    :func:`grad_needed` of the parameters when the caller has it already, else computed from ``params``."""
     if torch.compiler.is_compiling():
         return False
-    cached = use_cache(module, grad_needed(params))
+    cached = use_cache(module, grad_needed(params or []) if train is None else train)
     if not cached:
         drop_cache(module)
     return cached

@@ -22,6 +22,7 @@ from ..functional.tucker import (
 from ._common import check_features, check_linear, copy_bias, product_init_std, reset_bias, resolve_modes
 from ._fast import (
     device_key,
+    grad_needed,
     layer_cache,
     low_rank_is_faster,
     params_of,
@@ -173,9 +174,11 @@ class TuckerLinear(nn.Module):
             cached: whether ``W`` and the factors would come from the eval cache; default: as a forward now.
         """
         train, cached = resolve_mode(self, [*self._factor_params(), self.bias], train, cached)
+        return self._factorized(tokens, train, cached, self._parameters["core"])
+
+    def _factorized(self, tokens: int, train: bool, cached: bool, core: torch.Tensor) -> bool:
         rank = tucker_linear_rank(self.ranks, len(self.out_modes))
-        device = device_key(self.core)
-        return low_rank_is_faster(device, tokens, self.in_features, self.out_features, rank, train, cached)
+        return low_rank_is_faster(device_key(core), tokens, self.in_features, self.out_features, rank, train, cached)
 
     def forward_path(self, tokens: int, *, train: bool | None = None) -> str:
         """``"low-rank"`` or ``"dense"``: the path taken for ``tokens`` vectors."""
@@ -204,18 +207,21 @@ class TuckerLinear(nn.Module):
         return tucker_params(self.out_modes + self.in_modes, self.ranks) + bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # parameters read once, not through nn.Module.__getattr__ (0.4 µs a read: a few % of a one-token forward)
+        core, bias = self._parameters["core"], self._parameters["bias"]
         outs, ins = params_of(self, "out_factors"), params_of(self, "in_factors")
-        params = [self.core, *outs, *ins]
-        cached = prepare_forward(self, [*params, self.bias])
-        if self.use_factorized(tokens_of(x, self.in_features)):
+        params = [core, *outs, *ins]
+        train = grad_needed([*params, bias])
+        cached = prepare_forward(self, train=train)
+        if self._factorized(tokens_of(x, self.in_features), train, cached, core):
             if cached:
-                build = lambda: tucker_linear_factors(self.core, outs, ins)  # noqa: E731
+                build = lambda: tucker_linear_factors(core, outs, ins)  # noqa: E731
                 left, right = layer_cache(self).get("factors", params, build)
             else:
-                left, right = tucker_linear_factors(self.core, outs, ins)
-            return low_rank_linear(x, left, right, self.bias)
+                left, right = tucker_linear_factors(core, outs, ins)
+            return low_rank_linear(x, left, right, bias)
         weight = layer_cache(self).get("dense", params, self.to_dense) if cached else self.to_dense()
-        return F.linear(x, weight, self.bias)
+        return F.linear(x, weight, bias)
 
     def extra_repr(self) -> str:
         return (
