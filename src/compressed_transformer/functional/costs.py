@@ -432,11 +432,13 @@ def nnls(a: torch.Tensor, b: torch.Tensor, *, tol: float = 1e-10, max_iter: int 
         passive[torch.where(free, gradient, torch.full_like(gradient, -math.inf)).argmax()] = True
         while True:
             trial = torch.zeros(n, dtype=torch.float64)
+            if not passive.any():
+                break
             trial[passive] = torch.linalg.lstsq(a[:, passive], b[:, None]).solution[:, 0]
             if bool((trial[passive] > 0).all()):
                 break
             blocked = passive & (trial <= 0)
-            step = float((x[blocked] / (x[blocked] - trial[blocked])).min())
+            step = float((x[blocked] / (x[blocked] - trial[blocked])).nan_to_num(0.0).min())
             x = x + step * (trial - x)
             passive &= x > tol * float(x.abs().max() + 1e-300)
             x[~passive] = 0.0
