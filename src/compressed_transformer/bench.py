@@ -794,19 +794,29 @@ def resolve_device(config: BenchConfig) -> tuple[torch.device, torch.dtype, froz
     Raises:
         ValueError: for CUDA requested without a CUDA device, or an unknown dtype / compile setting.
     """
-    name = config.device
+    device, dtype = device_and_dtype(config.device, config.dtype)
+    if config.compile not in ("auto", "on", "off"):
+        raise ValueError(f"--compile must be auto, on or off; got {config.compile!r}")
+    return device, dtype, compile_passes(config.compile, device)
+
+
+def device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """``--device`` (``auto``: CUDA when available) and ``--dtype`` (``auto``: bf16 on CUDA, float32 elsewhere).
+
+    Raises:
+        ValueError: for CUDA requested without a CUDA device, or an unknown dtype.
+    """
+    name = device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was requested but torch.cuda.is_available() is False; use --device cpu")
-    device = torch.device(name)
+    resolved = torch.device(name)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-    dtype_name = config.dtype if config.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    dtype_name = dtype if dtype != "auto" else ("bfloat16" if resolved.type == "cuda" else "float32")
     if dtype_name not in dtypes:
-        raise ValueError(f"--dtype must be one of auto, {', '.join(dtypes)}; got {config.dtype!r}")
-    if config.compile not in ("auto", "on", "off"):
-        raise ValueError(f"--compile must be auto, on or off; got {config.compile!r}")
-    return device, dtypes[dtype_name], compile_passes(config.compile, device)
+        raise ValueError(f"--dtype must be one of auto, {', '.join(dtypes)}; got {dtype!r}")
+    return resolved, dtypes[dtype_name]
 
 
 def compile_passes(setting: str, device: torch.device) -> frozenset[str]:

@@ -31,7 +31,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .bench import CLOCKS, _ints, _shapes, command_line, machine_description, median, resolve_clock, time_interleaved
+from .bench import (
+    CLOCKS,
+    _ints,
+    _shapes,
+    command_line,
+    device_and_dtype,
+    machine_description,
+    median,
+    resolve_clock,
+    time_interleaved,
+)
 from .functional.costs import (
     COSTS_ENV_VAR,
     UNIT_NAMES,
@@ -163,20 +173,6 @@ class Case:
 class Grid:
     groups: list[list[Sample]]  # timed together (interleaved)
     cases: list[Case]
-
-
-def _resolve(config: CalibrateConfig) -> tuple[torch.device, torch.dtype]:
-    name = config.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but torch.cuda.is_available() is False; use --device cpu")
-    device = torch.device(name)
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-    dtype_name = config.dtype if config.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    if dtype_name not in dtypes:
-        raise ValueError(f"--dtype must be one of auto, {', '.join(dtypes)}; got {config.dtype!r}")
-    return device, dtypes[dtype_name]
 
 
 def _timed(fn: Callable[[], torch.Tensor], train: bool, grad: torch.Tensor, leaves: list[torch.Tensor]):
@@ -483,7 +479,7 @@ def run_calibration(config: CalibrateConfig, argv: list[str] | None = None) -> d
     Returns:
         what ``costs.json`` holds, with the written :class:`CostModel` under ``"model"``.
     """
-    device, dtype = _resolve(config)
+    device, dtype = device_and_dtype(config.device, config.dtype)
     clock = resolve_clock(config, device)
     torch.manual_seed(config.seed)
     threads = 1 if device.type == "cuda" else torch.get_num_threads()
