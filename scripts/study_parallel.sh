@@ -26,6 +26,14 @@ fi
 dataset=$1 out=$2
 shift 2
 read -r -a study <<<"${STUDY:-compressed-transformer study}"
+case ${RESCORE:-1} in # checked before hours of training, not after
+1) last=--rescore ;;
+0) last=--report-only ;;
+*)
+    echo "RESCORE must be 0 or 1, not '$RESCORE'" >&2
+    exit 2
+    ;;
+esac
 case $dataset in
 iwslt14)
     scratch_default="original;tt-all;tt-1/2;tucker-all"
@@ -83,13 +91,5 @@ for rows in "${!pids[@]}"; do
         status=1
     fi
 done
-case ${RESCORE:-1} in
-1) last=--rescore ;;
-0) last=--report-only ;;
-*)
-    echo "RESCORE must be 0 or 1, not '$RESCORE'" >&2
-    exit 2
-    ;;
-esac
 "${study[@]}" "$dataset" --out "$out" "$last" "$@"
 exit $status

@@ -212,8 +212,10 @@ def test_files_round_trip_and_the_environment_variable(tmp_path: Path, monkeypat
         (lambda d: d.update(format="other"), "not a cost model file"),
         (lambda d: d.update(models={"tpu": d["models"]["cpu"]}), "'cpu' and/or 'cuda'"),
         (lambda d: d["models"]["cpu"]["forward"].pop("op_s"), "expected the keys"),
-        (lambda d: d["models"]["cpu"]["train"].update(op_s=-1.0), r"train\.op_s must be a number >= 0"),
-        (lambda d: d["models"]["cpu"]["train"].update(op_s=None), r"train\.op_s must be a number"),
+        (lambda d: d["models"]["cpu"]["train"].update(op_s=-1.0), r"train\.op_s must be a finite number >= 0"),
+        (lambda d: d["models"]["cpu"]["train"].update(op_s=None), r"train\.op_s must be a finite number"),
+        (lambda d: d["models"]["cpu"]["train"].update(op_s=math.nan), r"train\.op_s must be a finite number"),
+        (lambda d: d["models"]["cpu"].update(margin=math.nan), r"margin must be a finite number"),
         (lambda d: d["models"]["cpu"]["forward"].update(macs_per_s=0), "must be > 0"),
         (lambda d: d["models"]["cpu"].update(chunk_bytes=0.5), "chunk_bytes must be a positive integer"),
         (lambda d: d["models"]["cpu"].update(speed=1), "expected the keys"),
@@ -231,6 +233,12 @@ def test_malformed_files_are_refused(tmp_path: Path, change, message: str) -> No
         load_cost_models(path)
     with pytest.raises(ValueError, match="'cpu' and/or 'cuda'"):
         save_cost_models(tmp_path / "x.json", {"gpu": CPU_COSTS})
+    with pytest.raises(ValueError, match="sparse_entry_s must be finite"):  # saved only if it loads back
+        save_cost_models(
+            tmp_path / "x.json", {"cpu": replace(CPU_COSTS, train=replace(CPU_COSTS.train, sparse_entry_s=math.inf))}
+        )
+    with pytest.raises(ValueError, match="'format' and 'models'"):
+        save_cost_models(tmp_path / "x.json", {"cpu": CPU_COSTS}, format="mine")
 
 
 # --- the command and bench --costs --------------------------------------------------------------------------------
@@ -247,6 +255,9 @@ def test_calibrate_command_writes_a_model_bench_can_use(tmp_path: Path, capsys: 
     expected_kinds = {"copy", "dense", "low-rank", "low-rank-dense", "tt", "tt-dense", "csr", "masked-csr"}
     assert expected_kinds | {"masked-dense"} == kinds
     assert all(s["seconds"] > 0 for s in result["samples"])
+    # nn.Linear's eval GEMM is timed once per group it is compared in (the low-rank one, each CSR one), never shared
+    eval_dense = [s for s in result["samples"] if s["kind"] == "dense" and s["pass"] == "forward"]
+    assert len(eval_dense) == 2 * (1 + 1)  # two token counts x (low-rank group + one sparsity)
     # per pass and token count: the low-rank, the TT (one rank) and the sparse (one sparsity) decision
     decisions = result["decisions"]
     assert decisions["before"]["cases"] == decisions["written"]["cases"] == 2 * 2 * 3
@@ -283,7 +294,7 @@ def test_calibrate_refuses_a_bad_grid(flags: list[str], message: str) -> None:
 
 def test_tuning_on_measured_decisions_fixes_a_wrong_pick_and_never_worsens() -> None:
     def sample(kind: str, predict, seconds: float) -> calibrate.Sample:
-        return calibrate.Sample(kind, (512, 2048), 64, False, lambda: None, predict, kind, seconds)
+        return calibrate.Sample(kind, (512, 2048), 64, False, lambda: None, predict, kind, seconds=seconds)
 
     gemm = lambda m: m.gemm_seconds(64 * 512 * 2048, weight_bytes=4 << 20, train=False)  # noqa: E731
     thin = lambda m: m.steps_seconds([(64, 64, 512, 1), (64, 2048, 64, 1)], train=False)  # noqa: E731
@@ -298,3 +309,34 @@ def test_tuning_on_measured_decisions_fixes_a_wrong_pick_and_never_worsens() -> 
     assert decider.summary(tuned)["fastest_picked"] == 1 and decider.summary(start)["missed"][0]["slowdown"] == 10.0
     # a start that already picks right is kept as it is
     assert calibrate.tune_for_decisions(decider, tuned) == tuned
+
+
+def test_a_cost_file_does_not_break_fullgraph_compile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file is read outside any trace (at import, or at the first eager decision), never inside one."""
+    path = save_cost_models(tmp_path / "costs.json", {"cpu": slow_ops(CPU_COSTS)})
+    monkeypatch.setenv(costs.COSTS_ENV_VAR, str(path))
+    torch._dynamo.reset()
+    layer = LowRankLinear(256, 1024, rank=8).eval()
+    x = torch.randn(64, 256)
+    with torch.no_grad():
+        y = torch.compile(layer, fullgraph=True)(x)
+    torch.testing.assert_close(y, x @ layer.to_dense().T + layer.bias, rtol=1e-4, atol=1e-4)
+    assert cost_model_for("cpu") == slow_ops(CPU_COSTS)  # read by the first eager decision
+    assert costs.cost_model_source("cpu").startswith(str(path))
+
+
+def test_masked_csr_training_is_priced_as_it_runs() -> None:
+    """Few tokens at moderate sparsity: the weight gradient is a dense outer product times the mask (see
+    _MaskedCSRLinear); otherwise a third, sampled, CSR product."""
+    from compressed_transformer.layers._fast import DENSE_GRAD_TOKENS
+
+    m, weights, nnz = CPU_COSTS, 512 * 2048, 100_000  # 9.5 % density
+    copy = m.copy_seconds(weights * 4, train=False, threads=1)
+    for tokens in (1, DENSE_GRAD_TOKENS, DENSE_GRAD_TOKENS + 1, 64):
+        product = csr_seconds(m, 1, nnz, tokens, 2048, 4)
+        small = tokens <= DENSE_GRAD_TOKENS
+        grad = m.gemm_seconds(tokens * weights, train=False, threads=1) if small else product
+        assert masked_csr_train_seconds(m, 1, nnz, tokens, 512, 2048, 4) == pytest.approx(2 * product + grad + copy)
+    # at 2 % density the sampled product is used at every token count
+    product = csr_seconds(m, 1, 20_000, 1, 2048, 4)
+    assert masked_csr_train_seconds(m, 1, 20_000, 1, 512, 2048, 4) == pytest.approx(3 * product + copy)

@@ -306,6 +306,11 @@ def test_rescore_decodes_trained_rows_again_and_trains_nothing(
     assert again["infer_seconds"] > 0 and again["infer_seconds"] != first["infer_seconds"]
     rows = [r["name"] for r in json.loads((out / "results.json").read_text())["rows"]]
     assert rows == ["original", "tt-all", "tt-3/4", "tt-1/4"]  # tt-1/4 of 2+2 blocks: none, the original
+    # a row that cannot be decoded again (no step checkpoints to average) keeps its result; the table is written
+    (out / "table.md").unlink()
+    assert run([*study_argv(data, out, "original"), "--rescore", "--average", "2"]) == 0
+    assert "original: could not decode it again" in capsys.readouterr().out and (out / "table.md").is_file()
+    assert json.loads((folder / "result.json").read_text())["infer_seconds"] == again["infer_seconds"]
     with pytest.raises(SystemExit):
         parser().parse_args([*study_argv(data, out, "all"), "--rescore", "--report-only"])
     with pytest.raises(ValueError, match="exclude each other"):

@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from .functional.costs import COSTS_ENV_VAR, load_cost_models, set_cost_model
+from .functional.costs import COSTS_ENV_VAR, cost_model_source, load_cost_models, set_cost_model
 from .functional.tt import factorize, tt_plan_candidates, tt_plan_macs
 from .functional.tucker import tucker_linear_rank
 from .layers import LowRankLinear, PrunedLinear, SparseVDLinear, TTLinear, TuckerLinear
@@ -890,8 +890,7 @@ def using_costs(path: str | None, device: torch.device) -> Iterator[str]:
     """
     kind = "cuda" if device.type == "cuda" else "cpu"
     if path is None:
-        env = os.environ.get(COSTS_ENV_VAR)
-        yield f"{env} (${COSTS_ENV_VAR})" if env and kind in load_cost_models(env) else "built-in"
+        yield cost_model_source(kind)
         return
     models = load_cost_models(path)
     if kind not in models:

@@ -152,9 +152,10 @@ class Sample:
     shape: tuple[int, int]
     tokens: int
     train: bool
-    run: Callable[[], Any]
+    run: Callable[[], Any] | None
     predict: Callable[[CostModel], float]
     detail: str = ""
+    timed: bool = True  # False: an option the decision check knows of but which was not run (see _tt_samples)
     seconds: float = math.nan
 
 
@@ -277,10 +278,12 @@ def _add_shape(
             grid.groups.append(group)
             grid.cases.append(Case(f"low-rank {where}", [low_rank], low_rank_dense, gemm(tokens, train)))
             for tt in tts:
-                candidates, tt_dense = _tt_samples(tt, x, g, train, tokens, current, es, threads, config.max_slowdown)
-                grid.groups.append([*candidates, tt_dense])
+                timed, untimed, tt_dense = _tt_samples(
+                    tt, x, g, train, tokens, current, es, threads, config.max_slowdown
+                )
+                grid.groups.append([*timed, tt_dense])
                 name = f"tt ranks {'-'.join(map(str, tt.ranks))} {where}"
-                grid.cases.append(Case(name, candidates, tt_dense, gemm(tokens, train)))
+                grid.cases.append(Case(name, [*timed, *untimed], tt_dense, gemm(tokens, train)))
             for sparsity, mask in masks:
                 nnz, label = int(mask.sum()), f"sparsity {sparsity}"
                 if not train:  # eval: the CSR copy against the cached dense weight
@@ -288,8 +291,9 @@ def _add_shape(
                     run = _timed(lambda x=x, mx=matrix, b=b: csr_linear(x, mx, b), False, g, [])
                     predict = lambda m, t=tokens, nnz=nnz: csr_seconds(m, threads, nnz, t, n_out, es)  # noqa: E731
                     csr = Sample("csr", shape, tokens, False, run, predict, label)
-                    grid.groups.append([csr, dense])
-                    grid.cases.append(Case(f"csr {label} {where}", [csr], dense, dense.predict))
+                    own = replace(dense, seconds=math.nan)  # timed again beside this CSR product, counted once each
+                    grid.groups.append([csr, own])
+                    grid.cases.append(Case(f"csr {label} {where}", [csr], own, own.predict))
                     continue
                 pattern, dense_mask = csr_pattern(mask), mask.to(dtype)
                 csr = Sample(
@@ -329,10 +333,10 @@ def _tt_samples(
     es: int,
     threads: int,
     max_slowdown: float,
-) -> tuple[list[Sample], Sample]:
+) -> tuple[list[Sample], list[Sample], Sample]:
     """Every TT contraction order the current model does not rule out (predicted within ``max_slowdown`` of its
-    best), and the dense path (training: rebuild ``W`` and one GEMM; inference: one GEMM with the cached ``W``),
-    as the layer runs them."""
+    best), the others (not timed), and the dense path (training: rebuild ``W`` and one GEMM; inference: one GEMM
+    with the cached ``W``), as the layer runs them."""
     modes = (tuple(tt.out_modes), tuple(tt.in_modes), tuple(tt.ranks))
     cores = [_leaf(c, train) for c in tt.cores]
     bias = _leaf(tt.bias, train)
@@ -346,9 +350,12 @@ def _tt_samples(
 
     plans = tt_plan_candidates(len(cores))
     estimates = [predicted(plan, current) for plan in plans]
-    samples = []
+    samples, untimed = [], []
     for plan, estimate in zip(plans, estimates, strict=True):
-        if estimate > max_slowdown * min(estimates):
+        if estimate > max_slowdown * min(estimates):  # not timed; scored as max_slowdown x the case's fastest
+            detail = f"{label}: {plan.direction}({','.join(map(str, plan.groups))}) (not timed)"
+            predict = lambda m, plan=plan: predicted(plan, m)  # noqa: E731
+            untimed.append(Sample("tt", shape, tokens, train, None, predict, detail, timed=False))
             continue
         chunk = tt_plan_chunk(*modes, plan, tokens, chunk_bytes=current.chunk_bytes, element_size=es)
         run_plan, shapes = TTPlan(plan.groups, plan.direction, chunk), tt_plan_shapes(*modes, plan.groups)
@@ -374,18 +381,23 @@ def _tt_samples(
             cached = tt_matrix_rebuild(cores)
         fn = lambda: F.linear(x, cached, bias)  # noqa: E731
     detail = f"{label}: {'rebuilt' if train else 'cached'} W, one GEMM"
-    return samples, Sample("tt-dense", shape, tokens, train, _timed(fn, train, g, leaves), dense, detail)
+    return samples, untimed, Sample("tt-dense", shape, tokens, train, _timed(fn, train, g, leaves), dense, detail)
 
 
 # --- timing, fit, decisions -----------------------------------------------------------------------------------------
 
 
-def _measure(groups: list[list[Sample]], config: CalibrateConfig, device: torch.device, clock: str) -> None:
-    for group in groups:
+def _measure(grid: Grid, config: CalibrateConfig, device: torch.device, clock: str) -> None:
+    for group in grid.groups:
         fns = {str(i): s.run for i, s in enumerate(group)}
         times = time_interleaved(fns, device, config.repeats, config.budget_s, clock=CLOCKS[clock])
         for i, s in enumerate(group):
             s.seconds = median(times[str(i)])
+    for case in grid.cases:  # options left untimed: predicted >= max_slowdown x the best, scored so
+        options = [s for s in (*case.candidates, case.dense) if s.timed]
+        for s in case.candidates:
+            if not s.timed:
+                s.seconds = config.max_slowdown * min(o.seconds for o in options)
 
 
 class _Decider:
@@ -485,7 +497,7 @@ def run_calibration(config: CalibrateConfig, argv: list[str] | None = None) -> d
     threads = 1 if device.type == "cuda" else torch.get_num_threads()
     start = time.perf_counter()
     grid = build_grid(config, device, dtype, threads)
-    _measure(grid.groups, config, device, clock)
+    _measure(grid, config, device, clock)
     samples = [s for group in grid.groups for s in group]
     base = cost_model_for(device.type)
     features = [cost_features(s.predict, base) for s in samples]

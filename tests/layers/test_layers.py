@@ -584,3 +584,31 @@ def test_torch_compile(method: str) -> None:
     layer.train()
     compiled(x).sum().backward()
     assert all(p.grad is not None for p in layer.parameters())
+
+
+class _Halve(nn.Module):
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        return value * 0.5
+
+
+@pytest.mark.parametrize(
+    ("method", "name"), [("tt", "bias"), ("tucker", "core"), ("tucker", "bias"), ("svd", "left"), ("prune", "weight")]
+)
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_parametrized_and_torch_pruned_tensors_reach_the_forward(method: str, name: str, mode: str) -> None:
+    """torch.nn.utils.parametrize / prune move a parameter out of ``_parameters``: the forward must still use the
+    (parametrized) value, on every path."""
+    from torch.nn.utils import parametrize, prune
+
+    layer = make(method).train(mode == "train")
+    parametrize.register_parametrization(layer, name, _Halve())
+    x = torch.randn(3, IN)
+    bias = layer.bias if layer.bias is not None else 0
+    with torch.no_grad():
+        assert_close(layer(x), x @ layer.to_dense().T + bias)  # to_dense reads the parametrized value
+    pruned = make(method).train(mode == "train")
+    prune.l1_unstructured(pruned, "bias", amount=0.5)
+    with torch.no_grad():
+        y = pruned(x)
+    assert_close(y, x @ pruned.to_dense().T + pruned.bias)
+    assert int((pruned.bias == 0).sum()) == OUT // 2

@@ -29,6 +29,7 @@ the environment variable ``COMPRESSED_TRANSFORMER_COSTS`` names its JSON file (r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -47,6 +48,7 @@ __all__ = [
     "PassCosts",
     "cost_features",
     "cost_model_for",
+    "cost_model_source",
     "costs_version",
     "fit_cost_model",
     "load_cost_models",
@@ -200,7 +202,7 @@ CUDA_COSTS = CostModel(
 
 COSTS_ENV_VAR = "COMPRESSED_TRANSFORMER_COSTS"
 BUILT_IN: dict[str, CostModel] = {"cpu": CPU_COSTS, "cuda": CUDA_COSTS}
-_installed: dict[str, CostModel] = {}
+_installed: dict[str, tuple[CostModel, str]] = {}  # device kind -> (model, where it came from)
 _state = {"version": 0, "env_read": False}
 
 
@@ -209,12 +211,13 @@ def _kind(device_type: str) -> str:
 
 
 def _read_env() -> None:
-    if _state["env_read"]:
+    # Never while torch.compile traces (it cannot trace file access); the module reads it at import already.
+    if _state["env_read"] or torch.compiler.is_compiling():
         return
     path = os.environ.get(COSTS_ENV_VAR)
     if path:  # a missing or malformed file raises at every decision until it is fixed, never silently ignored
         for kind, model in load_cost_models(path).items():
-            _installed.setdefault(kind, model)  # set_cost_model calls made before the first decision win
+            _installed.setdefault(kind, (model, f"{path} (${COSTS_ENV_VAR})"))  # set_cost_model's win
         _state["version"] += 1
     _state["env_read"] = True
 
@@ -229,7 +232,15 @@ def cost_model_for(device_type: str) -> CostModel:
     """
     _read_env()
     kind = _kind(device_type)
-    return _installed.get(kind, BUILT_IN[kind])
+    return _installed[kind][0] if kind in _installed else BUILT_IN[kind]
+
+
+def cost_model_source(device_type: str) -> str:
+    """Where the model :func:`cost_model_for` returns came from: ``"built-in"``, ``"set_cost_model"`` or the file
+    named by ``$COMPRESSED_TRANSFORMER_COSTS``."""
+    _read_env()
+    kind = _kind(device_type)
+    return _installed[kind][1] if kind in _installed else "built-in"
 
 
 def costs_version() -> int:
@@ -249,12 +260,11 @@ def set_cost_model(device_type: str, model: CostModel | None) -> CostModel | Non
         raise ValueError(f"device_type must be 'cpu' or 'cuda', got {device_type!r}")
     if model is not None and not isinstance(model, CostModel):
         raise ValueError(f"model must be a CostModel or None, got {type(model).__name__}")
-    _read_env()
     before = _installed.pop(device_type, None)
     if model is not None:
-        _installed[device_type] = model
+        _installed[device_type] = (model, "set_cost_model")
     _state["version"] += 1
-    return before
+    return None if before is None else before[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -265,8 +275,16 @@ COSTS_FORMAT = "compressed-transformer-costs/1"
 _MODEL_KEYS = ("thread_scaling", "margin", "min_saving_s", "chunk_bytes")
 
 
-def _pass_to_dict(costs: PassCosts) -> dict[str, float | None]:
-    return {k: (None if math.isinf(v) else v) for k, v in asdict(costs).items()}  # null: unbounded throughput
+def _pass_to_dict(costs: PassCosts, where: str) -> dict[str, float | None]:
+    data: dict[str, float | None] = {}
+    for name, value in asdict(costs).items():
+        if math.isinf(value) and name.endswith("_per_s"):
+            data[name] = None  # null: unbounded throughput
+        elif not math.isfinite(value) or value < 0:
+            raise ValueError(f"{where}.{name} must be finite and >= 0 to be saved, got {value}")
+        else:
+            data[name] = value
+    return data
 
 
 def _pass_from_dict(data: Any, where: str) -> PassCosts:
@@ -278,18 +296,32 @@ def _pass_from_dict(data: Any, where: str) -> PassCosts:
     for name in names:
         value = data[name]
         unbounded = value is None and name.endswith("_per_s")
-        if not unbounded and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-            raise ValueError(f"{where}.{name} must be a number >= 0, got {value!r}")
+        if not unbounded and not _is_number(value):
+            raise ValueError(f"{where}.{name} must be a finite number >= 0, got {value!r}")
         if name.endswith("_per_s") and value == 0:
             raise ValueError(f"{where}.{name} must be > 0 (null: unbounded), got 0")
         values[name] = math.inf if unbounded else float(value)
     return PassCosts(**values)
 
 
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+
+
 def cost_model_to_dict(model: CostModel) -> dict[str, Any]:
-    """A JSON-ready dict of ``model`` (throughputs fitted as unbounded are ``None``)."""
-    data: dict[str, Any] = {"forward": _pass_to_dict(model.forward), "train": _pass_to_dict(model.train)}
+    """A JSON-ready dict of ``model`` (throughputs fitted as unbounded are ``None``).
+
+    Raises:
+        ValueError: for a negative, NaN or infinite constant (other than an unbounded throughput).
+    """
+    data: dict[str, Any] = {
+        "forward": _pass_to_dict(model.forward, "forward"),
+        "train": _pass_to_dict(model.train, "train"),
+    }
     data.update({k: getattr(model, k) for k in _MODEL_KEYS})
+    for key in ("thread_scaling", "margin", "min_saving_s"):
+        if not _is_number(data[key]):
+            raise ValueError(f"{key} must be finite and >= 0 to be saved, got {data[key]}")
     return data
 
 
@@ -307,9 +339,8 @@ def cost_model_from_dict(data: Any, where: str = "cost model") -> CostModel:
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"{where}.chunk_bytes must be a positive integer or null, got {chunk!r}")
     for key in ("thread_scaling", "margin", "min_saving_s"):
-        value = data[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(f"{where}.{key} must be a number >= 0, got {value!r}")
+        if not _is_number(data[key]):
+            raise ValueError(f"{where}.{key} must be a finite number >= 0, got {data[key]!r}")
     return CostModel(
         forward=_pass_from_dict(data["forward"], f"{where}.forward"),
         train=_pass_from_dict(data["train"], f"{where}.train"),
@@ -326,6 +357,8 @@ def save_cost_models(path: str | Path, models: Mapping[str, CostModel], **meta: 
     unknown = set(models) - set(BUILT_IN)
     if unknown or not models:
         raise ValueError(f"models must be keyed by 'cpu' and/or 'cuda', got {sorted(models)}")
+    if {"format", "models"} & set(meta):
+        raise ValueError("meta cannot hold the keys 'format' and 'models'")
     data = {"format": COSTS_FORMAT, "models": {k: cost_model_to_dict(m) for k, m in models.items()}, **meta}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -493,3 +526,9 @@ def fit_cost_model(
         "relative_error_fitted": errors(fitted),
     }
     return model, report
+
+
+# $COMPRESSED_TRANSFORMER_COSTS is read now, outside any torch.compile trace; a bad file raises again, with its
+# message, at the first decision
+with contextlib.suppress(OSError, ValueError):
+    _read_env()

@@ -37,6 +37,7 @@ from ._fast import (
     prepare_forward,
     represented_weight,
     resolve_mode,
+    tensor_attr,
     tokens_of,
 )
 
@@ -330,7 +331,7 @@ class TTLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One pass over the mode checks (at a token or two, each microsecond of Python is a few % of nn.Linear's)
-        cores, bias = self._core_list(), self._parameters["bias"]  # (not nn.Module.__getattr__: 0.4 µs a read)
+        cores, bias = self._core_list(), tensor_attr(self, "bias")  # (see tensor_attr)
         train = grad_needed([*cores, bias])
         cached = prepare_forward(self, train=train)
         tokens = tokens_of(x, self.in_features)

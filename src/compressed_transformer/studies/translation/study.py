@@ -130,12 +130,13 @@ def _plan(study: StudyConfig, out: Path) -> dict[str, _Plan]:
     return plans
 
 
-def _to_run(study: StudyConfig, plans: dict[str, _Plan]) -> list[str]:
-    """The requested rows plus what they need (the original for conversions, the row a duplicate copies)."""
+def _to_run(study: StudyConfig, plans: dict[str, _Plan], rescore: bool = False) -> list[str]:
+    """The requested rows plus what they need (the original for conversions, unless only decoding again; the
+    row a duplicate copies)."""
     wanted = set(study.rows or plans)
     for name in list(wanted):
         plan = plans[name]
-        if plan.row.route == "convert":
+        if plan.row.route == "convert" and not rescore:
             wanted.add("original")
         if plan.same_as is not None:
             wanted.add(plan.same_as)
@@ -395,7 +396,7 @@ def _run_row(
     result_path = folder / "result.json"
     name = plan.row.name
     if plan.same_as is not None:
-        if plan.same_as not in results:  # --rescore of a duplicate whose source is not trained yet
+        if rescore and plan.same_as not in results:  # its source is not trained (or could not be decoded)
             return None
         _log(f"{name}: same model and training as {plan.same_as}; its result is reused")
         result = _copy_result(results[plan.same_as], plan, study.dataset)
@@ -403,15 +404,7 @@ def _run_row(
     with _row_lock(folder):
         summary_path = folder / "summary.json"
         if rescore:
-            if not summary_path.exists():
-                _log(f"{name}: not trained (or not finished) in {folder}; skipped (--rescore trains nothing)")
-                return None
-            _check_same_run(plan, json.loads((folder / "config.json").read_text()), folder / "config.json")
-            _log(f"{name}: decoding the test set again ({len(test)} sentences)")
-            result = _score_row(plan, study, test, tokenized_refs, device)
-            if result_path.exists():  # the budget it was trained under, not this invocation's
-                result.train = json.loads(result_path.read_text())["train"]
-            return _save_result(result, study, result_path)
+            return _rescore_row(plan, study, test, tokenized_refs, device)
         # a finished row whose budget was raised since (--max-minutes / --max-steps) trains on from its last checkpoint
         extend = summary_path.exists() and budget_left(plan.train, json.loads(summary_path.read_text()))
         if result_path.exists():
@@ -431,6 +424,29 @@ def _run_row(
             train(plan.model, plan.train, resume=resume, prepare=row_prepare(plan.row))
         _log(f"{name}: decoding the test set ({len(test)} sentences)")
         return _save_result(_score_row(plan, study, test, tokenized_refs, device), study, result_path)
+
+
+def _rescore_row(
+    plan: _Plan, study: StudyConfig, test: ParallelCorpus, tokenized_refs: bool, device: torch.device
+) -> RowResult | None:
+    """``--rescore``: decode a trained row's test set again (``None`` for a row not trained). A row that cannot be
+    decoded (e.g. ``--average`` on a run kept without step checkpoints) keeps its stored result, with a message."""
+    folder, name = plan.folder, plan.row.name
+    result_path = folder / "result.json"
+    if not (folder / "summary.json").exists():
+        _log(f"{name}: not trained (or not finished) in {folder}; skipped (--rescore trains nothing)")
+        return None
+    config = json.loads((folder / "config.json").read_text())
+    _check_same_run(plan, config, folder / "config.json")
+    _log(f"{name}: decoding the test set again ({len(test)} sentences)")
+    try:
+        result = _score_row(plan, study, test, tokenized_refs, device)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        kept = result_path.exists()
+        _log(f"{name}: could not decode it again ({error}); {'its stored result is kept' if kept else 'left out'}")
+        return RowResult.from_dict(json.loads(result_path.read_text())) if kept else None
+    result.train = config["train"]  # the budget it was trained under, not this invocation's
+    return _save_result(result, study, result_path)
 
 
 def _save_result(result: RowResult, study: StudyConfig, path: Path) -> RowResult:
@@ -510,7 +526,7 @@ def run_study(
     start = time.perf_counter()
     results: dict[str, RowResult] = {}
     if not report_only:
-        for name in _to_run(study, plans):
+        for name in _to_run(study, plans, rescore):
             result = _run_row(plans[name], results, study, test, tokenized_refs, device, rescore)
             if result is not None:
                 results[name] = result
