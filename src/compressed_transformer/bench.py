@@ -995,19 +995,19 @@ def main(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``bench`` subcommand."""
-    parser = subparsers.add_parser(
+    from .cli import add_command
+
+    add_command(
+        subparsers,
         "bench",
         help="time every compressed layer and a whole Transformer against dense, write bench.json/.md and a plot",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        doc=__doc__,
+        add_arguments=add_arguments,
+        main=main,
     )
-    add_arguments(parser)
-    parser.set_defaults(func=main)
 
 
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(
-        prog="python -m compressed_transformer.bench", description=__doc__.split("\n\n")[0]
-    )
-    add_arguments(_parser)
-    sys.exit(main(_parser.parse_args()))
+    from .cli import run_module
+
+    sys.exit(run_module("compressed_transformer.bench", __doc__, add_arguments, main))

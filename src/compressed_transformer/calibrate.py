@@ -643,19 +643,19 @@ def main(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``calibrate`` subcommand."""
-    parser = subparsers.add_parser(
+    from .cli import add_command
+
+    add_command(
+        subparsers,
         "calibrate",
         help="time the work behind each compressed layer's path choice here and fit the cost model to it",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        doc=__doc__,
+        add_arguments=add_arguments,
+        main=main,
     )
-    add_arguments(parser)
-    parser.set_defaults(func=main)
 
 
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(
-        prog="python -m compressed_transformer.calibrate", description=__doc__.split("\n\n")[0]
-    )
-    add_arguments(_parser)
-    sys.exit(main(_parser.parse_args()))
+    from .cli import run_module
+
+    sys.exit(run_module("compressed_transformer.calibrate", __doc__, add_arguments, main))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 
 # (module, ...) each with ``register(subparsers)``; imported when the parser is built, never at package import.
 SUBCOMMAND_MODULES = (
@@ -18,6 +19,37 @@ SUBCOMMAND_MODULES = (
     "compressed_transformer.bench",
     "compressed_transformer.calibrate",
 )
+
+
+def add_command(
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    *,
+    help: str,
+    doc: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    main: Callable[[argparse.Namespace], int],
+) -> argparse.ArgumentParser:
+    """A subcommand whose options come from ``add_arguments`` and whose description is ``doc``'s first paragraph
+    (with defaults shown), run by ``main``."""
+    parser = subparsers.add_parser(
+        name, help=help, description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=main)
+    return parser
+
+
+def run_module(
+    module: str,
+    doc: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    main: Callable[[argparse.Namespace], int],
+) -> int:
+    """``python -m <module>`` for a module that is also a subcommand."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
+    add_arguments(parser)
+    return main(parser.parse_args())
 
 
 def build_parser() -> argparse.ArgumentParser:
