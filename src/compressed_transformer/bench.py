@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from .functional.costs import COSTS_ENV_VAR, cost_model_source, load_cost_models, set_cost_model
+from .functional.costs import COSTS_ENV_VAR, cost_model_source, device_kind, load_cost_models, set_cost_model
 from .functional.tt import factorize, tt_plan_candidates, tt_plan_macs
 from .functional.tucker import tucker_linear_rank
 from .layers import LowRankLinear, PrunedLinear, SparseVDLinear, TTLinear, TuckerLinear
@@ -888,7 +888,7 @@ def using_costs(path: str | None, device: torch.device) -> Iterator[str]:
     Raises:
         FileNotFoundError, ValueError: for a missing or malformed file, or one without a model for ``device``.
     """
-    kind = "cuda" if device.type == "cuda" else "cpu"
+    kind = device_kind(device.type)
     if path is None:
         yield cost_model_source(kind)
         return

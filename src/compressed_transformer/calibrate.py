@@ -48,9 +48,11 @@ from .functional.costs import (
     CostModel,
     cost_features,
     cost_model_for,
+    device_kind,
     fit_cost_model,
     model_units,
     model_with_units,
+    relative_errors,
     save_cost_models,
 )
 from .functional.sparsity import magnitude_mask, magnitude_threshold
@@ -401,15 +403,22 @@ def _measure(grid: Grid, config: CalibrateConfig, device: torch.device, clock: s
 
 
 class _Decider:
-    """Every case's decision under per-unit costs, vectorised: predictions are features times units."""
+    """Every case's decision under per-unit costs, vectorised: predictions are features times units.
 
-    def __init__(self, cases: list[Case], base: CostModel) -> None:
+    Args:
+        cases: the decisions.
+        base: the model whose margin and chunking the decisions use.
+        features: :func:`cost_features` of samples already computed, by ``id`` (the others are computed here).
+    """
+
+    def __init__(self, cases: list[Case], base: CostModel, features: dict[int, list[float]] | None = None) -> None:
         self.cases, self.base = cases, base
+        known = features or {}
         samples = {id(s): s for case in cases for s in (*case.candidates, case.dense)}
         self.index = {key: i for i, key in enumerate(samples)}
-        self.features = torch.tensor([cost_features(s.predict, base) for s in samples.values()], dtype=torch.float64)
+        rows = [known[key] if key in known else cost_features(s.predict, base) for key, s in samples.items()]
+        self.features = torch.tensor(rows, dtype=torch.float64)
         self.gemm = torch.tensor([cost_features(c.dense_gemm, base) for c in cases], dtype=torch.float64)
-        self.seconds = torch.tensor([s.seconds for s in samples.values()], dtype=torch.float64)
 
     def picks(self, units: Sequence[float]) -> list[Sample]:
         u = torch.tensor(list(units), dtype=torch.float64)
@@ -423,23 +432,23 @@ class _Decider:
             picks.append(best if use else case.dense)
         return picks
 
-    def slowdowns(self, units: Sequence[float]) -> list[float]:
+    def slowdowns(self, picks: Sequence[Sample]) -> list[float]:
         """Measured time of each case's pick over the fastest measured option of the case."""
         return [
             pick.seconds / min(s.seconds for s in (*case.candidates, case.dense))
-            for case, pick in zip(self.cases, self.picks(units), strict=True)
+            for case, pick in zip(self.cases, picks, strict=True)
         ]
 
     def score(self, units: Sequence[float]) -> float:
         """Mean log slowdown (0: every case picks its fastest option)."""
-        values = self.slowdowns(units)
+        values = self.slowdowns(self.picks(units))
         return sum(math.log(v) for v in values) / max(len(values), 1)
 
     def summary(self, units: Sequence[float]) -> dict[str, Any]:
-        values = self.slowdowns(units)
+        picks = self.picks(units)
+        values = self.slowdowns(picks)
         if not values:
             return {"cases": 0}
-        picks = self.picks(units)
         ordered = sorted(values)
         missed = [
             {"case": case.name, "picked": pick.detail or pick.kind, "slowdown": round(v, 3)}
@@ -500,17 +509,19 @@ def run_calibration(config: CalibrateConfig, argv: list[str] | None = None) -> d
     _measure(grid, config, device, clock)
     samples = [s for group in grid.groups for s in group]
     base = cost_model_for(device.type)
-    features = [cost_features(s.predict, base) for s in samples]
-    fitted, report = fit_cost_model(list(zip(features, [s.seconds for s in samples], strict=True)), base)
-    decider = _Decider(grid.cases, base)
+    features = {id(s): cost_features(s.predict, base) for s in samples}
+    measured = [(features[id(s)], s.seconds) for s in samples]
+    fitted, report = fit_cost_model(measured, base)
+    decider = _Decider(grid.cases, base, features)
     start_units = min((model_units(fitted), model_units(base)), key=decider.score)
     model = model_with_units(base, tune_for_decisions(decider, start_units))
-    kind = "cuda" if device.type == "cuda" else "cpu"
+    kind = device_kind(device.type)
     argv = sys.argv if argv is None else argv
-    relative = {}
-    for label, m in (("before", base), ("fitted", fitted), ("written", model)):
-        errors = sorted(abs(s.predict(m) / s.seconds - 1) for s in samples)
-        relative[label] = {"median": errors[len(errors) // 2], "max": errors[-1]}
+    relative = {
+        "before": report["relative_error_base"],
+        "fitted": report["relative_error_fitted"],
+        "written": relative_errors(measured, model_units(model)),
+    }
     meta = {
         "device_type": kind,
         "dtype": str(dtype).removeprefix("torch."),

@@ -24,7 +24,8 @@ has to rank the candidates; layers additionally require a margin before leaving 
 On another machine the constants can be refitted: ``compressed-transformer calibrate`` times the same kinds of
 steps there and fits every constant at once (:func:`fit_cost_model`: each prediction is linear in the per-unit
 costs, so a calibration is a non-negative least-squares problem); :func:`set_cost_model` installs the result, or
-the environment variable ``COMPRESSED_TRANSFORMER_COSTS`` names its JSON file (read at the first decision).
+the environment variable ``COMPRESSED_TRANSFORMER_COSTS`` names its JSON file (read when this module is imported,
+or, if that failed, at every decision until the file is fixed).
 """
 
 from __future__ import annotations
@@ -50,9 +51,11 @@ __all__ = [
     "cost_model_for",
     "cost_model_source",
     "costs_version",
+    "device_kind",
     "fit_cost_model",
     "load_cost_models",
     "nnls",
+    "relative_errors",
     "save_cost_models",
     "set_cost_model",
 ]
@@ -206,7 +209,8 @@ _installed: dict[str, tuple[CostModel, str]] = {}  # device kind -> (model, wher
 _state = {"version": 0, "env_read": False}
 
 
-def _kind(device_type: str) -> str:
+def device_kind(device_type: str) -> str:
+    """``"cuda"`` or ``"cpu"``: the cost model a device type uses (any device but CUDA gets the CPU model)."""
     return "cuda" if device_type == "cuda" else "cpu"
 
 
@@ -231,7 +235,7 @@ def cost_model_for(device_type: str) -> CostModel:
         FileNotFoundError, ValueError: when ``$COMPRESSED_TRANSFORMER_COSTS`` names a missing or malformed file.
     """
     _read_env()
-    kind = _kind(device_type)
+    kind = device_kind(device_type)
     return _installed[kind][0] if kind in _installed else BUILT_IN[kind]
 
 
@@ -239,7 +243,7 @@ def cost_model_source(device_type: str) -> str:
     """Where the model :func:`cost_model_for` returns came from: ``"built-in"``, ``"set_cost_model"`` or the file
     named by ``$COMPRESSED_TRANSFORMER_COSTS``."""
     _read_env()
-    kind = _kind(device_type)
+    kind = device_kind(device_type)
     return _installed[kind][1] if kind in _installed else "built-in"
 
 
@@ -319,10 +323,14 @@ def cost_model_to_dict(model: CostModel) -> dict[str, Any]:
         "train": _pass_to_dict(model.train, "train"),
     }
     data.update({k: getattr(model, k) for k in _MODEL_KEYS})
+    _check_scalars(data, "cost model")
+    return data
+
+
+def _check_scalars(data: Mapping[str, Any], where: str) -> None:
     for key in ("thread_scaling", "margin", "min_saving_s"):
         if not _is_number(data[key]):
-            raise ValueError(f"{key} must be finite and >= 0 to be saved, got {data[key]}")
-    return data
+            raise ValueError(f"{where}.{key} must be a finite number >= 0, got {data[key]!r}")
 
 
 def cost_model_from_dict(data: Any, where: str = "cost model") -> CostModel:
@@ -338,9 +346,7 @@ def cost_model_from_dict(data: Any, where: str = "cost model") -> CostModel:
     chunk = data["chunk_bytes"]
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"{where}.chunk_bytes must be a positive integer or null, got {chunk!r}")
-    for key in ("thread_scaling", "margin", "min_saving_s"):
-        if not _is_number(data[key]):
-            raise ValueError(f"{where}.{key} must be a finite number >= 0, got {data[key]!r}")
+    _check_scalars(data, where)
     return CostModel(
         forward=_pass_from_dict(data["forward"], f"{where}.forward"),
         train=_pass_from_dict(data["train"], f"{where}.train"),
@@ -514,18 +520,23 @@ def fit_cost_model(
     fitted[used] = solution
     model = model_with_units(base, fitted.tolist())
 
-    def errors(u: torch.Tensor) -> dict[str, float]:
-        relative = ((features @ u) / times - 1.0).abs()
-        return {"median": float(relative.median()), "max": float(relative.max())}
-
     report = {
         "samples": len(samples),
         "fitted": [n for n, u in zip(UNIT_NAMES, used.tolist(), strict=True) if u],
         "kept": [n for n, u in zip(UNIT_NAMES, used.tolist(), strict=True) if not u],
-        "relative_error_base": errors(units),
-        "relative_error_fitted": errors(fitted),
+        "relative_error_base": relative_errors(samples, model_units(base)),
+        "relative_error_fitted": relative_errors(samples, fitted.tolist()),
     }
     return model, report
+
+
+def relative_errors(samples: Sequence[tuple[Sequence[float], float]], units: Sequence[float]) -> dict[str, float]:
+    """Median and maximum of ``|predicted / measured - 1|`` over ``(features, seconds)`` samples, predicting with
+    the per-unit costs ``units``."""
+    features = torch.tensor([list(f) for f, _ in samples], dtype=torch.float64)
+    times = torch.tensor([t for _, t in samples], dtype=torch.float64)
+    relative = ((features @ torch.tensor(list(units), dtype=torch.float64)) / times - 1.0).abs()
+    return {"median": float(relative.median()), "max": float(relative.max())}
 
 
 # $COMPRESSED_TRANSFORMER_COSTS is read now, outside any torch.compile trace; a bad file raises again, with its
