@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from compressed_transformer import cli, translate
+from compressed_transformer.data.parallel import load_dataset
 from compressed_transformer.translate import build_configs, parse_option
 
 
@@ -101,7 +102,14 @@ def test_train_eval_translate_end_to_end(
     assert {"bleu", "bleu_seed", "sentences", "seconds", "bleu_signature", "parameters", "compression_ratio"} <= set(
         result
     )
-    assert result["sentences"] == 2 and 0.0 <= result["bleu_seed"] <= 1.0
+    assert result["sentences"] == 2 and 0.0 <= result["bleu_seed"] <= 1.0 and result["bleu_ci"] >= 0.0
+    assert "seed_protocol" not in result
+    protocol = ["translate", "eval", "--checkpoint", checkpoint, "--dataset", "plain", "--data-dir", str(data)]
+    assert run([*protocol, "--seed-protocol", "--beam", "1"]) == 0
+    seed = json.loads(capsys.readouterr().out)["seed_protocol"]
+    assert seed["protocol"]["batch_size"] == 150 and seed["kept"] == len(load_dataset("plain", data, "valid"))
+    with pytest.raises(ValueError, match="--seed-protocol needs --dataset"):
+        run(["translate", "eval", "--checkpoint", checkpoint, "--src", str(src), "--ref", str(ref), "--seed-protocol"])
     # references already tokenised (fairseq's files): the seed-style figure is their BLEU as the study reports it,
     # not a second 13a tokenisation (which would split "dog." and score this hypothesis higher)
     tok_ref = tmp_path / "ref.tok.en"

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from compressed_transformer import cli
+from compressed_transformer.data.parallel import load_dataset
+from compressed_transformer.evaluate.bleu import seed_protocol_bleu
 from compressed_transformer.models.transformer import Transformer, parameter_report, preset
 from compressed_transformer.studies import translation
 from compressed_transformer.studies.translation import (
@@ -190,6 +192,14 @@ def test_tiny_study_end_to_end_then_skips_finished_rows(tmp_path: Path, capsys: 
 
     table = (out / "table.md").read_text()
     assert "| tt-3/4 (= tt-all) |" in table and "all 2+2" in table and "seed BLEU" in table
+    # every row is also scored the seed's way, from the greedy validation outputs it keeps
+    valid, train_pairs = (load_dataset("plain", str(data), split) for split in ("valid", "train"))
+    for name in ("original", "tt-all+attn+emb"):
+        hyps = (out / "rows" / name / "valid.greedy.hyp").read_text(encoding="utf-8").splitlines()
+        again = seed_protocol_bleu(hyps, valid.src, valid.tgt, train_pairs.src, train_pairs.tgt)
+        assert rows[name]["seed_protocol"] == again and 0.0 <= again["bleu"] <= 1.0
+        assert rows[name]["bleu_ci"] >= 0.0
+    assert "seed protocol (valid)" in table and f"({rows['original']['seed_protocol']['sentences']} sentences)" in table
 
     # a second invocation trains nothing: finished rows are read back, their files untouched
     watched = [out / "rows" / name / "result.json" for name in ("original", "tt-all")]

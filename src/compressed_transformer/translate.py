@@ -219,7 +219,7 @@ def _load(args: argparse.Namespace):
 
 def _eval(args: argparse.Namespace) -> int:
     from compressed_transformer.data.parallel import load_dataset, read_lines
-    from compressed_transformer.evaluate.bleu import sacre_bleu, seed_bleu, tokenized_bleu
+    from compressed_transformer.evaluate.bleu import bleu_interval, sacre_bleu, seed_bleu, tokenized_bleu
     from compressed_transformer.evaluate.decoding import translate
     from compressed_transformer.models.transformer import parameter_report
     from compressed_transformer.train.trainer import compression_ratio
@@ -233,6 +233,8 @@ def _eval(args: argparse.Namespace) -> int:
         src, ref = corpus.src, corpus.tgt
     else:
         raise ValueError("give --src FILE --ref FILE, or --dataset NAME --data-dir DIR [--split test]")
+    if args.seed_protocol and not (args.dataset and args.data_dir):
+        raise ValueError("--seed-protocol needs --dataset NAME --data-dir DIR (it reads the train and valid splits)")
     model, tokenizer, device = _load(args)
     start = time.perf_counter()
     hyps, seconds = translate(
@@ -251,6 +253,7 @@ def _eval(args: argparse.Namespace) -> int:
     result = {
         "bleu": round(bleu, 2),
         "bleu_signature": signature,
+        "bleu_ci": round(bleu_interval(hyps, ref), 2),
         # as the study scores it: references already tokenised are BLEU'd as they are (fairseq's figure)
         "bleu_seed": round(tok_bleu / 100.0 if args.tokenized_ref else seed_bleu(hyps, ref), 4),
         "bleu_tok_lc": round(tok_bleu, 2),
@@ -265,8 +268,21 @@ def _eval(args: argparse.Namespace) -> int:
         "compression_ratio": compression_ratio(model.config, model),
         "ffn": model.config.ffn.to_dict(),
     }
+    if args.seed_protocol:
+        result["seed_protocol"] = _seed_protocol(args, model, tokenizer, device)
     print(json.dumps(result))
     return 0
+
+
+def _seed_protocol(args: argparse.Namespace, model, tokenizer, device) -> dict[str, Any]:
+    """The seed's own validation BLEU (``evaluate.bleu.SeedProtocol``) of ``model``: greedy, on the valid split."""
+    from compressed_transformer.data.parallel import load_dataset
+    from compressed_transformer.evaluate.bleu import seed_protocol_bleu
+    from compressed_transformer.evaluate.decoding import translate
+
+    train, valid = (load_dataset(args.dataset, args.data_dir, split) for split in ("train", "valid"))
+    hyps, _ = translate(model, tokenizer, valid.src, beam=1, max_tokens=args.max_tokens, device=device)
+    return seed_protocol_bleu(hyps, valid.src, valid.tgt, train.src, train.tgt)
 
 
 def _translate(args: argparse.Namespace) -> int:
@@ -416,6 +432,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--output", help="write the hypotheses here")
     evaluate.add_argument(
         "--tokenized-ref", action="store_true", help="references are already tokenised (fairseq's text)"
+    )
+    evaluate.add_argument(
+        "--seed-protocol",
+        action="store_true",
+        help="also score the valid split the way the seed's code does (greedy, one sentence per batch; needs "
+        "--dataset and --data-dir)",
     )
     evaluate.set_defaults(func=_eval)
 

@@ -5,15 +5,30 @@
   hypotheses and references are already tokenised (fairseq's prepared text) pass ``pretokenized=True`` so nothing is
   re-tokenised; otherwise 13a tokenisation stands in for Moses.
 * :func:`seed_bleu`: the same lowercased tokenised corpus BLEU on a 0-1 scale, comparable with the seed's figures.
+* :func:`bleu_interval`: a bootstrap confidence interval of sacreBLEU (how much a test set's BLEU varies by chance).
+* :func:`seed_protocol_bleu`: the seed's own evaluation re-enacted (:class:`SeedProtocol`): greedy translations of
+  one validation sentence per batch, words outside a frequency-cut vocabulary counted as matching ``<unk>``.
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from sacrebleu.metrics import BLEU
+from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
-__all__ = ["sacre_bleu", "seed_bleu", "tokenized_bleu"]
+__all__ = [
+    "SeedProtocol",
+    "bleu_interval",
+    "sacre_bleu",
+    "seed_bleu",
+    "seed_protocol_bleu",
+    "tokenized_bleu",
+]
 
 
 def _check(hypotheses: Sequence[str], references: Sequence[str]) -> None:
@@ -46,3 +61,137 @@ def tokenized_bleu(
 def seed_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     """Lowercased, 13a-tokenised corpus BLEU on a 0-1 scale."""
     return tokenized_bleu(hypotheses, references)[0] / 100.0
+
+
+def bleu_interval(hypotheses: Sequence[str], references: Sequence[str], resamples: int = 1000) -> float:
+    """Half-width of sacreBLEU's 95 % bootstrap confidence interval (0-100): the test sentences are resampled with
+    replacement ``resamples`` times (sacrebleu's ``n_bootstrap``, fixed seed), so two systems whose BLEU differ by
+    less than about this much on this test set are not told apart by it.
+
+    Raises:
+        ValueError: if the two lists differ in length or ``resamples < 2``.
+    """
+    _check(hypotheses, references)
+    if resamples < 2:
+        raise ValueError(f"resamples must be >= 2, got {resamples}")
+    score = BLEU().corpus_score(list(hypotheses), [list(references)], n_bootstrap=resamples)
+    return float(score._ci)
+
+
+@dataclass(frozen=True)
+class SeedProtocol:
+    """How the seed's public code scores a translation model (khakhulin/compressed-transformer at 00518c0:
+    ``nmt/utils/prepare_data.py``, ``nmt/utils/train_utils.py``: ``valid`` / ``evaluate_bleu``; read for its
+    protocol only).
+
+    * Every split keeps only the pairs whose source and target have at most ``max_len`` tokens.
+    * The target vocabulary holds the training targets' tokens seen at least ``min_freq`` times; every other token,
+      in references and outputs alike, is ``<unk>`` (BLEU is taken on vocabulary ids, so ``<unk>`` matches ``<unk>``).
+    * The validation set is cut, in file order, into batches of ``batch_size`` pairs, and only the *first* pair of
+      each batch is translated (``batch.src.transpose(0, 1)[:1]``), greedily, at most ``max_len - 1`` tokens.
+    * Score: corpus BLEU (NLTK's ``corpus_bleu``: 4-grams, uniform weights, no smoothing), 0-1.
+
+    Defaults are the settings next to the seed's 0.442 (its ``results.md``: batch size 150, which leaves 7 of the
+    1014 validation sentences; its README's command: ``--lower --tokenize --min_freq 10``). The seed tokenised with
+    NLTK's toktok tokeniser; ``tokenize="13a"`` (sacreBLEU's) stands in for it, ``"split"`` is the seed's
+    whitespace default.
+
+    Raises:
+        ValueError: for a non-positive size or an unknown tokeniser.
+    """
+
+    batch_size: int = 150
+    min_freq: int = 10
+    max_len: int = 50
+    lower: bool = True
+    tokenize: str = "13a"
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "min_freq", "max_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SeedProtocol.{name} must be >= 1, got {getattr(self, name)}")
+        if self.tokenize not in ("13a", "split"):
+            raise ValueError(f"SeedProtocol.tokenize must be '13a' or 'split', got {self.tokenize!r}")
+
+    def tokens(self, text: str) -> list[str]:
+        """``text`` as the protocol's tokens (lowercased when ``lower``)."""
+        text = text.lower() if self.lower else text
+        return (Tokenizer13a()(text) if self.tokenize == "13a" else text).split()
+
+
+def _keep_short(protocol: SeedProtocol, src: Sequence[str], tgt: Sequence[str]) -> list[tuple[int, list[str]]]:
+    """``(index, target tokens)`` of the pairs within ``max_len`` tokens on both sides (the seed's ``filter_pred``)."""
+    kept = []
+    for index, (source, target) in enumerate(zip(src, tgt, strict=True)):
+        words = protocol.tokens(target)
+        if len(protocol.tokens(source)) <= protocol.max_len and len(words) <= protocol.max_len:
+            kept.append((index, words))
+    return kept
+
+
+def _ids_bleu(hypotheses: list[list[str]], references: list[list[str]]) -> float:
+    """NLTK-style corpus BLEU (0-1; 0 when an n-gram order has no match) of token lists."""
+    metric = BLEU(tokenize="none", smooth_method="none", force=True)
+    return metric.corpus_score([" ".join(h) for h in hypotheses], [[" ".join(r) for r in references]]).score / 100.0
+
+
+def seed_protocol_bleu(
+    hypotheses: Sequence[str],
+    sources: Sequence[str],
+    references: Sequence[str],
+    train_sources: Sequence[str],
+    train_references: Sequence[str],
+    protocol: SeedProtocol = SeedProtocol(),
+) -> dict[str, Any]:
+    """The seed's validation BLEU (:class:`SeedProtocol`) of greedy ``hypotheses`` of the validation ``sources``.
+
+    Because the seed scores one pair in ``batch_size``, its figure depends on which pairs happen to open a batch;
+    the result gives that figure and what it would have been for every other offset into the batches.
+
+    Args:
+        hypotheses: translations of every validation source, line-aligned with ``sources`` / ``references``
+            (greedy decoding, as the seed's).
+        sources, references: the validation pairs.
+        train_sources, train_references: the training pairs (the vocabulary, after the length filter).
+        protocol: the protocol's settings.
+
+    Returns:
+        ``bleu``: the seed's figure (the first pair of each batch); ``sentences``: how many pairs it scores;
+        ``offsets``: the figure for every offset ``0 .. batch_size - 1`` into the batches (offsets past the last
+        kept pair are left out) with their ``mean``, ``std``, ``min`` and ``max``; ``bleu_all``: the same BLEU over
+        every kept validation pair (the protocol without the sampling); ``kept``: pairs within ``max_len``;
+        ``protocol``: the settings.
+
+    Raises:
+        ValueError: if the lists are not line-aligned, or no validation pair is within ``max_len``.
+    """
+    _check(hypotheses, references)
+    _check(sources, references)
+    counts = Counter(word for _, words in _keep_short(protocol, train_sources, train_references) for word in words)
+    vocabulary = {word for word, count in counts.items() if count >= protocol.min_freq}
+    kept = _keep_short(protocol, sources, references)
+    if not kept:
+        raise ValueError(f"no validation pair has at most {protocol.max_len} tokens on both sides")
+
+    def ids(words: list[str]) -> list[str]:
+        return [word if word in vocabulary else "<unk>" for word in words]
+
+    hyps = [ids(protocol.tokens(hypotheses[index])[: protocol.max_len - 1]) for index, _ in kept]
+    refs = [ids(words) for _, words in kept]
+    offsets = [
+        _ids_bleu(hyps[offset :: protocol.batch_size], refs[offset :: protocol.batch_size])
+        for offset in range(min(protocol.batch_size, len(kept)))
+    ]
+    mean = sum(offsets) / len(offsets)
+    return {
+        "bleu": offsets[0],
+        "sentences": len(hyps[:: protocol.batch_size]),
+        "offsets": offsets,
+        "mean": mean,
+        "std": math.sqrt(sum((b - mean) ** 2 for b in offsets) / len(offsets)),
+        "min": min(offsets),
+        "max": max(offsets),
+        "bleu_all": _ids_bleu(hyps, refs),
+        "kept": len(kept),
+        "protocol": asdict(protocol),
+    }

@@ -21,7 +21,7 @@ except ImportError:  # pragma: no cover - Windows
 
 from ...data.parallel import ParallelCorpus, load_dataset
 from ...data.tokenizer import Tokenizer
-from ...evaluate.bleu import sacre_bleu, seed_bleu, tokenized_bleu
+from ...evaluate.bleu import SeedProtocol, bleu_interval, sacre_bleu, seed_bleu, seed_protocol_bleu, tokenized_bleu
 from ...evaluate.decoding import translate
 from ...models.transformer import (
     FeedForward,
@@ -184,6 +184,8 @@ class RowResult:
     row: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
+    bleu_ci: float | None = None  # half-width of the test sacreBLEU's 95 % bootstrap interval
+    seed_protocol: dict[str, Any] | None = None  # the seed's own validation BLEU (evaluate.bleu.seed_protocol_bleu)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -289,11 +291,33 @@ def load_row_model(study: StudyConfig, row: str, checkpoint: str | Path | None =
     return _load_row_model(rows[row], state), Tokenizer(state["tokenizer"])
 
 
-def _score_row(
-    plan: _Plan, study: StudyConfig, test: ParallelCorpus, tokenized_refs: bool, device: torch.device
-) -> RowResult:
+@dataclass(frozen=True)
+class _Data:
+    """What scoring a row reads: the test set, the validation and training pairs (the seed's protocol), and whether
+    the references are already tokenised (IWSLT'14 prepared by fairseq)."""
+
+    test: ParallelCorpus
+    valid: ParallelCorpus
+    train: ParallelCorpus
+    tokenized_refs: bool
+
+
+def _load_data(study: StudyConfig) -> _Data:
+    """Every split, read before any training, so that missing data (e.g. IWSLT'14's training text) fails first."""
+    train, valid, test = (load_dataset(study.dataset, study.data_dir, split) for split in ("train", "valid", "test"))
+    return _Data(test, valid, train, _uses_tokenized_refs(study))
+
+
+def _seed_protocol(model: Transformer, tokenizer: Tokenizer, data: _Data, folder: Path, device) -> dict[str, Any]:
+    """The seed's validation BLEU of ``model`` (greedy outputs kept in ``folder/valid.greedy.hyp``)."""
+    hyps, _ = translate(model, tokenizer, data.valid.src, beam=1, device=device)
+    (folder / "valid.greedy.hyp").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    return seed_protocol_bleu(hyps, data.valid.src, data.valid.tgt, data.train.src, data.train.tgt, SeedProtocol())
+
+
+def _score_row(plan: _Plan, study: StudyConfig, data: _Data, device: torch.device) -> RowResult:
     """Decode the test set with the row's best checkpoint (or the average of its last ``study.average``); sizes,
-    ratios, BLEU and timings."""
+    ratios, BLEU (with its bootstrap interval, and the seed's own validation protocol) and timings."""
     folder = plan.folder
     summary = json.loads((folder / "summary.json").read_text())
     if study.average:
@@ -309,10 +333,12 @@ def _score_row(
     model = _load_row_model(plan.row, state, device)
     tokenizer = Tokenizer(state["tokenizer"])
     beam = study.beam or study.resolved_budget.beam
+    test, tokenized_refs = data.test, data.tokenized_refs
     hyps, seconds = translate(model, tokenizer, test.src, beam=beam, device=device)
     (folder / "test.hyp").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     bleu, signature = sacre_bleu(hyps, test.tgt)
     tok_bleu, tok_signature = tokenized_bleu(hyps, test.tgt, pretokenized=tokenized_refs)
+    seed_protocol = _seed_protocol(model, tokenizer, data, folder, device)  # after the timed test decoding
     report = parameter_report(model)
     reference = _reference_params(study.base_model, model.config.vocab_size)
     return RowResult(
@@ -346,6 +372,8 @@ def _score_row(
         row=plan.row.to_dict(),
         model=state["model_config"],
         train=plan.train.to_dict(),
+        bleu_ci=bleu_interval(hyps, test.tgt),
+        seed_protocol=seed_protocol,
     )
 
 
@@ -384,8 +412,7 @@ def _run_row(
     plan: _Plan,
     results: Mapping[str, RowResult],
     study: StudyConfig,
-    test: ParallelCorpus,
-    tokenized_refs: bool,
+    data: _Data,
     device: torch.device,
     rescore: bool = False,
 ) -> RowResult | None:
@@ -404,7 +431,7 @@ def _run_row(
     with _row_lock(folder):
         summary_path = folder / "summary.json"
         if rescore:
-            return _rescore_row(plan, study, test, tokenized_refs, device)
+            return _rescore_row(plan, study, data, device)
         # a finished row whose budget was raised since (--max-minutes / --max-steps) trains on from its last checkpoint
         extend = summary_path.exists() and budget_left(plan.train, json.loads(summary_path.read_text()))
         if result_path.exists():
@@ -422,13 +449,11 @@ def _run_row(
             how = "continuing (budget raised)" if extend else "resuming" if resume else "training"
             _log(f"{name}: {how} in {folder}")
             train(plan.model, plan.train, resume=resume, prepare=row_prepare(plan.row))
-        _log(f"{name}: decoding the test set ({len(test)} sentences)")
-        return _save_result(_score_row(plan, study, test, tokenized_refs, device), study, result_path)
+        _log(f"{name}: decoding the test set ({len(data.test)} sentences)")
+        return _save_result(_score_row(plan, study, data, device), study, result_path)
 
 
-def _rescore_row(
-    plan: _Plan, study: StudyConfig, test: ParallelCorpus, tokenized_refs: bool, device: torch.device
-) -> RowResult | None:
+def _rescore_row(plan: _Plan, study: StudyConfig, data: _Data, device: torch.device) -> RowResult | None:
     """``--rescore``: decode a trained row's test set again (``None`` for a row not trained). A row that cannot be
     decoded (e.g. ``--average`` on a run kept without step checkpoints) keeps its stored result, with a message."""
     folder, name = plan.folder, plan.row.name
@@ -438,9 +463,9 @@ def _rescore_row(
         return None
     config = json.loads((folder / "config.json").read_text())
     _check_same_run(plan, config, folder / "config.json")
-    _log(f"{name}: decoding the test set again ({len(test)} sentences)")
+    _log(f"{name}: decoding the test set again ({len(data.test)} sentences)")
     try:
-        result = _score_row(plan, study, test, tokenized_refs, device)
+        result = _score_row(plan, study, data, device)
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         kept = result_path.exists()
         _log(f"{name}: could not decode it again ({error}); {'its stored result is kept' if kept else 'left out'}")
@@ -514,11 +539,7 @@ def run_study(
             )
     plans = _plan(study, out.resolve())  # absolute paths: a conversion row's init_from must not depend on the cwd
     if not report_only:
-        # Every split is read before any training, so missing data (e.g. IWSLT'14's training text) fails first.
-        for split in ("train", "valid"):
-            load_dataset(study.dataset, study.data_dir, split)
-        test = load_dataset(study.dataset, study.data_dir, "test")
-        tokenized_refs = _uses_tokenized_refs(study)
+        data = _load_data(study)
         device = resolve_device(study.device)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(marker, json.dumps(identity, indent=1) + "\n")
@@ -527,7 +548,7 @@ def run_study(
     results: dict[str, RowResult] = {}
     if not report_only:
         for name in _to_run(study, plans, rescore):
-            result = _run_row(plans[name], results, study, test, tokenized_refs, device, rescore)
+            result = _run_row(plans[name], results, study, data, device, rescore)
             if result is not None:
                 results[name] = result
     table: list[RowResult] = []

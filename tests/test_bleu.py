@@ -1,0 +1,136 @@
+"""The BLEU helpers beyond sacreBLEU's own score: the bootstrap interval and the seed's validation protocol."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+
+import pytest
+
+from compressed_transformer.evaluate.bleu import SeedProtocol, bleu_interval, sacre_bleu, seed_protocol_bleu
+
+WORDS = [
+    "a",
+    "man",
+    "woman",
+    "dog",
+    "cat",
+    "runs",
+    "sits",
+    "on",
+    "the",
+    "grass",
+    "street",
+    "red",
+    "blue",
+    "with",
+    "ball",
+    "child",
+]
+
+
+def _reference_bleu(hypotheses: list[list[str]], references: list[list[str]]) -> float:
+    """Papineni et al.'s corpus BLEU written out: clipped n-gram precisions, geometric mean, brevity penalty."""
+    matches, totals = [0] * 4, [0] * 4
+    for hyp, ref in zip(hypotheses, references, strict=True):
+        for n in range(1, 5):
+            grams = Counter(tuple(hyp[i : i + n]) for i in range(len(hyp) - n + 1))
+            ref_grams = Counter(tuple(ref[i : i + n]) for i in range(len(ref) - n + 1))
+            matches[n - 1] += sum(min(count, ref_grams[g]) for g, count in grams.items())
+            totals[n - 1] += max(len(hyp) - n + 1, 0)
+    if min(matches) == 0:
+        return 0.0
+    hyp_len, ref_len = sum(map(len, hypotheses)), sum(map(len, references))
+    penalty = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
+    return penalty * math.exp(sum(math.log(m / t) for m, t in zip(matches, totals, strict=True)) / 4)
+
+
+def _sentence(rng: random.Random, length: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(length))
+
+
+def _corpus(rng: random.Random, pairs: int) -> tuple[list[str], list[str]]:
+    return [_sentence(rng, 6) for _ in range(pairs)], [_sentence(rng, rng.randint(5, 9)) for _ in range(pairs)]
+
+
+def test_protocol_bleu_is_corpus_bleu_of_the_sampled_sentences() -> None:
+    rng = random.Random(0)
+    train_src, train_tgt = _corpus(rng, 200)
+    src, ref = _corpus(rng, 23)
+    hyps = [" ".join(r.split()[: rng.randint(3, 9)]) if i % 3 else _sentence(rng, 7) for i, r in enumerate(ref)]
+    protocol = SeedProtocol(batch_size=5, min_freq=1)  # every word is frequent: no <unk> here
+    result = seed_protocol_bleu(hyps, src, ref, train_src, train_tgt, protocol)
+    tokens = [h.split() for h in hyps], [r.split() for r in ref]
+    for offset in range(5):
+        expected = _reference_bleu(tokens[0][offset::5], tokens[1][offset::5])
+        assert result["offsets"][offset] == pytest.approx(expected, abs=1e-9), offset
+    assert result["bleu"] == result["offsets"][0] and result["sentences"] == 5  # pairs 0, 5, 10, 15, 20
+    assert result["bleu_all"] == pytest.approx(_reference_bleu(*tokens), abs=1e-9)
+    assert result["min"] <= result["mean"] <= result["max"] and result["std"] > 0
+    assert result["kept"] == 23 and result["protocol"]["batch_size"] == 5
+
+
+def test_protocol_scores_only_the_first_pair_of_each_batch() -> None:
+    rng = random.Random(1)
+    train_src, train_tgt = _corpus(rng, 100)
+    src, ref = _corpus(rng, 10)
+    hyps = [r if i % 4 == 0 else "street street street" for i, r in enumerate(ref)]  # right at 0, 4, 8 only
+    result = seed_protocol_bleu(hyps, src, ref, train_src, train_tgt, SeedProtocol(batch_size=4, min_freq=1))
+    assert result["bleu"] == pytest.approx(1.0) and result["sentences"] == 3
+    assert result["offsets"][1:] == [0.0, 0.0, 0.0] and result["bleu_all"] < 0.5
+
+
+def test_protocol_drops_long_pairs_before_batching() -> None:
+    rng = random.Random(2)
+    train_src, train_tgt = _corpus(rng, 100)
+    src, ref = _corpus(rng, 6)
+    src[0] = _sentence(rng, 60)  # over max_len: dropped, so pair 1 opens the first batch
+    hyps = ["street street street"] * 6
+    hyps[1] = ref[1]
+    result = seed_protocol_bleu(hyps, src, ref, train_src, train_tgt, SeedProtocol(batch_size=3, min_freq=1))
+    assert result["kept"] == 5 and result["bleu_all"] < 1.0
+    assert seed_protocol_bleu(hyps[1:2], src[1:2], ref[1:2], train_src, train_tgt)["bleu"] == pytest.approx(1.0)
+    # the sample of offset 0 is pairs 1 and 4 (kept pairs 0 and 3): half right
+    half = _reference_bleu([ref[1].split(), hyps[4].split()], [ref[1].split(), ref[4].split()])
+    assert result["bleu"] == pytest.approx(half)
+    with pytest.raises(ValueError, match="at most 50 tokens"):
+        seed_protocol_bleu(["x"], [_sentence(rng, 51)], ["x"], train_src, train_tgt)
+
+
+def test_rare_words_match_as_unk_and_long_outputs_are_cut() -> None:
+    train_tgt = ["a dog runs on the grass"] * 10 + ["a cat sits"]  # "cat" is seen once
+    train_src = ["x"] * len(train_tgt)
+    ref, hyp = ["a cat runs on the grass"], ["a zebra runs on the grass"]
+    rare = seed_protocol_bleu(hyp, ["x"], ref, train_src, train_tgt, SeedProtocol(batch_size=1, min_freq=2))
+    assert rare["bleu"] == pytest.approx(1.0)  # cat and zebra are both <unk>
+    known = seed_protocol_bleu(hyp, ["x"], ref, train_src, train_tgt, SeedProtocol(batch_size=1, min_freq=1))
+    assert known["bleu"] < 1.0  # cat is in the vocabulary now, zebra is not
+    cased = seed_protocol_bleu(["A Dog runs on the grass"], ["x"], ["a dog runs on the grass"], train_src, train_tgt)
+    assert cased["bleu"] == pytest.approx(1.0)  # lowercased
+    protocol = SeedProtocol(batch_size=1, min_freq=1, max_len=6)
+    cut = seed_protocol_bleu(["a dog runs on the grass"], ["x"], ["a dog runs on the"], train_src, train_tgt, protocol)
+    assert cut["bleu"] == pytest.approx(1.0)  # the output stops after max_len - 1 = 5 tokens
+    assert SeedProtocol(tokenize="13a").tokens("A dog, running.") == ["a", "dog", ",", "running", "."]
+    assert SeedProtocol(tokenize="split", lower=False).tokens("A dog, running.") == ["A", "dog,", "running."]
+
+
+def test_protocol_and_interval_reject_bad_input() -> None:
+    for bad in ({"batch_size": 0}, {"min_freq": 0}, {"max_len": 0}, {"tokenize": "moses"}):
+        with pytest.raises(ValueError, match="SeedProtocol"):
+            SeedProtocol(**bad)
+    with pytest.raises(ValueError, match="line-aligned"):
+        seed_protocol_bleu(["a"], ["x", "y"], ["a", "b"], ["x"], ["a"])
+    with pytest.raises(ValueError, match="resamples"):
+        bleu_interval(["a"], ["a"], resamples=1)
+    with pytest.raises(ValueError, match="line-aligned"):
+        bleu_interval(["a"], ["a", "b"])
+
+
+def test_bootstrap_interval_shrinks_with_more_sentences() -> None:
+    rng = random.Random(3)
+    refs = [_sentence(rng, 8) for _ in range(400)]
+    hyps = [" ".join(r.split()[:6]) + " dog" for r in refs]
+    small, large = bleu_interval(hyps[:40], refs[:40]), bleu_interval(hyps, refs)
+    assert 0.0 < large < small < sacre_bleu(hyps, refs)[0]
+    assert bleu_interval(refs, refs) == pytest.approx(0.0)  # every resample is perfect
