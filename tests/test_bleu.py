@@ -8,7 +8,13 @@ from collections import Counter
 
 import pytest
 
-from compressed_transformer.evaluate.bleu import SeedProtocol, bleu_interval, sacre_bleu, seed_protocol_bleu
+from compressed_transformer.evaluate.bleu import (
+    SeedProtocol,
+    bleu_interval,
+    paired_bootstrap_p,
+    sacre_bleu,
+    seed_protocol_bleu,
+)
 
 WORDS = [
     "a",
@@ -134,3 +140,17 @@ def test_bootstrap_interval_shrinks_with_more_sentences() -> None:
     small, large = bleu_interval(hyps[:40], refs[:40]), bleu_interval(hyps, refs)
     assert 0.0 < large < small < sacre_bleu(hyps, refs)[0]
     assert bleu_interval(refs, refs) == pytest.approx(0.0)  # every resample is perfect
+
+
+def test_paired_bootstrap_tells_a_real_difference_from_noise() -> None:
+    rng = random.Random(4)
+    refs = [_sentence(rng, 8) for _ in range(300)]
+    good = [" ".join(r.split()[:7]) + " dog" for r in refs]
+    worse = [r if i % 2 else _sentence(rng, 8) for i, r in enumerate(good)]  # half the outputs replaced by noise
+    noisy = [r if i != 7 else _sentence(rng, 8) for i, r in enumerate(good)]  # one output changed
+    assert paired_bootstrap_p(good, worse, refs) < 0.01
+    assert paired_bootstrap_p(good, noisy, refs) > 0.2
+    with pytest.raises(ValueError, match="line-aligned"):
+        paired_bootstrap_p(good[:2], worse, refs)
+    with pytest.raises(ValueError, match="resamples"):
+        paired_bootstrap_p(good, worse, refs, resamples=0)

@@ -14,7 +14,7 @@ from torch import nn
 
 from compressed_transformer import cli
 from compressed_transformer.data.parallel import load_dataset
-from compressed_transformer.evaluate.bleu import seed_protocol_bleu
+from compressed_transformer.evaluate.bleu import paired_bootstrap_p, seed_protocol_bleu
 from compressed_transformer.models.transformer import Transformer, parameter_report, preset
 from compressed_transformer.studies import translation
 from compressed_transformer.studies.translation import (
@@ -199,6 +199,12 @@ def test_tiny_study_end_to_end_then_skips_finished_rows(tmp_path: Path, capsys: 
         again = seed_protocol_bleu(hyps, valid.src, valid.tgt, train_pairs.src, train_pairs.tgt)
         assert rows[name]["seed_protocol"] == again and 0.0 <= again["bleu"] <= 1.0
         assert rows[name]["bleu_ci"] >= 0.0
+    # the paired test of every row against the original, from the outputs each row kept
+    test = load_dataset("plain", str(data), "test")
+    outputs = {n: (Path(rows[n]["run_dir"]) / "test.hyp").read_text(encoding="utf-8").splitlines() for n in rows}
+    assert rows["original"]["p_vs_original"] is None
+    for name in ("tt-all", "tt-all-convert", "tt-all+ttemb"):
+        assert rows[name]["p_vs_original"] == paired_bootstrap_p(outputs["original"], outputs[name], test.tgt)
     assert "seed protocol (valid)" in table and f"({rows['original']['seed_protocol']['sentences']} sentences)" in table
 
     # a second invocation trains nothing: finished rows are read back, their files untouched

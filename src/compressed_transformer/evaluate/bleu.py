@@ -6,6 +6,7 @@
   re-tokenised; otherwise 13a tokenisation stands in for Moses.
 * :func:`seed_bleu`: the same lowercased tokenised corpus BLEU on a 0-1 scale, comparable with the seed's figures.
 * :func:`bleu_interval`: a bootstrap confidence interval of sacreBLEU (how much a test set's BLEU varies by chance).
+* :func:`paired_bootstrap_p`: whether two systems' sacreBLEU on the same test set differ by more than chance.
 * :func:`seed_protocol_bleu`: the seed's own evaluation re-enacted (:class:`SeedProtocol`): greedy translations of
   one validation sentence per batch, words outside a frequency-cut vocabulary counted as matching ``<unk>``.
 """
@@ -24,6 +25,7 @@ from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 __all__ = [
     "SeedProtocol",
     "bleu_interval",
+    "paired_bootstrap_p",
     "sacre_bleu",
     "seed_bleu",
     "seed_protocol_bleu",
@@ -76,6 +78,32 @@ def bleu_interval(hypotheses: Sequence[str], references: Sequence[str], resample
         raise ValueError(f"resamples must be >= 2, got {resamples}")
     score = BLEU().corpus_score(list(hypotheses), [list(references)], n_bootstrap=resamples)
     return float(score._ci)
+
+
+def paired_bootstrap_p(
+    baseline: Sequence[str], system: Sequence[str], references: Sequence[str], resamples: int = 1000
+) -> float:
+    """p-value of ``system``'s sacreBLEU differing from ``baseline``'s by chance: Koehn's (2004) paired bootstrap
+    resampling of the test sentences, as sacreBLEU's ``--paired-bs`` runs it (fixed seed); small values (e.g.
+    < 0.05) mean the difference is unlikely to come from which sentences happen to be in the test set.
+
+    Raises:
+        ValueError: if the lists differ in length or ``resamples < 2``.
+    """
+    from sacrebleu.significance import PairedTest
+
+    _check(baseline, references)
+    _check(system, references)
+    if resamples < 2:
+        raise ValueError(f"resamples must be >= 2, got {resamples}")
+    test = PairedTest(
+        [("baseline", list(baseline)), ("system", list(system))],
+        {"BLEU": BLEU()},
+        [list(references)],
+        test_type="bs",
+        n_samples=resamples,
+    )
+    return float(test()[1]["BLEU"][1].p_value)
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,8 @@ def _protocol_cell(result: Mapping[str, Any] | None) -> str:
 def format_table(rows: Sequence[RowResult], dataset: str) -> str:
     """The Markdown table: our measurements, then the seed's figures for the same row (labelled as the seed's)."""
     iwslt = dataset == "iwslt14"
-    head = ["row", "compression", "FFN blocks compressed", "route", "BLEU", "± 95%", "BLEU seed-style (0-1)"]
+    head = ["row", "compression", "FFN blocks compressed", "route", "BLEU", "± 95%", "p vs original"]
+    head += ["BLEU seed-style (0-1)"]
     head += ["BLEU tok lc"] if iwslt else []
     head += ["params", "ratio", "ratio FFN", "train s", "steps", "test decode s", "sent/s", "seed protocol (valid)"]
     head += ["seed BLEU", "seed time"] if iwslt else ["seed BLEU", "seed ratio", "seed time"]
@@ -47,7 +48,8 @@ def format_table(rows: Sequence[RowResult], dataset: str) -> str:
     for r in rows:
         seed = r.seed or {}
         name = r.name if r.same_as is None else f"{r.name} (= {r.same_as})"
-        cells = [name, r.method, r.blocks, r.route, f"{r.bleu:.2f}", _fmt(r.bleu_ci, 2), f"{r.bleu_seed:.3f}"]
+        cells = [name, r.method, r.blocks, r.route, f"{r.bleu:.2f}", _fmt(r.bleu_ci, 2), _fmt(r.p_vs_original, 3)]
+        cells += [f"{r.bleu_seed:.3f}"]
         cells += [f"{r.bleu_tok_lc:.2f}"] if iwslt else []
         cells += [
             f"{r.params:,}",
@@ -92,7 +94,9 @@ def _table_notes(rows: Sequence[RowResult], study: StudyConfig) -> str:
         "whole test set (wall clock on a possibly busy machine).",
         "* Fraction rows compress the lowest `round(f * L)` FFN blocks of each stack (Python's round: halves go to "
         "even); a row that resolves to the same model as an earlier one shows that row's run, marked `(= row)`.",
-        "* `± 95%`: half-width of the test BLEU's 95 % bootstrap interval (1000 resamples of the test sentences).",
+        "* `± 95%`: half-width of the test BLEU's 95 % bootstrap interval (1000 resamples of the test sentences); "
+        "`p vs original`: p-value of the row's BLEU differing from the dense original's by chance (paired bootstrap, "
+        "Koehn 2004, as sacreBLEU's `--paired-bs`; filled in when the original was scored first).",
         "* `seed protocol (valid)`: our model scored the way the seed's public code scores its models "
         "(`evaluate.bleu.SeedProtocol`): greedy translations of the first validation pair of every batch of "
         f"{SeedProtocol().batch_size} ({_protocol_sentences(rows)} sentences), BLEU on vocabulary ids with words "

@@ -21,7 +21,15 @@ except ImportError:  # pragma: no cover - Windows
 
 from ...data.parallel import ParallelCorpus, load_dataset
 from ...data.tokenizer import Tokenizer
-from ...evaluate.bleu import SeedProtocol, bleu_interval, sacre_bleu, seed_bleu, seed_protocol_bleu, tokenized_bleu
+from ...evaluate.bleu import (
+    SeedProtocol,
+    bleu_interval,
+    paired_bootstrap_p,
+    sacre_bleu,
+    seed_bleu,
+    seed_protocol_bleu,
+    tokenized_bleu,
+)
 from ...evaluate.decoding import translate
 from ...models.transformer import (
     FeedForward,
@@ -186,6 +194,7 @@ class RowResult:
     train: dict[str, Any] = field(default_factory=dict)
     bleu_ci: float | None = None  # half-width of the test sacreBLEU's 95 % bootstrap interval
     seed_protocol: dict[str, Any] | None = None  # the seed's own validation BLEU (evaluate.bleu.seed_protocol_bleu)
+    p_vs_original: float | None = None  # paired bootstrap p-value of the BLEU difference from the dense original
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -293,19 +302,32 @@ def load_row_model(study: StudyConfig, row: str, checkpoint: str | Path | None =
 
 @dataclass(frozen=True)
 class _Data:
-    """What scoring a row reads: the test set, the validation and training pairs (the seed's protocol), and whether
-    the references are already tokenised (IWSLT'14 prepared by fairseq)."""
+    """What scoring a row reads: the test set, the validation and training pairs (the seed's protocol), whether
+    the references are already tokenised (IWSLT'14 prepared by fairseq), and the dense original's run folder (its
+    test outputs are the baseline of the paired significance test)."""
 
     test: ParallelCorpus
     valid: ParallelCorpus
     train: ParallelCorpus
     tokenized_refs: bool
+    baseline: Path | None = None
 
 
-def _load_data(study: StudyConfig) -> _Data:
+def _load_data(study: StudyConfig, baseline: Path | None) -> _Data:
     """Every split, read before any training, so that missing data (e.g. IWSLT'14's training text) fails first."""
     train, valid, test = (load_dataset(study.dataset, study.data_dir, split) for split in ("train", "valid", "test"))
-    return _Data(test, valid, train, _uses_tokenized_refs(study))
+    return _Data(test, valid, train, _uses_tokenized_refs(study), baseline)
+
+
+def _baseline_outputs(data: _Data, study: StudyConfig) -> list[str] | None:
+    """The dense original's test outputs, when it has been scored as this invocation asks (beam, checkpoint)."""
+    if data.baseline is None:
+        return None
+    result, outputs = data.baseline / "result.json", data.baseline / "test.hyp"
+    if not (result.is_file() and outputs.is_file()) or not _scored_as_asked(json.loads(result.read_text()), study):
+        return None
+    lines = outputs.read_text(encoding="utf-8").splitlines()
+    return lines if len(lines) == len(data.test) else None
 
 
 def _seed_protocol(model: Transformer, tokenizer: Tokenizer, data: _Data, folder: Path, device) -> dict[str, Any]:
@@ -339,6 +361,7 @@ def _score_row(plan: _Plan, study: StudyConfig, data: _Data, device: torch.devic
     bleu, signature = sacre_bleu(hyps, test.tgt)
     tok_bleu, tok_signature = tokenized_bleu(hyps, test.tgt, pretokenized=tokenized_refs)
     seed_protocol = _seed_protocol(model, tokenizer, data, folder, device)  # after the timed test decoding
+    baseline = None if plan.row.name == "original" else _baseline_outputs(data, study)
     report = parameter_report(model)
     reference = _reference_params(study.base_model, model.config.vocab_size)
     return RowResult(
@@ -374,6 +397,7 @@ def _score_row(plan: _Plan, study: StudyConfig, data: _Data, device: torch.devic
         train=plan.train.to_dict(),
         bleu_ci=bleu_interval(hyps, test.tgt),
         seed_protocol=seed_protocol,
+        p_vs_original=None if baseline is None else paired_bootstrap_p(baseline, hyps, test.tgt),
     )
 
 
@@ -539,7 +563,7 @@ def run_study(
             )
     plans = _plan(study, out.resolve())  # absolute paths: a conversion row's init_from must not depend on the cwd
     if not report_only:
-        data = _load_data(study)
+        data = _load_data(study, plans["original"].folder if "original" in plans else None)
         device = resolve_device(study.device)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(marker, json.dumps(identity, indent=1) + "\n")
