@@ -138,7 +138,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     once.add_argument(
         "--rescore",
         action="store_true",
-        help="train nothing: decode the test set of every trained row again, one row after another, then write "
-        "the outputs (comparable decoding times on an otherwise idle machine, after rows ran side by side)",
+        help="train nothing: score every trained row again (test set, and the seed's validation protocol), one row "
+        "after another, then write the outputs (comparable decoding times on an otherwise idle machine, after rows "
+        "ran side by side; fills in the columns of results scored before they existed)",
     )
     parser.set_defaults(func=main)
