@@ -158,7 +158,11 @@ def _keep_short(protocol: SeedProtocol, src: Sequence[str], tgt: Sequence[str]) 
 
 
 def _ids_bleu(hypotheses: list[list[str]], references: list[list[str]]) -> float:
-    """NLTK-style corpus BLEU (0-1; 0 when an n-gram order has no match) of token lists."""
+    """NLTK-style corpus BLEU (0-1; 0 when an n-gram order has no match) of token lists, computed by sacreBLEU.
+
+    The one difference from NLTK's ``corpus_bleu``: NLTK counts an output shorter than ``n`` tokens as one (unmatched)
+    ``n``-gram, sacreBLEU as none, so the two differ only when some outputs are shorter than 4 tokens.
+    """
     metric = BLEU(tokenize="none", smooth_method="none", force=True)
     return metric.corpus_score([" ".join(h) for h in hypotheses], [[" ".join(r) for r in references]]).score / 100.0
 
