@@ -309,3 +309,52 @@ def test_a_validation_pair_longer_than_max_tokens_is_validated_whole(tmp_path: P
         path.write_text(path.read_text() + " ".join([word] * 12) + "\n")
     summary = train(model_config(), config(data, tmp_path / "run", max_steps=2, max_tokens=24))
     assert summary["steps"] == 2 and summary["best_valid_bleu"] >= 0.0
+
+
+def test_modules_added_by_prepare_start_from_their_own_init_from_scratch(tmp_path: Path) -> None:
+    from compressed_transformer.layers import TTEmbedding
+    from compressed_transformer.train.prepare import prepare_from_extra
+
+    data = write_corpus(tmp_path / "data", pairs=16)
+    prepare = prepare_from_extra({"embed_tt": {"ranks": 2}})
+    frozen = {"lr": 1e-12, "max_steps": 1}  # one update that moves nothing: the checkpoint shows the initial weights
+    train(model_config(), config(data, tmp_path / "scratch", **frozen), prepare=prepare)
+    state = load_checkpoint(tmp_path / "scratch" / "checkpoint_last.pt")
+    table = load_model(state).src_embed
+    assert isinstance(table, TTEmbedding)
+    # the table's own init gives its entries the dense table's std d_model^-1/2 (a rank-2 TT-SVD of the random
+    # dense table would keep a few % of its energy)
+    scale = model_config().d_model ** 0.5
+    assert 0.5 < float(table.to_dense().detach()[: table.num_embeddings].std()) * scale < 2.0
+    untouched = Transformer(model_config().replace(vocab_size=state["model_config"]["vocab_size"]))
+    prepare(untouched)  # what the trainer used to leave: the factorised random table
+    assert float(untouched.src_embed.to_dense().detach()[: table.num_embeddings].std()) * scale < 0.5
+
+    # converted from a trained dense model, the same prepare factorises the trained table instead
+    train(model_config(), config(data, tmp_path / "dense", max_steps=2))
+    dense = load_checkpoint(tmp_path / "dense" / "checkpoint_last.pt")
+    cfg = config(data, tmp_path / "convert", init_from=str(tmp_path / "dense" / "checkpoint_last.pt"), **frozen)
+    train(model_config(), cfg, prepare=prepare)
+    converted = load_model(load_checkpoint(tmp_path / "convert" / "checkpoint_last.pt")).src_embed
+    expected = TTEmbedding.from_embedding(load_model(dense).src_embed, ranks=2)
+    torch.testing.assert_close(converted.to_dense(), expected.to_dense(), atol=1e-6, rtol=1e-5)
+
+
+def test_reset_new_modules_resets_each_new_module_once() -> None:
+    from compressed_transformer.train.trainer import reset_new_modules
+
+    calls: list[str] = []
+
+    class Counted(torch.nn.Linear):
+        def reset_parameters(self) -> None:
+            calls.append("reset")
+            super().reset_parameters()
+
+    model = torch.nn.ModuleDict({"old": torch.nn.Linear(2, 2)})
+    known = {id(m) for m in model.modules()}
+    shared = Counted(2, 2)
+    calls.clear()
+    model["a"], model["b"] = shared, shared
+    before = model["old"].weight.detach().clone()
+    assert reset_new_modules(model, known) == ["a"] and calls == ["reset"]
+    assert torch.equal(model["old"].weight, before)
