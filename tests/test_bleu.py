@@ -14,6 +14,7 @@ from compressed_transformer.evaluate.bleu import (
     paired_bootstrap_p,
     sacre_bleu,
     seed_protocol_bleu,
+    seed_vocabulary,
 )
 
 WORDS = [
@@ -52,6 +53,11 @@ def _reference_bleu(hypotheses: list[list[str]], references: list[list[str]]) ->
     return penalty * math.exp(sum(math.log(m / t) for m, t in zip(matches, totals, strict=True)) / 4)
 
 
+def _score(hyps, src, ref, train_src, train_tgt, protocol: SeedProtocol | None = None) -> dict:
+    protocol = protocol or SeedProtocol()
+    return seed_protocol_bleu(hyps, src, ref, seed_vocabulary(train_src, train_tgt, protocol), protocol)
+
+
 def _sentence(rng: random.Random, length: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(length))
 
@@ -66,7 +72,7 @@ def test_protocol_bleu_is_corpus_bleu_of_the_sampled_sentences() -> None:
     src, ref = _corpus(rng, 23)
     hyps = [" ".join(r.split()[: rng.randint(3, 9)]) if i % 3 else _sentence(rng, 7) for i, r in enumerate(ref)]
     protocol = SeedProtocol(batch_size=5, min_freq=1)  # every word is frequent: no <unk> here
-    result = seed_protocol_bleu(hyps, src, ref, train_src, train_tgt, protocol)
+    result = _score(hyps, src, ref, train_src, train_tgt, protocol)
     tokens = [h.split() for h in hyps], [r.split() for r in ref]
     for offset in range(5):
         expected = _reference_bleu(tokens[0][offset::5], tokens[1][offset::5])
@@ -82,7 +88,7 @@ def test_protocol_scores_only_the_first_pair_of_each_batch() -> None:
     train_src, train_tgt = _corpus(rng, 100)
     src, ref = _corpus(rng, 10)
     hyps = [r if i % 4 == 0 else "street street street" for i, r in enumerate(ref)]  # right at 0, 4, 8 only
-    result = seed_protocol_bleu(hyps, src, ref, train_src, train_tgt, SeedProtocol(batch_size=4, min_freq=1))
+    result = _score(hyps, src, ref, train_src, train_tgt, SeedProtocol(batch_size=4, min_freq=1))
     assert result["bleu"] == pytest.approx(1.0) and result["sentences"] == 3
     assert result["offsets"][1:] == [0.0, 0.0, 0.0] and result["bleu_all"] < 0.5
 
@@ -94,29 +100,31 @@ def test_protocol_drops_long_pairs_before_batching() -> None:
     src[0] = _sentence(rng, 60)  # over max_len: dropped, so pair 1 opens the first batch
     hyps = ["street street street"] * 6
     hyps[1] = ref[1]
-    result = seed_protocol_bleu(hyps, src, ref, train_src, train_tgt, SeedProtocol(batch_size=3, min_freq=1))
+    result = _score(hyps, src, ref, train_src, train_tgt, SeedProtocol(batch_size=3, min_freq=1))
     assert result["kept"] == 5 and result["bleu_all"] < 1.0
-    assert seed_protocol_bleu(hyps[1:2], src[1:2], ref[1:2], train_src, train_tgt)["bleu"] == pytest.approx(1.0)
+    assert _score(hyps[1:2], src[1:2], ref[1:2], train_src, train_tgt)["bleu"] == pytest.approx(1.0)
     # the sample of offset 0 is pairs 1 and 4 (kept pairs 0 and 3): half right
     half = _reference_bleu([ref[1].split(), hyps[4].split()], [ref[1].split(), ref[4].split()])
     assert result["bleu"] == pytest.approx(half)
     with pytest.raises(ValueError, match="at most 50 tokens"):
-        seed_protocol_bleu(["x"], [_sentence(rng, 51)], ["x"], train_src, train_tgt)
+        _score(["x"], [_sentence(rng, 51)], ["x"], train_src, train_tgt)
 
 
 def test_rare_words_match_as_unk_and_long_outputs_are_cut() -> None:
     train_tgt = ["a dog runs on the grass"] * 10 + ["a cat sits"]  # "cat" is seen once
     train_src = ["x"] * len(train_tgt)
     ref, hyp = ["a cat runs on the grass"], ["a zebra runs on the grass"]
-    rare = seed_protocol_bleu(hyp, ["x"], ref, train_src, train_tgt, SeedProtocol(batch_size=1, min_freq=2))
+    rare = _score(hyp, ["x"], ref, train_src, train_tgt, SeedProtocol(batch_size=1, min_freq=2))
     assert rare["bleu"] == pytest.approx(1.0)  # cat and zebra are both <unk>
-    known = seed_protocol_bleu(hyp, ["x"], ref, train_src, train_tgt, SeedProtocol(batch_size=1, min_freq=1))
+    known = _score(hyp, ["x"], ref, train_src, train_tgt, SeedProtocol(batch_size=1, min_freq=1))
     assert known["bleu"] < 1.0  # cat is in the vocabulary now, zebra is not
-    cased = seed_protocol_bleu(["A Dog runs on the grass"], ["x"], ["a dog runs on the grass"], train_src, train_tgt)
+    cased = _score(["A Dog runs on the grass"], ["x"], ["a dog runs on the grass"], train_src, train_tgt)
     assert cased["bleu"] == pytest.approx(1.0)  # lowercased
-    protocol = SeedProtocol(batch_size=1, min_freq=1, max_len=6)
-    cut = seed_protocol_bleu(["a dog runs on the grass"], ["x"], ["a dog runs on the"], train_src, train_tgt, protocol)
-    assert cut["bleu"] == pytest.approx(1.0)  # the output stops after max_len - 1 = 5 tokens
+    protocol = SeedProtocol(batch_size=1, min_freq=1, decode_len=6)
+    cut = _score(["a dog runs on the grass"], ["x"], ["a dog runs on the"], train_src, train_tgt, protocol)
+    assert cut["bleu"] == 1.0  # the output stops after decode_len - 1 = 5 tokens (and 1.0 is exact)
+    whole = _score(["a dog runs on the grass"], ["x"], ["a dog runs on the"], train_src, train_tgt)
+    assert whole["bleu"] < 1.0  # the length filter (max_len) does not cut outputs
     assert SeedProtocol(tokenize="13a").tokens("A dog, running.") == ["a", "dog", ",", "running", "."]
     assert SeedProtocol(tokenize="split", lower=False).tokens("A dog, running.") == ["A", "dog,", "running."]
 
@@ -126,7 +134,7 @@ def test_protocol_and_interval_reject_bad_input() -> None:
         with pytest.raises(ValueError, match="SeedProtocol"):
             SeedProtocol(**bad)
     with pytest.raises(ValueError, match="line-aligned"):
-        seed_protocol_bleu(["a"], ["x", "y"], ["a", "b"], ["x"], ["a"])
+        _score(["a"], ["x", "y"], ["a", "b"], ["x"], ["a"])
     with pytest.raises(ValueError, match="resamples"):
         bleu_interval(["a"], ["a"], resamples=1)
     with pytest.raises(ValueError, match="line-aligned"):
@@ -154,3 +162,20 @@ def test_paired_bootstrap_tells_a_real_difference_from_noise() -> None:
         paired_bootstrap_p(good[:2], worse, refs)
     with pytest.raises(ValueError, match="resamples"):
         paired_bootstrap_p(good, worse, refs, resamples=0)
+
+
+def test_vocabulary_counts_training_pairs_within_the_length_filter() -> None:
+    long = " ".join(["cat"] * 60)  # over max_len: its many cats do not count
+    vocabulary = seed_vocabulary(["x", "x", "x"], ["a cat", "a cat", long], SeedProtocol(min_freq=2))
+    assert vocabulary == {"a", "cat"}
+    assert seed_vocabulary(["x", "x", "x"], ["a cat", "a dog", long], SeedProtocol(min_freq=2)) == {"a"}
+    assert seed_vocabulary(["x", long], ["a dog", "a dog"], SeedProtocol(min_freq=2)) == set()  # source too long
+    with pytest.raises(ValueError, match="line-aligned"):
+        seed_vocabulary(["x"], ["a", "b"])
+
+
+def test_identical_outputs_are_not_significantly_different() -> None:
+    rng = random.Random(5)
+    refs = [_sentence(rng, 8) for _ in range(50)]
+    hyps = [" ".join(r.split()[:6]) for r in refs]
+    assert paired_bootstrap_p(hyps, list(hyps), refs) == 1.0

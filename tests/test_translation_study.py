@@ -14,7 +14,8 @@ from torch import nn
 
 from compressed_transformer import cli
 from compressed_transformer.data.parallel import load_dataset
-from compressed_transformer.evaluate.bleu import paired_bootstrap_p, seed_protocol_bleu
+from compressed_transformer.evaluate.bleu import paired_bootstrap_p, seed_protocol_bleu, seed_vocabulary
+from compressed_transformer.evaluate.decoding import translate
 from compressed_transformer.models.transformer import Transformer, parameter_report, preset
 from compressed_transformer.studies import translation
 from compressed_transformer.studies.translation import (
@@ -194,9 +195,14 @@ def test_tiny_study_end_to_end_then_skips_finished_rows(tmp_path: Path, capsys: 
     assert "| tt-3/4 (= tt-all) |" in table and "all 2+2" in table and "seed BLEU" in table
     # every row is also scored the seed's way, from the greedy validation outputs it keeps
     valid, train_pairs = (load_dataset("plain", str(data), split) for split in ("valid", "train"))
+    vocabulary = seed_vocabulary(train_pairs.src, train_pairs.tgt)
     for name in ("original", "tt-all+attn+emb"):
         hyps = (out / "rows" / name / "valid.greedy.hyp").read_text(encoding="utf-8").splitlines()
-        again = seed_protocol_bleu(hyps, valid.src, valid.tgt, train_pairs.src, train_pairs.tgt)
+        model, tokenizer = load_row_model(
+            StudyConfig("plain", str(out), str(data), "tiny"), name, rows[name]["checkpoint"]
+        )
+        assert hyps == translate(model, tokenizer, valid.src, beam=1)[0]  # the greedy outputs of the validation split
+        again = seed_protocol_bleu(hyps, valid.src, valid.tgt, vocabulary)
         assert rows[name]["seed_protocol"] == again and 0.0 <= again["bleu"] <= 1.0
         assert rows[name]["bleu_ci"] >= 0.0
     # the paired test of every row against the original, from the outputs each row kept
@@ -308,6 +314,13 @@ def test_rescore_decodes_trained_rows_again_and_trains_nothing(
     last = folder / "checkpoint_last.pt"
     trained = last.stat().st_mtime_ns
     (folder / "test.hyp").unlink()
+    for path in (folder / "result.json", out / "rows" / "tt-all" / "result.json"):  # scored before the new columns
+        old = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("bleu_ci", "seed_protocol")}
+        path.write_text(json.dumps(old | {"outputs_sha256": None, "p_vs_original": None}))
+    assert run([*study_argv(data, out, "original,tt-all"), "--report-only"]) == 0
+    stale = {r["name"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert stale["tt-all"]["p_vs_original"] is None and stale["original"]["seed_protocol"] is None
+    assert "| - |" in (out / "table.md").read_text()
     monkeypatch.setattr(translation.study, "train", lambda *a, **k: pytest.fail("--rescore trained a row"))
     capsys.readouterr()
     # a raised budget would continue the row in a normal run; --rescore only decodes what is there
@@ -320,6 +333,9 @@ def test_rescore_decodes_trained_rows_again_and_trains_nothing(
     assert again["bleu"] == first["bleu"] and again["steps"] == first["steps"] == 4
     assert again["train"]["max_steps"] == 4  # the budget it was trained under
     assert again["infer_seconds"] > 0 and again["infer_seconds"] != first["infer_seconds"]
+    rescored = {r["name"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert again["bleu_ci"] >= 0 and again["seed_protocol"]["kept"] > 0 and rescored["tt-all"]["seed_protocol"]
+    assert isinstance(rescored["tt-all"]["p_vs_original"], float)  # the new columns filled in
     rows = [r["name"] for r in json.loads((out / "results.json").read_text())["rows"]]
     assert rows == ["original", "tt-all", "tt-3/4", "tt-1/4"]  # tt-1/4 of 2+2 blocks: none, the original
     # a row that cannot be decoded again (no step checkpoints to average) keeps its result; the table is written

@@ -235,6 +235,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise ValueError("give --src FILE --ref FILE, or --dataset NAME --data-dir DIR [--split test]")
     if args.seed_protocol and not (args.dataset and args.data_dir):
         raise ValueError("--seed-protocol needs --dataset NAME --data-dir DIR (it reads the train and valid splits)")
+    protocol_data = _seed_protocol_data(args) if args.seed_protocol else None  # missing splits fail before decoding
     model, tokenizer, device = _load(args)
     start = time.perf_counter()
     hyps, seconds = translate(
@@ -268,21 +269,29 @@ def _eval(args: argparse.Namespace) -> int:
         "compression_ratio": compression_ratio(model.config, model),
         "ffn": model.config.ffn.to_dict(),
     }
-    if args.seed_protocol:
-        result["seed_protocol"] = _seed_protocol(args, model, tokenizer, device)
+    if protocol_data is not None:
+        result["seed_protocol"] = _seed_protocol(protocol_data, model, tokenizer, args.max_tokens, device)
     print(json.dumps(result))
     return 0
 
 
-def _seed_protocol(args: argparse.Namespace, model, tokenizer, device) -> dict[str, Any]:
-    """The seed's own validation BLEU (``evaluate.bleu.SeedProtocol``) of ``model``: greedy, on the valid split."""
+def _seed_protocol_data(args: argparse.Namespace) -> tuple[Any, frozenset[str]]:
+    """The valid split and the seed's vocabulary of the train split, for ``--seed-protocol``."""
     from compressed_transformer.data.parallel import load_dataset
+    from compressed_transformer.evaluate.bleu import seed_vocabulary
+
+    train, valid = (load_dataset(args.dataset, args.data_dir, split) for split in ("train", "valid"))
+    return valid, seed_vocabulary(train.src, train.tgt)
+
+
+def _seed_protocol(data: tuple[Any, frozenset[str]], model, tokenizer, max_tokens: int, device) -> dict[str, Any]:
+    """The seed's own validation BLEU (``evaluate.bleu.SeedProtocol``) of ``model``: greedy, on the valid split."""
     from compressed_transformer.evaluate.bleu import seed_protocol_bleu
     from compressed_transformer.evaluate.decoding import translate
 
-    train, valid = (load_dataset(args.dataset, args.data_dir, split) for split in ("train", "valid"))
-    hyps, _ = translate(model, tokenizer, valid.src, beam=1, max_tokens=args.max_tokens, device=device)
-    return seed_protocol_bleu(hyps, valid.src, valid.tgt, train.src, train.tgt)
+    valid, vocabulary = data
+    hyps, _ = translate(model, tokenizer, valid.src, beam=1, max_tokens=max_tokens, device=device)
+    return seed_protocol_bleu(hyps, valid.src, valid.tgt, vocabulary)
 
 
 def _translate(args: argparse.Namespace) -> int:

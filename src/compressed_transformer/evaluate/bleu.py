@@ -29,6 +29,7 @@ __all__ = [
     "sacre_bleu",
     "seed_bleu",
     "seed_protocol_bleu",
+    "seed_vocabulary",
     "tokenized_bleu",
 ]
 
@@ -67,8 +68,9 @@ def seed_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
 
 def bleu_interval(hypotheses: Sequence[str], references: Sequence[str], resamples: int = 1000) -> float:
     """Half-width of sacreBLEU's 95 % bootstrap confidence interval (0-100): the test sentences are resampled with
-    replacement ``resamples`` times (sacrebleu's ``n_bootstrap``, fixed seed), so two systems whose BLEU differ by
-    less than about this much on this test set are not told apart by it.
+    replacement ``resamples`` times (sacrebleu's ``n_bootstrap``, fixed seed). It says how much this one system's
+    BLEU depends on the choice of test sentences; to compare two systems on the same sentences use the far more
+    sensitive :func:`paired_bootstrap_p`.
 
     Raises:
         ValueError: if the two lists differ in length or ``resamples < 2``.
@@ -85,7 +87,8 @@ def paired_bootstrap_p(
 ) -> float:
     """p-value of ``system``'s sacreBLEU differing from ``baseline``'s by chance: Koehn's (2004) paired bootstrap
     resampling of the test sentences, as sacreBLEU's ``--paired-bs`` runs it (fixed seed); small values (e.g.
-    < 0.05) mean the difference is unlikely to come from which sentences happen to be in the test set.
+    < 0.05) mean the difference is unlikely to come from which sentences happen to be in the test set. Identical
+    outputs give 1.0 (sacreBLEU's test would report ``1 / (resamples + 1)`` for them).
 
     Raises:
         ValueError: if the lists differ in length or ``resamples < 2``.
@@ -96,6 +99,8 @@ def paired_bootstrap_p(
     _check(system, references)
     if resamples < 2:
         raise ValueError(f"resamples must be >= 2, got {resamples}")
+    if list(baseline) == list(system):
+        return 1.0
     test = PairedTest(
         [("baseline", list(baseline)), ("system", list(system))],
         {"BLEU": BLEU()},
@@ -116,13 +121,16 @@ class SeedProtocol:
     * The target vocabulary holds the training targets' tokens seen at least ``min_freq`` times; every other token,
       in references and outputs alike, is ``<unk>`` (BLEU is taken on vocabulary ids, so ``<unk>`` matches ``<unk>``).
     * The validation set is cut, in file order, into batches of ``batch_size`` pairs, and only the *first* pair of
-      each batch is translated (``batch.src.transpose(0, 1)[:1]``), greedily, at most ``max_len - 1`` tokens.
+      each batch is translated (``batch.src.transpose(0, 1)[:1]``), greedily, at most ``decode_len - 1`` tokens
+      (``greedy_decode(..., max_len=50)``, whatever the length filter).
     * Score: corpus BLEU (NLTK's ``corpus_bleu``: 4-grams, uniform weights, no smoothing), 0-1.
 
     Defaults are the settings next to the seed's 0.442 (its ``results.md``: batch size 150, which leaves 7 of the
-    1014 validation sentences; its README's command: ``--lower --tokenize --min_freq 10``). The seed tokenised with
-    NLTK's toktok tokeniser; ``tokenize="13a"`` (sacreBLEU's) stands in for it, ``"split"`` is the seed's
-    whitespace default.
+    1014 validation sentences; the README's command: ``--lower --tokenize --min_freq 10``, where ``arguments.py``
+    defaults to 5). The seed tokenised with NLTK's toktok tokeniser; ``tokenize="13a"`` (sacreBLEU's) stands in for
+    it, ``"split"`` is the seed's whitespace default. Earlier versions of the seed's ``valid`` differed (e.g. one
+    sentence of the first batch only, smoothed BLEU); its ``results.md`` calls the column "test, bleu" although
+    ``train.py`` decodes the validation split only.
 
     Raises:
         ValueError: for a non-positive size or an unknown tokeniser.
@@ -131,11 +139,12 @@ class SeedProtocol:
     batch_size: int = 150
     min_freq: int = 10
     max_len: int = 50
+    decode_len: int = 50
     lower: bool = True
     tokenize: str = "13a"
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "min_freq", "max_len"):
+        for name in ("batch_size", "min_freq", "max_len", "decode_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SeedProtocol.{name} must be >= 1, got {getattr(self, name)}")
         if self.tokenize not in ("13a", "split"):
@@ -164,27 +173,42 @@ def _ids_bleu(hypotheses: list[list[str]], references: list[list[str]]) -> float
     ``n``-gram, sacreBLEU as none, so the two differ only when some outputs are shorter than 4 tokens.
     """
     metric = BLEU(tokenize="none", smooth_method="none", force=True)
-    return metric.corpus_score([" ".join(h) for h in hypotheses], [[" ".join(r) for r in references]]).score / 100.0
+    score = metric.corpus_score([" ".join(h) for h in hypotheses], [[" ".join(r) for r in references]]).score
+    return min(1.0, score / 100.0)  # sacreBLEU's 100 can come out a rounding error above
+
+
+def seed_vocabulary(
+    train_sources: Sequence[str], train_references: Sequence[str], protocol: SeedProtocol = SeedProtocol()
+) -> frozenset[str]:
+    """The seed's target vocabulary: tokens of the training targets, after the length filter, seen at least
+    ``min_freq`` times (every other word is ``<unk>``).
+
+    Raises:
+        ValueError: if the two lists differ in length.
+    """
+    _check(train_sources, train_references)
+    counts = Counter(word for _, words in _keep_short(protocol, train_sources, train_references) for word in words)
+    return frozenset(word for word, count in counts.items() if count >= protocol.min_freq)
 
 
 def seed_protocol_bleu(
     hypotheses: Sequence[str],
     sources: Sequence[str],
     references: Sequence[str],
-    train_sources: Sequence[str],
-    train_references: Sequence[str],
+    vocabulary: frozenset[str] | set[str],
     protocol: SeedProtocol = SeedProtocol(),
 ) -> dict[str, Any]:
     """The seed's validation BLEU (:class:`SeedProtocol`) of greedy ``hypotheses`` of the validation ``sources``.
 
     Because the seed scores one pair in ``batch_size``, its figure depends on which pairs happen to open a batch;
-    the result gives that figure and what it would have been for every other offset into the batches.
+    the result gives that figure and what it would have been for every other offset into the batches (when the
+    kept pairs are not a multiple of ``batch_size``, the later offsets' samples are one sentence shorter).
 
     Args:
         hypotheses: translations of every validation source, line-aligned with ``sources`` / ``references``
             (greedy decoding, as the seed's).
         sources, references: the validation pairs.
-        train_sources, train_references: the training pairs (the vocabulary, after the length filter).
+        vocabulary: :func:`seed_vocabulary` of the training pairs.
         protocol: the protocol's settings.
 
     Returns:
@@ -199,8 +223,6 @@ def seed_protocol_bleu(
     """
     _check(hypotheses, references)
     _check(sources, references)
-    counts = Counter(word for _, words in _keep_short(protocol, train_sources, train_references) for word in words)
-    vocabulary = {word for word, count in counts.items() if count >= protocol.min_freq}
     kept = _keep_short(protocol, sources, references)
     if not kept:
         raise ValueError(f"no validation pair has at most {protocol.max_len} tokens on both sides")
@@ -208,7 +230,7 @@ def seed_protocol_bleu(
     def ids(words: list[str]) -> list[str]:
         return [word if word in vocabulary else "<unk>" for word in words]
 
-    hyps = [ids(protocol.tokens(hypotheses[index])[: protocol.max_len - 1]) for index, _ in kept]
+    hyps = [ids(protocol.tokens(hypotheses[index])[: protocol.decode_len - 1]) for index, _ in kept]
     refs = [ids(words) for _, words in kept]
     offsets = [
         _ids_bleu(hyps[offset :: protocol.batch_size], refs[offset :: protocol.batch_size])

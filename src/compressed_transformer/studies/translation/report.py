@@ -96,14 +96,14 @@ def _table_notes(rows: Sequence[RowResult], study: StudyConfig) -> str:
         "even); a row that resolves to the same model as an earlier one shows that row's run, marked `(= row)`.",
         "* `± 95%`: half-width of the test BLEU's 95 % bootstrap interval (1000 resamples of the test sentences); "
         "`p vs original`: p-value of the row's BLEU differing from the dense original's by chance (paired bootstrap, "
-        "Koehn 2004, as sacreBLEU's `--paired-bs`; filled in when the original was scored first).",
+        "Koehn 2004, as sacreBLEU's `--paired-bs`), from both rows' test outputs when they were decoded the same way.",
         "* `seed protocol (valid)`: our model scored the way the seed's public code scores its models "
         "(`evaluate.bleu.SeedProtocol`): greedy translations of the first validation pair of every batch of "
         f"{SeedProtocol().batch_size} ({_protocol_sentences(rows)} sentences), BLEU on vocabulary ids with words "
         f"seen fewer than {SeedProtocol().min_freq} times in training counted as a matching `<unk>`, 0-1; in "
         "brackets the range of that figure over every other offset into the batches, i.e. the spread that the choice "
-        "of sentences alone gives it. This, not the `BLEU seed-style` column, is how the `seed BLEU` figures "
-        "were measured.",
+        "of sentences alone gives it. On Multi30k this, not the `BLEU seed-style` column, is how the `seed BLEU` "
+        "figures were measured (not scored on IWSLT'14, which the seed's code never loaded).",
         "* `seed ...` columns are the seed's figures (slides), not ours; the seed's time unit is not stated.",
     ]
     return "\n".join(notes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from ...evaluate.bleu import (
     sacre_bleu,
     seed_bleu,
     seed_protocol_bleu,
+    seed_vocabulary,
     tokenized_bleu,
 )
 from ...evaluate.decoding import translate
@@ -195,6 +197,7 @@ class RowResult:
     bleu_ci: float | None = None  # half-width of the test sacreBLEU's 95 % bootstrap interval
     seed_protocol: dict[str, Any] | None = None  # the seed's own validation BLEU (evaluate.bleu.seed_protocol_bleu)
     p_vs_original: float | None = None  # paired bootstrap p-value of the BLEU difference from the dense original
+    outputs_sha256: str | None = None  # of the test outputs scored (test.hyp), to pair them with the original's
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -302,39 +305,73 @@ def load_row_model(study: StudyConfig, row: str, checkpoint: str | Path | None =
 
 @dataclass(frozen=True)
 class _Data:
-    """What scoring a row reads: the test set, the validation and training pairs (the seed's protocol), whether
-    the references are already tokenised (IWSLT'14 prepared by fairseq), and the dense original's run folder (its
-    test outputs are the baseline of the paired significance test)."""
+    """What scoring a row reads: the test set, the validation pairs, whether the references are already tokenised
+    (IWSLT'14 prepared by fairseq), and the seed's vocabulary for its validation protocol (``None``: not scored)."""
 
     test: ParallelCorpus
     valid: ParallelCorpus
-    train: ParallelCorpus
     tokenized_refs: bool
-    baseline: Path | None = None
+    seed_vocabulary: frozenset[str] | None
 
 
-def _load_data(study: StudyConfig, baseline: Path | None) -> _Data:
-    """Every split, read before any training, so that missing data (e.g. IWSLT'14's training text) fails first."""
+def _load_data(study: StudyConfig) -> _Data:
+    """Every split, read before any training, so that missing data (e.g. IWSLT'14's training text) fails first.
+
+    The seed's validation protocol re-enacts how its code scored Multi30k, and applies to corpora laid out like it
+    (``plain``); not to IWSLT'14, which that code never loaded.
+    """
     train, valid, test = (load_dataset(study.dataset, study.data_dir, split) for split in ("train", "valid", "test"))
-    return _Data(test, valid, train, _uses_tokenized_refs(study), baseline)
+    vocabulary = None if study.dataset == "iwslt14" else seed_vocabulary(train.src, train.tgt)
+    return _Data(test, valid, _uses_tokenized_refs(study), vocabulary)
 
 
-def _baseline_outputs(data: _Data, study: StudyConfig) -> list[str] | None:
-    """The dense original's test outputs, when it has been scored as this invocation asks (beam, checkpoint)."""
-    if data.baseline is None:
+def _seed_protocol(
+    model: Transformer, tokenizer: Tokenizer, data: _Data, folder: Path, device
+) -> dict[str, Any] | None:
+    """The seed's validation BLEU of ``model`` (greedy outputs kept in ``folder/valid.greedy.hyp``), or ``None``
+    (with a message) where it does not apply."""
+    if data.seed_vocabulary is None:
         return None
-    result, outputs = data.baseline / "result.json", data.baseline / "test.hyp"
-    if not (result.is_file() and outputs.is_file()) or not _scored_as_asked(json.loads(result.read_text()), study):
-        return None
-    lines = outputs.read_text(encoding="utf-8").splitlines()
-    return lines if len(lines) == len(data.test) else None
-
-
-def _seed_protocol(model: Transformer, tokenizer: Tokenizer, data: _Data, folder: Path, device) -> dict[str, Any]:
-    """The seed's validation BLEU of ``model`` (greedy outputs kept in ``folder/valid.greedy.hyp``)."""
     hyps, _ = translate(model, tokenizer, data.valid.src, beam=1, device=device)
-    (folder / "valid.greedy.hyp").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
-    return seed_protocol_bleu(hyps, data.valid.src, data.valid.tgt, data.train.src, data.train.tgt, SeedProtocol())
+    write_text_atomic(folder / "valid.greedy.hyp", _outputs_text(hyps))
+    try:
+        return seed_protocol_bleu(hyps, data.valid.src, data.valid.tgt, data.seed_vocabulary, SeedProtocol())
+    except ValueError as error:  # e.g. no validation pair short enough
+        _log(f"{folder.name}: the seed's validation protocol does not apply ({error})")
+        return None
+
+
+def _outputs_text(hyps: Sequence[str]) -> str:
+    return "".join(h + "\n" for h in hyps)
+
+
+def _read_outputs(result: RowResult, sentences: int) -> list[str] | None:
+    """The test outputs ``result`` was scored from (its run's ``test.hyp``), if that file still holds them."""
+    path = Path(result.run_dir) / "test.hyp"
+    if result.outputs_sha256 is None or not path.is_file():
+        return None
+    text = path.read_text(encoding="utf-8")
+    if hashlib.sha256(text.encode()).hexdigest() != result.outputs_sha256:
+        return None
+    lines = text.splitlines()
+    return lines if len(lines) == sentences else None
+
+
+def _pair_with_original(table: Sequence[RowResult], test: ParallelCorpus) -> None:
+    """Set every row's ``p_vs_original`` from its and the original's test outputs, when both were decoded the same
+    way (beam, checkpoint choice); ``None`` where they cannot be paired."""
+    original = next((r for r in table if r.name == "original"), None)
+    baseline = None if original is None else _read_outputs(original, len(test))
+    for result in table:
+        result.p_vs_original = None
+        if result is original or baseline is None:
+            continue
+        same = (result.beam, result.average, Path(result.checkpoint).name)
+        if same != (original.beam, original.average, Path(original.checkpoint).name):
+            continue
+        outputs = _read_outputs(result, len(test))
+        if outputs is not None:
+            result.p_vs_original = paired_bootstrap_p(baseline, outputs, test.tgt)
 
 
 def _score_row(plan: _Plan, study: StudyConfig, data: _Data, device: torch.device) -> RowResult:
@@ -357,11 +394,11 @@ def _score_row(plan: _Plan, study: StudyConfig, data: _Data, device: torch.devic
     beam = study.beam or study.resolved_budget.beam
     test, tokenized_refs = data.test, data.tokenized_refs
     hyps, seconds = translate(model, tokenizer, test.src, beam=beam, device=device)
-    (folder / "test.hyp").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     bleu, signature = sacre_bleu(hyps, test.tgt)
     tok_bleu, tok_signature = tokenized_bleu(hyps, test.tgt, pretokenized=tokenized_refs)
     seed_protocol = _seed_protocol(model, tokenizer, data, folder, device)  # after the timed test decoding
-    baseline = None if plan.row.name == "original" else _baseline_outputs(data, study)
+    outputs = _outputs_text(hyps)
+    write_text_atomic(folder / "test.hyp", outputs)  # its hash in the result pairs it with the original's
     report = parameter_report(model)
     reference = _reference_params(study.base_model, model.config.vocab_size)
     return RowResult(
@@ -397,7 +434,7 @@ def _score_row(plan: _Plan, study: StudyConfig, data: _Data, device: torch.devic
         train=plan.train.to_dict(),
         bleu_ci=bleu_interval(hyps, test.tgt),
         seed_protocol=seed_protocol,
-        p_vs_original=None if baseline is None else paired_bootstrap_p(baseline, hyps, test.tgt),
+        outputs_sha256=hashlib.sha256(outputs.encode()).hexdigest(),
     )
 
 
@@ -531,6 +568,15 @@ def _seed_reference(dataset: str, name: str) -> dict[str, Any] | None:
     return None if point is None else asdict(point)
 
 
+def _test_split_if_present(study: StudyConfig) -> ParallelCorpus | None:
+    """The test split for ``--report-only`` (which needs no data otherwise): ``None`` when it cannot be read, and the
+    rows keep the p-values stored with them."""
+    try:
+        return load_dataset(study.dataset, study.data_dir, "test")
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def run_study(
     study: StudyConfig, argv: Sequence[str] = (), *, report_only: bool = False, rescore: bool = False
 ) -> list[RowResult]:
@@ -563,7 +609,7 @@ def run_study(
             )
     plans = _plan(study, out.resolve())  # absolute paths: a conversion row's init_from must not depend on the cwd
     if not report_only:
-        data = _load_data(study, plans["original"].folder if "original" in plans else None)
+        data = _load_data(study)
         device = resolve_device(study.device)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(marker, json.dumps(identity, indent=1) + "\n")
@@ -587,5 +633,8 @@ def run_study(
                 results[name] = RowResult.from_dict(saved)
         if name in results:
             table.append(results[name])
+    test = _test_split_if_present(study) if report_only else data.test
+    if test is not None:
+        _pair_with_original(table, test)
     write_outputs(table, study, plans, argv, time.perf_counter() - start)
     return table
