@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from compressed_transformer.evaluate.bleu import sacre_bleu, seed_bleu, tokenized_bleu
-from compressed_transformer.evaluate.decoding import beam_search, greedy_decode
+from compressed_transformer.evaluate.decoding import beam_search, forward_seconds, greedy_decode
 from compressed_transformer.models.transformer import Transformer, preset
 
 
@@ -102,3 +102,32 @@ def test_bleu_helpers() -> None:
     assert tokenized_bleu(["the cat sat ."], ["the cat sat ."], pretokenized=True)[0] == pytest.approx(100.0)
     with pytest.raises(ValueError, match="line-aligned"):
         sacre_bleu(["a"], ["a", "b"])
+
+
+class _Letters:
+    """A tokenizer of the shape ``forward_seconds`` needs: one id per letter."""
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [[4 + (ord(c) % 20) for c in text] for text in texts]
+
+
+def test_forward_seconds_runs_every_pair_teacher_forced(model: Transformer, monkeypatch: pytest.MonkeyPatch) -> None:
+    sources, references = ["abc", "de", "fghij", "k"], ["xy", "zzz", "a", "bcdefg"]
+    seen: list[tuple[int, int]] = []
+    forward = model.forward
+
+    def recording(src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        assert not torch.is_grad_enabled()
+        seen.extend(zip((src != 0).sum(1).tolist(), (tgt_in != 0).sum(1).tolist(), strict=True))
+        return forward(src, tgt_in)
+
+    monkeypatch.setattr(model, "forward", recording)
+    seconds = forward_seconds(model, _Letters(), sources, references, max_tokens=16, repeats=2)
+    assert seconds > 0
+    # each pair twice: its source with EOS, its target with BOS
+    expected = sorted((len(s) + 1, len(t) + 1) for s, t in zip(sources, references, strict=True))
+    assert sorted(seen) == sorted(expected * 2)
+    with pytest.raises(ValueError, match="as many references"):
+        forward_seconds(model, _Letters(), sources, references[:2])
+    with pytest.raises(ValueError, match="repeats"):
+        forward_seconds(model, _Letters(), sources, references, repeats=0)

@@ -152,6 +152,7 @@ def test_tiny_study_end_to_end_then_skips_finished_rows(tmp_path: Path, capsys: 
     for r in rows.values():
         assert {"bleu", "bleu_seed", "params", "ratio", "ratio_ffn", "train_seconds", "infer_seconds"} <= set(r)
         assert 0.0 <= r["bleu_seed"] <= 1.0 and r["infer_seconds"] > 0 and r["sentences_per_s"] > 0
+        assert r["forward_seconds"] > 0
 
     original = rows["original"]
     assert original["ratio"] == 1.0 and original["ratio_ffn"] == 1.0 and original["route"] == "scratch"
@@ -211,7 +212,7 @@ def test_tiny_study_end_to_end_then_skips_finished_rows(tmp_path: Path, capsys: 
     assert rows["original"]["p_vs_original"] is None
     for name in ("tt-all", "tt-all-convert", "tt-all+ttemb"):
         assert rows[name]["p_vs_original"] == paired_bootstrap_p(outputs["original"], outputs[name], test.tgt)
-    assert "seed protocol (valid)" in table and f"({rows['original']['seed_protocol']['sentences']} sentences)" in table
+    assert "test fwd s" in table and "seed protocol (valid)" in table and f"({rows['original']['seed_protocol']['sentences']} sentences)" in table
 
     # a second invocation trains nothing: finished rows are read back, their files untouched
     watched = [out / "rows" / name / "result.json" for name in ("original", "tt-all")]

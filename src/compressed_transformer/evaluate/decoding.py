@@ -17,7 +17,7 @@ import torch
 from compressed_transformer.data.batching import TokenBatcher, collate
 from compressed_transformer.models.transformer import Transformer
 
-__all__ = ["beam_search", "greedy_decode", "translate"]
+__all__ = ["beam_search", "forward_seconds", "greedy_decode", "translate"]
 
 
 def _max_lengths(src: torch.Tensor, pad_id: int, max_len_a: float, max_len_b: int, limit: int) -> torch.Tensor:
@@ -172,3 +172,48 @@ def translate(
         for i, hyp in zip(indices, hyps, strict=True):
             outputs[i] = tokenizer.decode(hyp)
     return outputs, time.perf_counter() - start
+
+
+def forward_seconds(
+    model: Transformer,
+    tokenizer,
+    sources: Sequence[str],
+    references: Sequence[str],
+    *,
+    max_tokens: int = 4000,
+    device: torch.device | str = "cpu",
+    repeats: int = 3,
+) -> float:
+    """Seconds of one teacher-forced forward pass over ``sources`` / ``references`` (the fastest of ``repeats``),
+    in the length-sorted token batches :func:`translate` uses, without autograd.
+
+    Unlike a decoding time, it does not depend on what the model generates (an undertrained model's run-on outputs
+    hold up a whole decoding batch), so it compares the speed of models on exactly the same tokens.
+
+    Raises:
+        ValueError: if the two lists differ in length, are empty, or ``repeats < 1``.
+    """
+    if len(sources) != len(references) or not sources:
+        raise ValueError(f"need as many references as sources, and some: got {len(sources)} and {len(references)}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    model.eval()
+    cfg = model.config
+    limit = max(1, cfg.max_positions // 2 - 1)
+    pairs = [
+        (s[:limit], t[:limit])
+        for s, t in zip(tokenizer.encode_batch(list(sources)), tokenizer.encode_batch(list(references)), strict=True)
+    ]
+    batcher = TokenBatcher(pairs, max(max_tokens, limit + 1), shuffle=False)
+    batches = [collate([pairs[i] for i in b], cfg.pad_id, cfg.bos_id, cfg.eos_id) for b in batcher.batches()]
+    batches = [(b.src.to(device), b.tgt_in.to(device)) for b in batches]
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for src, tgt_in in batches:
+                model(src, tgt_in)
+            if str(device).startswith("cuda"):
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+    return best

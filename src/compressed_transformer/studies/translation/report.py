@@ -42,7 +42,8 @@ def format_table(rows: Sequence[RowResult], dataset: str) -> str:
     head = ["row", "compression", "FFN blocks compressed", "route", "BLEU", "± 95%", "p vs original"]
     head += ["BLEU seed-style (0-1)"]
     head += ["BLEU tok lc"] if iwslt else []
-    head += ["params", "ratio", "ratio FFN", "train s", "steps", "test decode s", "sent/s", "seed protocol (valid)"]
+    head += ["params", "ratio", "ratio FFN", "train s", "steps", "test decode s", "sent/s", "test fwd s"]
+    head += ["seed protocol (valid)"]
     head += ["seed BLEU", "seed time"] if iwslt else ["seed BLEU", "seed ratio", "seed time"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|"]
     for r in rows:
@@ -59,6 +60,7 @@ def format_table(rows: Sequence[RowResult], dataset: str) -> str:
             str(r.steps),
             f"{r.infer_seconds:.2f}",
             f"{r.sentences_per_s:.1f}",
+            _fmt(r.forward_seconds, 2),
             _protocol_cell(r.seed_protocol),
             _fmt(seed.get("bleu"), 3),
         ]
@@ -91,7 +93,9 @@ def _table_notes(rows: Sequence[RowResult], study: StudyConfig) -> str:
         "Parameters count stored factors, non-zeros and biases; the shared embedding table once.",
         "* `BLEU` is sacreBLEU (cased, detokenised); `BLEU seed-style` is lowercased tokenised BLEU on the seed's 0-1 "
         "scale. `train s` is wall-clock training time including periodic validation; `test decode s` decodes the "
-        "whole test set (wall clock on a possibly busy machine).",
+        "whole test set (wall clock on a possibly busy machine; it also depends on what the model generates: one "
+        "run-on output holds up its whole batch); `test fwd s` is one teacher-forced forward pass over the test "
+        "pairs (fastest of 3), the same tokens for every row: the like-for-like speed of the models.",
         "* Fraction rows compress the lowest `round(f * L)` FFN blocks of each stack (Python's round: halves go to "
         "even); a row that resolves to the same model as an earlier one shows that row's run, marked `(= row)`.",
         "* `± 95%`: half-width of the test BLEU's 95 % bootstrap interval (1000 resamples of the test sentences); "

@@ -32,7 +32,7 @@ from ...evaluate.bleu import (
     seed_vocabulary,
     tokenized_bleu,
 )
-from ...evaluate.decoding import translate
+from ...evaluate.decoding import forward_seconds, translate
 from ...models.transformer import (
     FeedForward,
     FFNSpec,
@@ -198,6 +198,7 @@ class RowResult:
     seed_protocol: dict[str, Any] | None = None  # the seed's own validation BLEU (evaluate.bleu.seed_protocol_bleu)
     p_vs_original: float | None = None  # paired bootstrap p-value of the BLEU difference from the dense original
     outputs_sha256: str | None = None  # of the test outputs scored (test.hyp), to pair them with the original's
+    forward_seconds: float | None = None  # teacher-forced forward over the test pairs (evaluate.decoding)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -397,6 +398,7 @@ def _score_row(plan: _Plan, study: StudyConfig, data: _Data, device: torch.devic
     bleu, signature = sacre_bleu(hyps, test.tgt)
     tok_bleu, tok_signature = tokenized_bleu(hyps, test.tgt, pretokenized=tokenized_refs)
     seed_protocol = _seed_protocol(model, tokenizer, data, folder, device)  # after the timed test decoding
+    forward = forward_seconds(model, tokenizer, test.src, test.tgt, device=device)
     outputs = _outputs_text(hyps)
     write_text_atomic(folder / "test.hyp", outputs)  # its hash in the result pairs it with the original's
     report = parameter_report(model)
@@ -435,6 +437,7 @@ def _score_row(plan: _Plan, study: StudyConfig, data: _Data, device: torch.devic
         bleu_ci=bleu_interval(hyps, test.tgt),
         seed_protocol=seed_protocol,
         outputs_sha256=hashlib.sha256(outputs.encode()).hexdigest(),
+        forward_seconds=forward,
     )
 
 
