@@ -51,7 +51,7 @@ def test_bench_writes_rows_table_and_plot(tmp_path) -> None:
             assert r["ratio_to_dense"] == 1.0 and r["macs"] == (3 if r["pass"] == "train" else 1) * r["tokens"] * 512
     model_rows = [r for r in saved["rows"] if r["layer"].startswith("transformer-")]
     assert {(r["ffn"], r["pass"]) for r in model_rows} == {
-        (f, p) for f in ("dense", "tt", "tucker", "tt+emb", "tt+ttemb") for p in ("train", "greedy", "beam")
+        (f, p) for f in bench.TRANSFORMER_VARIANTS for p in ("train", "greedy", "beam")
     }
 
 
@@ -120,9 +120,16 @@ def test_cli_sets_the_transformer_batch_and_compile_mode() -> None:
         build_parser().parse_args(["bench", "--compile-mode", "fastest"])
 
 
+def spec_d_model(spec: TransformerBench) -> int:
+    from compressed_transformer.models.transformer import preset
+
+    return preset(spec.preset).d_model
+
+
 def test_transformer_variants_swap_every_ffn_linear() -> None:
     spec = TransformerBench(preset="tiny", vocab_size=64, tt_ranks=(1, 2, 1))
-    for variant, cls in (("tt", "TTLinear"), ("tucker", "TuckerLinear"), ("dense", "Linear")):
+    variants = (("tt", "TTLinear"), ("tucker", "TuckerLinear"), ("svd", "LowRankLinear"), ("prune", "PrunedLinear"))
+    for variant, cls in (*variants, ("dense", "Linear")):
         model = bench.build_transformer(variant, spec, torch.device("cpu"), torch.float32)
         kinds = {type(m).__name__ for n, m in model.named_modules() if n.endswith(("ffn.fc1", "ffn.fc2"))}
         assert kinds == {cls}
@@ -131,6 +138,11 @@ def test_transformer_variants_swap_every_ffn_linear() -> None:
     assert type(model.src_embed).__name__ == "LowRankEmbedding" and model.tgt_embed is model.src_embed
     model = bench.build_transformer("tt+ttemb", spec, torch.device("cpu"), torch.float32)
     assert type(model.src_embed).__name__ == "TTEmbedding" and model.tgt_embed is model.src_embed
+    assert set(bench.TRANSFORMER_VARIANTS) == {"dense", "tt", "tucker", "svd", "prune", "tt+emb", "tt+ttemb"}
+    svd = bench.build_transformer("svd", spec, torch.device("cpu"), torch.float32)
+    assert svd.encoder[0].ffn.fc1.rank == spec_d_model(spec) // 8
+    pruned = bench.build_transformer("prune", spec, torch.device("cpu"), torch.float32)
+    assert pruned.decoder[1].ffn.fc2.sparsity == pytest.approx(0.9, abs=0.01)
     with pytest.raises(ValueError, match="unknown transformer variant 'tucker\\+emb'"):
         bench.build_transformer("tucker+emb", spec, torch.device("cpu"), torch.float32)
 

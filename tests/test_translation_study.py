@@ -212,7 +212,11 @@ def test_tiny_study_end_to_end_then_skips_finished_rows(tmp_path: Path, capsys: 
     assert rows["original"]["p_vs_original"] is None
     for name in ("tt-all", "tt-all-convert", "tt-all+ttemb"):
         assert rows[name]["p_vs_original"] == paired_bootstrap_p(outputs["original"], outputs[name], test.tgt)
-    assert "test fwd s" in table and "seed protocol (valid)" in table and f"({rows['original']['seed_protocol']['sentences']} sentences)" in table
+    assert (
+        "test fwd s" in table
+        and "seed protocol (valid)" in table
+        and f"({rows['original']['seed_protocol']['sentences']} sentences)" in table
+    )
 
     # a second invocation trains nothing: finished rows are read back, their files untouched
     watched = [out / "rows" / name / "result.json" for name in ("original", "tt-all")]

@@ -82,6 +82,8 @@ class TransformerBench:
         beam: beam size of the beam pass.
         tt_ranks: TT ranks of every FFN linear (``d + 1`` entries: ``d`` balanced modes per side).
         tucker_ranks: Tucker rank of every FFN linear.
+        svd_rank: rank of every FFN linear in the ``svd`` variant (``None``: ``d_model // 8``, the study's).
+        prune_sparsity: fraction of every FFN weight pruned in the ``prune`` variant (the study's ``prune-all``).
     """
 
     preset: str = "base"
@@ -93,6 +95,8 @@ class TransformerBench:
     beam: int = 4
     tt_ranks: tuple[int, ...] = (1, 2, 2, 2, 2, 1)
     tucker_ranks: int = 2
+    svd_rank: int | None = None
+    prune_sparsity: float = 0.9
 
 
 @dataclass(frozen=True)
@@ -502,15 +506,16 @@ def bench_layers(
 # --- whole Transformer ----------------------------------------------------------------------------------------------
 
 
-TRANSFORMER_VARIANTS = ("dense", "tt", "tucker", "tt+emb", "tt+ttemb")
+TRANSFORMER_VARIANTS = ("dense", "tt", "tucker", "svd", "prune", "tt+emb", "tt+ttemb")
 TT_TABLE_RANK = 16  # the ``tt+ttemb`` variant's table, as the study's ``tt-all+ttemb`` row
 
 
 def build_transformer(
     variant: str, spec: TransformerBench, device: torch.device, dtype: torch.dtype, seed: int = 0
 ) -> nn.Module:
-    """The benchmark Transformer with every FFN linear ``dense``, ``tt`` or ``tucker`` (the model's own
-    :class:`~compressed_transformer.models.transformer.FFNSpec`, as the translation study builds it); ``tt+emb``:
+    """The benchmark Transformer with every FFN linear ``dense``, ``tt``, ``tucker``, ``svd`` or ``prune`` (the
+    model's own :class:`~compressed_transformer.models.transformer.FFNSpec`, as the translation study builds it;
+    ``prune`` keeps the largest ``1 - prune_sparsity`` of each random weight); ``tt+emb``:
     TT FFNs and the shared embedding / tied output table low-rank, rank ``d_model / 4`` (the study's ``tt-all+emb``);
     ``tt+ttemb``: TT FFNs and a TT table of TT-ranks 16 (the study's ``tt-all+ttemb``).
 
@@ -519,17 +524,19 @@ def build_transformer(
     """
     from .models.transformer import FFNSpec, Transformer, preset
 
-    options = {"dense": {}, "tt": {"ranks": list(spec.tt_ranks)}, "tucker": {"ranks": spec.tucker_ranks}}
     method, _, table = variant.partition("+")
-    if method not in options or (table and (method != "tt" or table not in ("emb", "ttemb"))):
+    if variant not in TRANSFORMER_VARIANTS:
         raise ValueError(f"unknown transformer variant {variant!r}; use {', '.join(TRANSFORMER_VARIANTS)}")
+    base = preset(spec.preset, vocab_size=spec.vocab_size, max_positions=max(1024, 2 * spec.length))
+    options = {
+        "dense": {},
+        "tt": {"ranks": list(spec.tt_ranks)},
+        "tucker": {"ranks": spec.tucker_ranks},
+        "svd": {"rank": spec.svd_rank or max(1, base.d_model // 8)},
+        "prune": {"sparsity": spec.prune_sparsity},
+    }
     torch.manual_seed(seed)
-    config = preset(
-        spec.preset,
-        vocab_size=spec.vocab_size,
-        max_positions=max(1024, 2 * spec.length),
-        ffn=FFNSpec(method, options[method]),
-    )
+    config = base.replace(ffn=FFNSpec(method, options[method]))
     model = Transformer(config)
     if table == "emb":
         model.compress_embeddings_("svd", rank=max(1, config.d_model // 4))
