@@ -786,7 +786,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel("time / nn.Linear time")
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    if axes.flat[0].get_legend_handles_labels()[0]:  # a dense-only grid has no compressed layer to label
+        axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
