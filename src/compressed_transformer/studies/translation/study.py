@@ -196,7 +196,7 @@ class RowResult:
     train: dict[str, Any] = field(default_factory=dict)
     bleu_ci: float | None = None  # half-width of the test sacreBLEU's 95 % bootstrap interval
     seed_protocol: dict[str, Any] | None = None  # the seed's own validation BLEU (evaluate.bleu.seed_protocol_bleu)
-    p_vs_original: float | None = None  # paired bootstrap p-value of the BLEU difference from the dense original
+    p_vs_original: float | None = None  # paired bootstrap p-value against the original, set when the table is written
     outputs_sha256: str | None = None  # of the test outputs scored (test.hyp), to pair them with the original's
     forward_seconds: float | None = None  # teacher-forced forward over the test pairs (evaluate.decoding)
 
@@ -572,8 +572,8 @@ def _seed_reference(dataset: str, name: str) -> dict[str, Any] | None:
 
 
 def _test_split_if_present(study: StudyConfig) -> ParallelCorpus | None:
-    """The test split for ``--report-only`` (which needs no data otherwise): ``None`` when it cannot be read, and the
-    rows keep the p-values stored with them."""
+    """The test split for ``--report-only`` (which needs no data otherwise), for the p-values: ``None`` when it cannot
+    be read, and the table has none."""
     try:
         return load_dataset(study.dataset, study.data_dir, "test")
     except (FileNotFoundError, ValueError):
