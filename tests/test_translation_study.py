@@ -26,6 +26,7 @@ from compressed_transformer.studies.translation import (
     describe_blocks,
     factorize_embeddings_,
     load_row_model,
+    merge_studies,
     row_model_config,
     row_train_config,
     rows_for,
@@ -491,3 +492,44 @@ def test_validation_curve_reads_the_runs_validation_records(tmp_path: Path) -> N
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines) + "\n")
     assert [(c["step"], c["valid_bleu"]) for c in validation_curve(tmp_path)] == [(100, 12.5), (200, 20.0)]
     assert validation_curve(tmp_path / "not-run-yet") == []
+
+
+def test_merge_seeds_gives_each_rows_mean_and_spread(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import statistics
+
+    data = write_corpus(tmp_path / "data", pairs=16)
+    folders = {seed: tmp_path / f"seed{seed}" for seed in (1, 2, 3)}
+    for seed, folder in folders.items():
+        rows = "original,tt-all" if seed < 3 else "original"  # tt-all ran with two seeds only
+        assert run([*study_argv(data, folder, rows), "--seed", str(seed)]) == 0
+    merged_dir = tmp_path / "merged"
+    assert run(["study", "plain", "--out", str(merged_dir), "--merge", *map(str, folders.values())]) == 0
+    assert "| original | 1,2,3 |" in capsys.readouterr().out
+    merged = {r["name"]: r for r in json.loads((merged_dir / "results.json").read_text())["rows"]}
+    per_seed = {
+        seed: {r["name"]: r for r in json.loads((folder / "results.json").read_text())["rows"]}
+        for seed, folder in folders.items()
+    }
+    bleus = [per_seed[seed]["original"]["bleu"] for seed in (1, 2, 3)]
+    assert merged["original"]["bleu"]["mean"] == pytest.approx(statistics.mean(bleus))
+    assert merged["original"]["bleu"]["std"] == pytest.approx(statistics.stdev(bleus))
+    assert merged["tt-all"]["seeds"] == [1, 2] and merged["tt-all"]["n"] == 2
+    steps = [per_seed[seed]["tt-all"]["steps"] for seed in (1, 2)]
+    assert merged["tt-all"]["steps"]["mean"] == pytest.approx(statistics.mean(steps))
+    assert merged["tt-all"]["ratio"] == per_seed[1]["tt-all"]["ratio"]
+    table = (merged_dir / "table.md").read_text()
+    assert "| tt-all | 1,2 |" in table and "seed1" in table
+
+    # what cannot be merged
+    with pytest.raises(ValueError, match="at least two"):
+        merge_studies([folders[1]], "plain")
+    with pytest.raises(ValueError, match="seed 1, like an earlier folder"):
+        merge_studies([folders[1], folders[1]], "plain")
+    with pytest.raises(ValueError, match="not multi30k"):
+        merge_studies([folders[1], folders[2]], "multi30k")
+    with pytest.raises(FileNotFoundError, match="run \\(or --report-only\\) the study"):
+        merge_studies([folders[1], tmp_path / "nothing"], "plain")
+    other = tmp_path / "beam2"
+    assert run([*study_argv(data, other, "original"), "--seed", "4", "--beam", "2"]) == 0
+    with pytest.raises(ValueError, match="beam differ"):
+        merge_studies([folders[1], other], "plain")

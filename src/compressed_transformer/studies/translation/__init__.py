@@ -43,6 +43,7 @@ from .rows import (
     rows_for,
 )
 from .rows import SEED_TUCKER_RANKS as SEED_TUCKER_RANKS
+from .seeds import format_merged_table, merge_studies, write_merged
 from .study import (
     RowResult,
     describe_blocks,
@@ -75,8 +76,10 @@ __all__ = [
     "describe_blocks",
     "describe_method",
     "factorize_embeddings_",
+    "format_merged_table",
     "format_table",
     "load_row_model",
+    "merge_studies",
     "plot_bleu_vs_ratio",
     "register",
     "row_model_config",
@@ -84,5 +87,6 @@ __all__ = [
     "row_train_config",
     "rows_for",
     "run_study",
+    "write_merged",
     "write_outputs",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -59,6 +60,14 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.merge:
+        from .seeds import format_merged_table, merge_studies, write_merged
+
+        merged = merge_studies(args.merge, args.dataset)
+        write_merged(merged, args.out, shlex.join(["compressed-transformer", *sys.argv[1:]]))
+        print(format_merged_table(merged))
+        print(f"\noutputs in {args.out}/ (table.md, results.json)")
+        return 0
     study = config_from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -141,5 +150,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train nothing: score every trained row again (test set, and the seed's validation protocol), one row "
         "after another, then write the outputs (comparable decoding times on an otherwise idle machine, after rows "
         "ran side by side; fills in the columns of results scored before they existed)",
+    )
+    once.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        help="train nothing: merge study folders that differ only in --seed into --out (each row's mean and "
+        "standard deviation across seeds)",
     )
     parser.set_defaults(func=main)
