@@ -340,21 +340,26 @@ def test_modules_added_by_prepare_start_from_their_own_init_from_scratch(tmp_pat
     torch.testing.assert_close(converted.to_dense(), expected.to_dense(), atol=1e-6, rtol=1e-5)
 
 
-def test_reset_new_modules_resets_each_new_module_once() -> None:
+def test_reset_new_modules_resets_each_new_subtree_once_at_its_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    from compressed_transformer.layers import LowRankLinear, TTEmbedding, TTLinear
     from compressed_transformer.train.trainer import reset_new_modules
 
-    calls: list[str] = []
-
-    class Counted(torch.nn.Linear):
-        def reset_parameters(self) -> None:
-            calls.append("reset")
-            super().reset_parameters()
-
-    model = torch.nn.ModuleDict({"old": torch.nn.Linear(2, 2)})
-    known = {id(m) for m in model.modules()}
-    shared = Counted(2, 2)
-    calls.clear()
+    model = torch.nn.ModuleDict({"old": torch.nn.Linear(2, 2), "kept": LowRankLinear(4, 4, rank=2)})
+    known = list(model.modules())
+    shared = LowRankLinear(4, 4, rank=2)
     model["a"], model["b"] = shared, shared
-    before = model["old"].weight.detach().clone()
-    assert reset_new_modules(model, known) == ["a"] and calls == ["reset"]
-    assert torch.equal(model["old"].weight, before)
+    model["table"] = TTEmbedding(64, 16, ranks=2)
+    model["dense"] = torch.nn.Linear(3, 3)  # not a factorised kind: left as it is
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    calls: list[str] = []
+    for cls in (LowRankLinear, TTLinear, TTEmbedding):
+        monkeypatch.setattr(
+            cls,
+            "reset_parameters",
+            lambda self, real=cls.reset_parameters: calls.append(type(self).__name__) or real(self),
+        )
+    assert reset_new_modules(model, known, (LowRankLinear, TTLinear, TTEmbedding)) == ["a", "table"]
+    # the shared layer once; the TT table by its own init only, not its inner TTLinear's over it as well
+    assert calls == ["LowRankLinear", "TTEmbedding"]
+    for name, p in model.named_parameters():
+        assert (not torch.equal(p, before[name])) == name.startswith(("a.", "table.")), name

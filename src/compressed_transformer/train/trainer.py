@@ -18,7 +18,7 @@ import math
 import shlex
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -302,16 +302,31 @@ def budget_left(cfg: TrainConfig, summary: Mapping[str, Any]) -> bool:
     return all(reached[name] < getattr(cfg, name) for name in reached if getattr(cfg, name))
 
 
-def reset_new_modules(model: nn.Module, known: set[int]) -> list[str]:
-    """Call ``reset_parameters`` on every module of ``model`` not in ``known`` (ids) that has one; returns their
-    names. A module shared under several names is reset once."""
-    names, seen = [], set(known)
+def reset_new_modules(model: nn.Module, known: Sequence[nn.Module], kinds: tuple[type, ...]) -> list[str]:
+    """Call ``reset_parameters`` on every module of ``model`` that is an instance of ``kinds`` and not one of
+    ``known`` (the modules before a change; kept as objects so that their ids stay theirs); returns the names.
+
+    Only the root of a new subtree is reset (a ``TTEmbedding``'s own init, not its inner ``TTLinear``'s over it),
+    and a module shared under several names once.
+    """
+    names, seen = [], {id(module) for module in known}
     for name, module in model.named_modules():
-        if id(module) not in seen and callable(getattr(module, "reset_parameters", None)):
+        if id(module) in seen:
+            continue
+        if isinstance(module, kinds):
             module.reset_parameters()
             names.append(name)
+            seen.update(id(inner) for inner in module.modules())
         seen.add(id(module))
     return names
+
+
+def _factorised_kinds() -> tuple[type, ...]:
+    """The layers whose factorisation of random weights is smaller than those weights (a truncated SVD / TT-SVD /
+    HOSVD keeps part of their energy): a run from scratch gives them their own init instead."""
+    from compressed_transformer.layers import LowRankEmbedding, LowRankLinear, TTEmbedding, TTLinear, TuckerLinear
+
+    return (LowRankLinear, TTLinear, TuckerLinear, LowRankEmbedding, TTEmbedding)
 
 
 def train(
@@ -331,9 +346,11 @@ def train(
             state is loaded and before training: for compressions ``model_config`` cannot describe, e.g.
             ``compress_`` on the attention projections. Its checkpoints then rebuild only through the same
             ``prepare``; describe it in ``cfg.extra`` so that the run folder records it. On a run from scratch the
-            modules ``prepare`` puts in start from their own initialisation (``reset_parameters``), which gives the
-            weights they represent the dense layer's scale, not from a factorisation of the random weights they
-            replace (a rank-16 TT-SVD of a random embedding table keeps about 3 % of its energy).
+            factorised layers ``prepare`` puts in (low-rank, TT, Tucker linears and tables) start from their own
+            initialisation, as compressed FFN layers do: tables at the dense table's scale, linears at
+            ``nn.Linear``'s default variance with its random bias. Not from a factorisation of the random weights
+            they replace, which keeps only part of them (a rank-16 TT-SVD of a random embedding table about 3 % of
+            its energy). Pruned and Sparse VD layers keep what ``prepare`` made of the random weights.
 
     Raises:
         ValueError: for bad configs, data, or a resume folder from another run (before any training).
@@ -406,10 +423,10 @@ def _train(
     torch.manual_seed(cfg.seed + ctx.rank)
     model = Transformer(model_config) if init_state is None else _convert_from_dense(model_config, init_state)
     if prepare is not None:
-        built = {id(module) for module in model.modules()}
+        built = list(model.modules())
         prepare(model)
         if init_state is None:  # from scratch: nothing to keep of the random weights the new modules replaced
-            reset_new_modules(model, built)
+            reset_new_modules(model, built, _factorised_kinds())
     model.to(ctx.device)
     train_model: nn.Module = model
     if ctx.distributed:
