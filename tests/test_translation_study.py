@@ -500,10 +500,11 @@ def test_merge_seeds_gives_each_rows_mean_and_spread(tmp_path: Path, capsys: pyt
     data = write_corpus(tmp_path / "data", pairs=16)
     folders = {seed: tmp_path / f"seed{seed}" for seed in (1, 2, 3)}
     for seed, folder in folders.items():
-        rows = "original,tt-all" if seed < 3 else "original"  # tt-all ran with two seeds only
+        rows = "original,tt-all,tt-3/4" if seed < 3 else "original"  # tt-all ran with two seeds only
         assert run([*study_argv(data, folder, rows), "--seed", str(seed)]) == 0
     merged_dir = tmp_path / "merged"
-    assert run(["study", "plain", "--out", str(merged_dir), "--merge", *map(str, folders.values())]) == 0
+    merge = ["study", "plain", "--budget", "tiny", "--merge", *map(str, folders.values())]
+    assert run([*merge, "--out", str(merged_dir)]) == 0
     assert "| original | 1,2,3 |" in capsys.readouterr().out
     merged = {r["name"]: r for r in json.loads((merged_dir / "results.json").read_text())["rows"]}
     per_seed = {
@@ -516,9 +517,15 @@ def test_merge_seeds_gives_each_rows_mean_and_spread(tmp_path: Path, capsys: pyt
     assert merged["tt-all"]["seeds"] == [1, 2] and merged["tt-all"]["n"] == 2
     steps = [per_seed[seed]["tt-all"]["steps"] for seed in (1, 2)]
     assert merged["tt-all"]["steps"]["mean"] == pytest.approx(statistics.mean(steps))
-    assert merged["tt-all"]["ratio"] == per_seed[1]["tt-all"]["ratio"]
+    assert merged["tt-all"]["ratio"]["mean"] == pytest.approx(per_seed[1]["tt-all"]["ratio"])
     table = (merged_dir / "table.md").read_text()
-    assert "| tt-all | 1,2 |" in table and "seed1" in table
+    assert "| tt-all | 1,2 |" in table and "| tt-3/4 (= tt-all) | 1,2 |" in table and "seed1" in table
+    with pytest.raises(ValueError, match="one of the merged folders"):
+        run([*merge, "--out", str(folders[2])])
+    with pytest.raises(ValueError, match="--rows, --beam would do nothing"):
+        run([*merge, "--out", str(merged_dir), "--rows", "tt-all", "--beam", "2"])
+    with pytest.raises(ValueError, match="budget 'tiny', not 'small'"):
+        run(["study", "plain", "--merge", *map(str, folders.values()), "--out", str(merged_dir)])
 
     # what cannot be merged
     with pytest.raises(ValueError, match="at least two"):

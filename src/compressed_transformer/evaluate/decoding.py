@@ -185,7 +185,8 @@ def forward_seconds(
     repeats: int = 3,
 ) -> float:
     """Seconds of one teacher-forced forward pass over ``sources`` / ``references`` (the fastest of ``repeats``),
-    in the length-sorted token batches :func:`translate` uses, without autograd.
+    in length-sorted token batches of the pairs (``max_tokens`` each, as :func:`translate` batches sources),
+    without autograd.
 
     Unlike a decoding time, it does not depend on what the model generates (an undertrained model's run-on outputs
     hold up a whole decoding batch), so it compares the speed of models on exactly the same tokens.

@@ -59,11 +59,27 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
     )
 
 
+_MERGE_IGNORES = ("rows", "model", "max_minutes", "fine_tune_minutes", "max_steps", "beam", "average", "threads")
+
+
+def _check_merge_args(args: argparse.Namespace) -> None:
+    """``--merge`` trains and decodes nothing: refuse the options that would mean something else, and an ``--out``
+    that is one of the merged folders (its own table would be overwritten)."""
+    given = [name for name in _MERGE_IGNORES if getattr(args, name, None)]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ValueError(f"--merge only reads finished study folders; {flags} would do nothing there")
+    out = Path(args.out).resolve()
+    if any(Path(folder).resolve() == out for folder in args.merge):
+        raise ValueError(f"--out {args.out} is one of the merged folders; write the merged table elsewhere")
+
+
 def main(args: argparse.Namespace) -> int:
     if args.merge:
         from .seeds import format_merged_table, merge_studies, write_merged
 
-        merged = merge_studies(args.merge, args.dataset)
+        _check_merge_args(args)
+        merged = merge_studies(args.merge, args.dataset, args.budget)
         write_merged(merged, args.out, shlex.join(["compressed-transformer", *sys.argv[1:]]))
         print(format_merged_table(merged))
         print(f"\noutputs in {args.out}/ (table.md, results.json)")

@@ -19,9 +19,20 @@ from ...train.checkpoint import write_text_atomic
 __all__ = ["format_merged_table", "merge_studies", "write_merged"]
 
 # Study settings that may differ between the merged folders (everything else must be equal).
-_FREE_KEYS = ("seed", "out", "rows", "progress", "device", "data_dir")
-# Per-row figures averaged across seeds.
-_FIGURES = ("bleu", "bleu_seed", "bleu_tok_lc", "steps", "train_seconds", "sentences_per_s", "forward_seconds")
+_FREE_KEYS = ("seed", "out", "rows", "progress", "data_dir")
+# Per-row figures averaged across seeds (sizes too: a Sparse VD row's kept weights depend on its training).
+_FIGURES = (
+    "bleu",
+    "bleu_seed",
+    "bleu_tok_lc",
+    "params",
+    "ratio",
+    "ratio_ffn",
+    "steps",
+    "train_seconds",
+    "sentences_per_s",
+    "forward_seconds",
+)
 
 
 def _read(folder: Path) -> dict[str, Any]:
@@ -32,20 +43,22 @@ def _read(folder: Path) -> dict[str, Any]:
 
 
 def _stats(values: Sequence[float]) -> dict[str, float | None]:
-    """Mean and sample standard deviation (``None`` for a single value)."""
+    """Mean, sample standard deviation (``None`` for a single value), range and count ``n``."""
     mean = sum(values) / len(values)
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
-    return {"mean": mean, "std": std, "min": min(values), "max": max(values)}
+    return {"mean": mean, "std": std, "min": min(values), "max": max(values), "n": len(values)}
 
 
-def merge_studies(folders: Sequence[str | Path], dataset: str) -> dict[str, Any]:
+def merge_studies(folders: Sequence[str | Path], dataset: str, budget: str | None = None) -> dict[str, Any]:
     """The rows of the study folders ``folders`` (one seed each) merged: per row, the seeds it was run with, the mean
-    and sample standard deviation of each figure, and each seed's own figures.
+    and sample standard deviation of each figure (with the number of seeds that have it), and each seed's own
+    figures.
 
     Raises:
         FileNotFoundError: for a folder without ``results.json``.
-        ValueError: for fewer than two folders, folders of another dataset, budget, settings or row definitions, or
-            two folders of the same seed.
+        ValueError: for fewer than two folders, folders of another dataset or ``budget`` (when given), settings
+            (devices included: ``auto`` precision trains differently on CPU and GPU) or row definitions, or two
+            folders of the same seed.
     """
     paths = [Path(f) for f in folders]
     if len(paths) < 2:
@@ -55,6 +68,8 @@ def merge_studies(folders: Sequence[str | Path], dataset: str) -> dict[str, Any]
     for path, study in zip(paths, studies, strict=True):
         if study.get("dataset") != dataset:
             raise ValueError(f"{path} holds a {study.get('dataset')} study, not {dataset}")
+        if budget is not None and study.get("budget") != budget:
+            raise ValueError(f"{path} holds a study at budget {study.get('budget')!r}, not {budget!r} (--budget)")
         config = {k: v for k, v in study["config"].items() if k not in _FREE_KEYS}
         reference = {k: v for k, v in first["config"].items() if k not in _FREE_KEYS}
         if config != reference:
@@ -78,7 +93,7 @@ def merge_studies(folders: Sequence[str | Path], dataset: str) -> dict[str, Any]
         if not runs:
             continue
         merged: dict[str, Any] = {"name": name, "seeds": [seed for seed, _ in runs], "n": len(runs)}
-        merged |= {key: runs[0][1].get(key) for key in ("method", "blocks", "route", "params", "ratio", "ratio_ffn")}
+        merged |= {key: runs[0][1].get(key) for key in ("method", "blocks", "route", "same_as")}
         for figure in _FIGURES:
             values = [r[figure] for _, r in runs if r.get(figure) is not None]
             merged[figure] = _stats(values) if values else None
@@ -89,22 +104,30 @@ def merge_studies(folders: Sequence[str | Path], dataset: str) -> dict[str, Any]
     return {"dataset": dataset, "budget": first.get("budget"), "sources": [str(p) for p in paths], "rows": rows}
 
 
-def _cell(stats: Mapping[str, Any] | None, digits: int) -> str:
+def _cell(stats: Mapping[str, Any] | None, digits: int, seeds: int) -> str:
+    """``mean ± std``; the count when fewer seeds than the row's have the figure (results scored before it
+    existed)."""
     if not stats:
         return "-"
-    spread = "" if stats["std"] is None else f" ± {stats['std']:.{digits}f}"
-    return f"{stats['mean']:.{digits}f}{spread}"
+    spread = "" if not stats["std"] else f" ± {stats['std']:,.{digits}f}"
+    count = f" (n={stats['n']})" if stats["n"] < seeds else ""
+    return f"{stats['mean']:,.{digits}f}{spread}{count}"
 
 
 def format_merged_table(merged: Mapping[str, Any]) -> str:
     """The Markdown table of :func:`merge_studies`: mean ± sample standard deviation across seeds."""
-    head = ["row", "seeds", "BLEU", "BLEU seed-style (0-1)", "seed protocol (valid)", "params", "ratio", "steps"]
-    head += ["train s", "sent/s", "test fwd s"]
+    iwslt = merged["dataset"] == "iwslt14"
+    head = ["row", "seeds", "BLEU", "BLEU seed-style (0-1)", *(["BLEU tok lc"] if iwslt else [])]
+    head += ["seed protocol (valid)", "params", "ratio", "steps", "train s", "sent/s", "test fwd s"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for r in merged["rows"]:
-        cells = [r["name"], ",".join(map(str, r["seeds"])), _cell(r["bleu"], 2), _cell(r["bleu_seed"], 3)]
-        cells += [_cell(r["seed_protocol"], 3), f"{r['params']:,}", f"{r['ratio']:.3f}", _cell(r["steps"], 0)]
-        cells += [_cell(r["train_seconds"], 1), _cell(r["sentences_per_s"], 1), _cell(r["forward_seconds"], 2)]
+        n = r["n"]
+        name = r["name"] if not r.get("same_as") else f"{r['name']} (= {r['same_as']})"
+        cells = [name, ",".join(map(str, r["seeds"])), _cell(r["bleu"], 2, n), _cell(r["bleu_seed"], 3, n)]
+        cells += [_cell(r["bleu_tok_lc"], 2, n)] if iwslt else []
+        cells += [_cell(r["seed_protocol"], 3, n), _cell(r["params"], 0, n), _cell(r["ratio"], 3, n)]
+        cells += [_cell(r["steps"], 0, n), _cell(r["train_seconds"], 1, n), _cell(r["sentences_per_s"], 1, n)]
+        cells += [_cell(r["forward_seconds"], 2, n)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -117,8 +140,10 @@ def write_merged(merged: Mapping[str, Any], out: str | Path, command: str = "") 
     text += (f"Command: `{command}`\n\n" if command else "") + "Merged study folders: "
     text += ", ".join(f"`{s}`" for s in merged["sources"]) + "\n\n" + format_merged_table(merged) + "\n\n"
     text += (
-        "* Each cell: mean ± sample standard deviation across the seeds the row ran with (`seeds`); one seed: the "
-        "value alone. `seed protocol (valid)`: the seed's own validation figure (see the single-seed tables).\n"
+        "* Each cell: mean ± sample standard deviation across the seeds the row ran with (`seeds`); one seed, or "
+        "no spread: the value alone; `(n=k)`: only k of them have that figure. `(= row)`: the same model and "
+        "training as that row. `seed protocol (valid)`: the seed's own validation figure (see the single-seed "
+        "tables).\n"
     )
     write_text_atomic(out / "table.md", text)
     write_text_atomic(out / "results.json", json.dumps(merged, indent=1) + "\n")
