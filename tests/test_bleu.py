@@ -38,14 +38,15 @@ WORDS = [
 
 
 def _reference_bleu(hypotheses: list[list[str]], references: list[list[str]]) -> float:
-    """Papineni et al.'s corpus BLEU written out: clipped n-gram precisions, geometric mean, brevity penalty."""
+    """Papineni et al.'s corpus BLEU written out, NLTK's way: clipped n-gram precisions, geometric mean, brevity
+    penalty."""
     matches, totals = [0] * 4, [0] * 4
     for hyp, ref in zip(hypotheses, references, strict=True):
         for n in range(1, 5):
             grams = Counter(tuple(hyp[i : i + n]) for i in range(len(hyp) - n + 1))
             ref_grams = Counter(tuple(ref[i : i + n]) for i in range(len(ref) - n + 1))
             matches[n - 1] += sum(min(count, ref_grams[g]) for g, count in grams.items())
-            totals[n - 1] += max(len(hyp) - n + 1, 0)
+            totals[n - 1] += max(len(hyp) - n + 1, 1)  # NLTK: a too-short output counts one n-gram
     if min(matches) == 0:
         return 0.0
     hyp_len, ref_len = sum(map(len, hypotheses)), sum(map(len, references))
@@ -179,3 +180,13 @@ def test_identical_outputs_are_not_significantly_different() -> None:
     refs = [_sentence(rng, 8) for _ in range(50)]
     hyps = [" ".join(r.split()[:6]) for r in refs]
     assert paired_bootstrap_p(hyps, list(hyps), refs) == 1.0
+
+
+def test_protocol_counts_short_outputs_as_nltk_does() -> None:
+    # "a b c" has no 4-gram: NLTK still counts one (unmatched) 4-gram for it, so the 4-gram precision is 1/2, not 1/1
+    train = ["a b c d w x y z"] * 10
+    hyps, refs = ["a b c", "w x y z"], ["a b c d", "w x y z"]
+    result = _score(hyps, ["s", "s"], refs, ["s"] * 10, train, SeedProtocol(batch_size=2, min_freq=1))
+    expected = math.exp(1 - 8 / 7) * (1 * 1 * 1 * 0.5) ** 0.25  # 7/7, 5/5, 3/3, 1/2; 7 output tokens for 8
+    assert result["bleu_all"] == pytest.approx(expected, abs=1e-12)
+    assert result["offsets"] == [0.0, 1.0]  # "a b c" alone: no 4-gram match, 0 without smoothing

@@ -167,14 +167,23 @@ def _keep_short(protocol: SeedProtocol, src: Sequence[str], tgt: Sequence[str]) 
 
 
 def _ids_bleu(hypotheses: list[list[str]], references: list[list[str]]) -> float:
-    """NLTK-style corpus BLEU (0-1; 0 when an n-gram order has no match) of token lists, computed by sacreBLEU.
+    """NLTK's ``corpus_bleu`` (one reference each, 4-grams, uniform weights, no smoothing; 0-1) of token lists.
 
-    The one difference from NLTK's ``corpus_bleu``: NLTK counts an output shorter than ``n`` tokens as one (unmatched)
-    ``n``-gram, sacreBLEU as none, so the two differ only when some outputs are shorter than 4 tokens.
+    Written out rather than taken from sacreBLEU, whose counts differ in one place: NLTK counts an output shorter
+    than ``n`` tokens as one unmatched ``n``-gram (``max(1, len - n + 1)``), sacreBLEU as none.
     """
-    metric = BLEU(tokenize="none", smooth_method="none", force=True)
-    score = metric.corpus_score([" ".join(h) for h in hypotheses], [[" ".join(r) for r in references]]).score
-    return min(1.0, score / 100.0)  # sacreBLEU's 100 can come out a rounding error above
+    matches, totals = [0] * 4, [0] * 4
+    for hyp, ref in zip(hypotheses, references, strict=True):
+        for n in range(1, 5):
+            grams = Counter(tuple(hyp[i : i + n]) for i in range(len(hyp) - n + 1))
+            ref_grams = Counter(tuple(ref[i : i + n]) for i in range(len(ref) - n + 1))
+            matches[n - 1] += sum(min(count, ref_grams[gram]) for gram, count in grams.items())
+            totals[n - 1] += max(1, len(hyp) - n + 1)
+    if min(matches) == 0:
+        return 0.0
+    length, ref_length = sum(map(len, hypotheses)), sum(map(len, references))
+    penalty = 1.0 if length > ref_length else math.exp(1 - ref_length / length)
+    return min(1.0, penalty * math.exp(sum(math.log(m / t) for m, t in zip(matches, totals, strict=True)) / 4))
 
 
 def seed_vocabulary(
