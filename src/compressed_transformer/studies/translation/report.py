@@ -186,7 +186,8 @@ def plot_validation_curves(rows: Sequence[RowResult], dataset: str, path: Path) 
 
 
 def plot_bleu_vs_ratio(rows: Sequence[RowResult], dataset: str, path: Path) -> None:
-    """Seed-style BLEU (0-1) against the whole-model compression ratio (log x), with the seed's points."""
+    """Seed-style BLEU (0-1) against the whole-model compression ratio (log x), with the seed's points and, where
+    scored, each row's figure under the seed's own protocol (the seed's figures' protocol) with its spread."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -205,6 +206,20 @@ def plot_bleu_vs_ratio(rows: Sequence[RowResult], dataset: str, path: Path) -> N
         label = " = ".join([r.name, *aliases.get(r.name, [])])
         ax.scatter(r.ratio, r.bleu_seed, s=50, marker=marker, color="tab:blue", zorder=3)
         ax.annotate(label, (r.ratio, r.bleu_seed), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        if r.seed_protocol:
+            protocol = r.seed_protocol
+            ax.errorbar(
+                r.ratio,
+                protocol["bleu"],
+                yerr=protocol["std"],
+                fmt="D",
+                mfc="none",
+                ms=6,
+                capsize=3,
+                color="tab:orange",
+                alpha=0.8,
+                zorder=2,
+            )
     seed_key = "iwslt14" if dataset == "iwslt14" else "multi30k"
     first = True
     for name, point in SEED_POINTS[seed_key].items():
@@ -224,6 +239,16 @@ def plot_bleu_vs_ratio(rows: Sequence[RowResult], dataset: str, path: Path) -> N
         mark_seed_point(ax, name, point.ratio, point.bleu, label=label)
     ax.scatter([], [], marker="o", color="tab:blue", label="ours, from scratch")
     ax.scatter([], [], marker="s", color="tab:blue", label="ours, converted from the original")
+    if any(r.seed_protocol for r in rows):
+        ax.errorbar(
+            [],
+            [],
+            yerr=[],
+            fmt="D",
+            mfc="none",
+            color="tab:orange",
+            label="ours, the seed's protocol (valid sample; bar: ±1 std over samples)",
+        )
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(ScalarFormatter())
