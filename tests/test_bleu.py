@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 import random
-from collections import Counter
 
 import pytest
+from sacrebleu.metrics import BLEU
 
 from compressed_transformer.evaluate.bleu import (
     SeedProtocol,
@@ -38,20 +38,11 @@ WORDS = [
 
 
 def _reference_bleu(hypotheses: list[list[str]], references: list[list[str]]) -> float:
-    """Papineni et al.'s corpus BLEU written out, NLTK's way: clipped n-gram precisions, geometric mean, brevity
-    penalty."""
-    matches, totals = [0] * 4, [0] * 4
-    for hyp, ref in zip(hypotheses, references, strict=True):
-        for n in range(1, 5):
-            grams = Counter(tuple(hyp[i : i + n]) for i in range(len(hyp) - n + 1))
-            ref_grams = Counter(tuple(ref[i : i + n]) for i in range(len(ref) - n + 1))
-            matches[n - 1] += sum(min(count, ref_grams[g]) for g, count in grams.items())
-            totals[n - 1] += max(len(hyp) - n + 1, 1)  # NLTK: a too-short output counts one n-gram
-    if min(matches) == 0:
-        return 0.0
-    hyp_len, ref_len = sum(map(len, hypotheses)), sum(map(len, references))
-    penalty = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
-    return penalty * math.exp(sum(math.log(m / t) for m, t in zip(matches, totals, strict=True)) / 4)
+    """sacreBLEU's corpus BLEU of token lists (no smoothing, 0-1): NLTK's figure when every output has at least
+    4 tokens (only shorter outputs are counted differently)."""
+    assert all(len(h) >= 4 for h in hypotheses)
+    metric = BLEU(tokenize="none", smooth_method="none", force=True)
+    return metric.corpus_score([" ".join(h) for h in hypotheses], [[" ".join(r) for r in references]]).score / 100
 
 
 def _score(hyps, src, ref, train_src, train_tgt, protocol: SeedProtocol | None = None) -> dict:
@@ -71,7 +62,7 @@ def test_protocol_bleu_is_corpus_bleu_of_the_sampled_sentences() -> None:
     rng = random.Random(0)
     train_src, train_tgt = _corpus(rng, 200)
     src, ref = _corpus(rng, 23)
-    hyps = [" ".join(r.split()[: rng.randint(3, 9)]) if i % 3 else _sentence(rng, 7) for i, r in enumerate(ref)]
+    hyps = [" ".join(r.split()[: rng.randint(4, 9)]) if i % 3 else _sentence(rng, 7) for i, r in enumerate(ref)]
     protocol = SeedProtocol(batch_size=5, min_freq=1)  # every word is frequent: no <unk> here
     result = _score(hyps, src, ref, train_src, train_tgt, protocol)
     tokens = [h.split() for h in hyps], [r.split() for r in ref]
@@ -99,7 +90,7 @@ def test_protocol_drops_long_pairs_before_batching() -> None:
     train_src, train_tgt = _corpus(rng, 100)
     src, ref = _corpus(rng, 6)
     src[0] = _sentence(rng, 60)  # over max_len: dropped, so pair 1 opens the first batch
-    hyps = ["street street street"] * 6
+    hyps = ["street street street street"] * 6
     hyps[1] = ref[1]
     result = _score(hyps, src, ref, train_src, train_tgt, SeedProtocol(batch_size=3, min_freq=1))
     assert result["kept"] == 5 and result["bleu_all"] < 1.0
