@@ -84,7 +84,8 @@ def merge_studies(folders: Sequence[str | Path], dataset: str, budget: str | Non
         for name, definition in study.get("row_definitions", {}).items():
             if definitions.setdefault(name, definition) != definition:
                 raise ValueError(f"row {name!r} of {path} is defined differently than in another folder")
-    order = list(first.get("row_definitions", {})) or [r["name"] for r in first["rows"]]
+    # table order: the study's row definitions, then any row only some folders' results name
+    order = list(dict.fromkeys([*definitions, *(r["name"] for study in studies for r in study["rows"])]))
     rows = []
     for name in order:
         runs = [
