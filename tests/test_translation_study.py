@@ -540,3 +540,38 @@ def test_merge_seeds_gives_each_rows_mean_and_spread(tmp_path: Path, capsys: pyt
     assert run([*study_argv(data, other, "original"), "--seed", "4", "--beam", "2"]) == 0
     with pytest.raises(ValueError, match="beam differ"):
         merge_studies([folders[1], other], "plain")
+
+
+def test_rows_are_paired_with_the_original_only_when_decoded_the_same_way(tmp_path: Path) -> None:
+    import dataclasses
+    import hashlib
+
+    from compressed_transformer.data.parallel import ParallelCorpus
+    from compressed_transformer.studies.translation.study import RowResult, _pair_with_original
+
+    refs = [f"a dog runs on the grass number {i}" for i in range(40)]
+    test = ParallelCorpus(["x"] * len(refs), refs)
+
+    def result(name: str, outputs: list[str], **changes) -> RowResult:
+        folder = tmp_path / name
+        folder.mkdir()
+        text = "".join(line + "\n" for line in outputs)
+        (folder / "test.hyp").write_text(text, encoding="utf-8")
+        fields = {f.name: None for f in dataclasses.fields(RowResult) if f.default is dataclasses.MISSING}
+        fields |= {"name": name, "beam": 5, "average": 0, "checkpoint": str(folder / "checkpoint_best.pt")}
+        fields |= {"run_dir": str(folder), "outputs_sha256": hashlib.sha256(text.encode()).hexdigest()}
+        return RowResult(**(fields | changes))
+
+    worse = [" ".join(r.split()[:4]) for r in refs]
+    rows = [
+        result("original", refs),
+        result("same", list(refs)),
+        result("worse", worse),
+        result("beam1", worse, beam=1),  # decoded another way: not paired
+        result("edited", worse),
+    ]
+    (tmp_path / "edited" / "test.hyp").write_text("changed\n" * len(refs))  # no longer what was scored
+    _pair_with_original(rows, test)
+    p = {r.name: r.p_vs_original for r in rows}
+    assert p["original"] is None and p["same"] == 1.0 and p["worse"] < 0.01
+    assert p["beam1"] is None and p["edited"] is None
