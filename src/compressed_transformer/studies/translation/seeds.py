@@ -65,13 +65,13 @@ def merge_studies(folders: Sequence[str | Path], dataset: str, budget: str | Non
         raise ValueError(f"--merge needs at least two study folders (one per seed), got {len(paths)}")
     studies = [_read(p) for p in paths]
     first, seeds = studies[0], []
+    reference = {k: v for k, v in first["config"].items() if k not in _FREE_KEYS}
     for path, study in zip(paths, studies, strict=True):
         if study.get("dataset") != dataset:
             raise ValueError(f"{path} holds a {study.get('dataset')} study, not {dataset}")
         if budget is not None and study.get("budget") != budget:
             raise ValueError(f"{path} holds a study at budget {study.get('budget')!r}, not {budget!r} (--budget)")
         config = {k: v for k, v in study["config"].items() if k not in _FREE_KEYS}
-        reference = {k: v for k, v in first["config"].items() if k not in _FREE_KEYS}
         if config != reference:
             changed = sorted(k for k in set(config) | set(reference) if config.get(k) != reference.get(k))
             raise ValueError(f"{path} was run with other settings than {paths[0]} ({', '.join(changed)} differ)")
