@@ -17,6 +17,7 @@ from compressed_transformer.functional.tt import (
     tt_matrix_from_dense,
     tt_matrix_macs,
     tt_matrix_params,
+    tt_matrix_rebuild,
     tt_matrix_to_dense,
     tt_svd,
     tt_to_dense,
@@ -229,6 +230,30 @@ def test_tt_matrix_apply_equals_dense_product(lead) -> None:
     y = tt_matrix_apply(x, cores)
     assert y.shape == (*lead, 12)
     assert_close(y, x @ tt_matrix_to_dense(cores).T)
+
+
+@pytest.mark.parametrize(
+    "out_modes, in_modes, ranks",
+    [
+        ((6,), (5,), [1, 1]),
+        ((2, 3), (3, 2), [1, 3, 1]),
+        ((2, 3, 2), (3, 2, 2), [1, 3, 2, 1]),
+        ((2, 2, 3, 2), (3, 2, 2, 2), [1, 2, 4, 3, 1]),
+    ],
+)
+def test_tt_matrix_rebuild_equals_core_by_core_rebuild_with_gradients(out_modes, in_modes, ranks) -> None:
+    cores = [c.requires_grad_() for c in random_tt_matrix(out_modes, in_modes, ranks)]
+    w = tt_matrix_rebuild(cores)
+    reference = tt_matrix_to_dense(cores)
+    assert_close(w, reference)
+    with torch.no_grad():  # the no-autograd branch
+        assert_close(tt_matrix_rebuild(cores), reference)
+    upstream = torch.randn_like(w)
+    grads = torch.autograd.grad(w, cores, upstream)
+    expected = torch.autograd.grad(reference, cores, upstream)
+    for g, e in zip(grads, expected, strict=True):
+        assert_close(g, e)
+    assert torch.autograd.gradcheck(lambda *c: tt_matrix_rebuild(list(c)), tuple(cores))
 
 
 def test_tt_matrix_params_and_macs() -> None:

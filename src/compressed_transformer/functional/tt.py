@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .costs import CPU_COSTS, CostModel
-from .matmul import autocast_inputs, linear, matmul, oriented_matmul
+from .matmul import autocast_inputs, linear, oriented_matmul
 
 __all__ = [
     "TTPlan",
@@ -372,8 +372,39 @@ def tt_matrix_rebuild(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     a, b = tt_matrix_merge(cores[:half]), tt_matrix_merge(cores[half:])
     _, o1, i1, r = a.shape
     _, o2, i2, _ = b.shape
-    w = matmul(a.reshape(o1 * i1, r), b.reshape(r, o2 * i2)).reshape(o1, i1, o2, i2)  # thin: oriented backward
-    return w.permute(0, 2, 1, 3).reshape(o1 * o2, i1 * i2)
+    left, right = a.reshape(o1 * i1, r), b.reshape(r, o2 * i2)
+    if not (torch.is_grad_enabled() and (left.requires_grad or right.requires_grad)):
+        return _interleave(left @ right, o1, i1, o2, i2)
+    left, right = autocast_inputs(left.device.type, left, right)
+    return _HalvesProduct.apply(left, right, (o1, i1, o2, i2))
+
+
+def _interleave(product: torch.Tensor, o1: int, i1: int, o2: int, i2: int) -> torch.Tensor:
+    """``(o1 i1, o2 i2)`` -> ``(o1 o2, i1 i2)``: one weight-sized copy."""
+    return product.reshape(o1, i1, o2, i2).permute(0, 2, 1, 3).reshape(o1 * o2, i1 * i2)
+
+
+class _HalvesProduct(torch.autograd.Function):
+    """``W = interleave(A @ B)`` of :func:`tt_matrix_rebuild`, with a backward that makes one weight-sized copy
+    (the gradient, de-interleaved) and two thin GEMMs, oriented by shape. Autograd's own backward of the same ops
+    makes three copies and costs about twice as much (weight-sized copies dominate at the ranks where a rebuild
+    pays)."""
+
+    @staticmethod
+    def forward(ctx, left: torch.Tensor, right: torch.Tensor, dims: tuple[int, int, int, int]) -> torch.Tensor:
+        ctx.save_for_backward(left, right)
+        ctx.dims = dims
+        return _interleave(left @ right, *dims)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        left, right = ctx.saved_tensors
+        o1, i1, o2, i2 = ctx.dims
+        grad = grad.to(left.dtype)
+        product_grad = grad.reshape(o1, o2, i1, i2).permute(0, 2, 1, 3).reshape(o1 * i1, o2 * i2)
+        grad_left = oriented_matmul(product_grad, right.T) if ctx.needs_input_grad[0] else None
+        grad_right = left.T @ product_grad if ctx.needs_input_grad[1] else None
+        return grad_left, grad_right, None
 
 
 def tt_plan_matrices(cores: Sequence[torch.Tensor], plan: TTPlan) -> list[torch.Tensor]:
