@@ -12,7 +12,7 @@ from compressed_transformer import bench
 from compressed_transformer.bench import BenchConfig, PeakTensorMemory, TransformerBench, build_layer, run_bench
 from compressed_transformer.cli import build_parser
 from compressed_transformer.functional.tt import TTPlan, tt_plan_macs
-from compressed_transformer.layers import LowRankLinear, PrunedLinear, TTLinear
+from compressed_transformer.layers import LowRankLinear, PrunedLinear, SparseLinear, TTLinear
 
 TINY_LAYERS = ("dense", "tt-r2", "tucker-r2", "svd-r4", "prune-0.9", "svd-o-0.9")
 
@@ -55,11 +55,11 @@ def test_bench_writes_rows_table_and_plot(tmp_path) -> None:
     }
 
 
-@pytest.mark.parametrize("name", [*TINY_LAYERS, "tt-r8", "prune-0.98", "svd-o-0.98"])
+@pytest.mark.parametrize("name", [*TINY_LAYERS, "tt-r8", "prune-0.98", "sparse-0.9", "svd-o-0.98"])
 def test_build_layer_names(name: str) -> None:
     layer = build_layer(name, 16, 32, device=torch.device("cpu"), dtype=torch.float32)
     assert layer(torch.randn(3, 16)).shape == (3, 32)
-    if name.startswith("prune-"):
+    if name.startswith(("prune-", "sparse-")):
         assert abs(layer.sparsity - float(name.split("-")[1])) < 0.1
     if name.startswith("svd-o-"):
         assert abs(layer.sparsity - float(name.rsplit("-", 1)[1])) < 0.1
@@ -207,6 +207,9 @@ def test_closed_form_multiply_adds_of_each_layer() -> None:
     pruned = PrunedLinear.from_linear(linear, sparsity=0.9)
     nnz = int(pruned.mask.sum())
     taken, fewest = bench.layer_macs(pruned, 100, train=True)
+    assert fewest == 3 * 100 * nnz and taken in (3 * 100 * nnz, 3 * 100 * 512 * 2048)
+    sparse = SparseLinear.from_pruned(pruned)
+    taken, fewest = bench.layer_macs(sparse, 100, train=True)
     assert fewest == 3 * 100 * nnz and taken in (3 * 100 * nnz, 3 * 100 * 512 * 2048)
     tt = TTLinear.from_linear(linear, ranks=2)
     _, fewest = bench.layer_macs(tt, 1, train=False)

@@ -35,6 +35,7 @@ OPTIONS = {
     "tucker": {"ranks": 2},
     "svd": {"rank": 5},
     "prune": {"sparsity": 0.7},
+    "sparse": {"sparsity": 0.7},
     "svd-o": {},
 }
 

@@ -16,6 +16,7 @@ METHOD_OPTIONS = {
     "tucker": {"ranks": 2},
     "svd": {"rank": 4},
     "prune": {"sparsity": 0.5},
+    "sparse": {"sparsity": 0.5},
     "svd-o": {},
 }
 

@@ -39,7 +39,7 @@ from torch.utils._pytree import tree_leaves
 from .functional.costs import COSTS_ENV_VAR, cost_model_source, device_kind, load_cost_models, set_cost_model
 from .functional.tt import factorize, tt_plan_candidates, tt_plan_macs
 from .functional.tucker import tucker_linear_rank
-from .layers import LowRankLinear, PrunedLinear, SparseVDLinear, TTLinear, TuckerLinear
+from .layers import LowRankLinear, PrunedLinear, SparseLinear, SparseVDLinear, TTLinear, TuckerLinear
 from .layers._fast import cache_nbytes
 from .provenance import git_revision
 
@@ -56,6 +56,8 @@ FULL_LAYERS = (
     "svd-r64",
     "prune-0.9",
     "prune-0.98",
+    "sparse-0.9",
+    "sparse-0.98",
     "svd-o-0.98",
     "tltorch-tt-r2",
     "tltorch-tucker-r2",
@@ -179,7 +181,8 @@ def build_layer(
     """A freshly initialised layer of the grid.
 
     Names: ``dense``; ``tt-rR`` (4 balanced modes per side, inner ranks ``R``); ``tucker-rR`` (2 modes per side);
-    ``svd-rR``; ``prune-S`` (a random mask of sparsity ``S``); ``svd-o-S`` (Sparse VD in eval form with a
+    ``svd-rR``; ``prune-S`` (a random mask of sparsity ``S``); ``sparse-S`` (the same pruning stored as its kept
+    weights only: :class:`~compressed_transformer.layers.SparseLinear`); ``svd-o-S`` (Sparse VD in eval form with a
     fraction ``S`` of weights above the ``log alpha`` threshold); ``tltorch-tt-rR`` / ``tltorch-tucker-rR``
     (tensorly-torch's ``FactorizedLinear``, factorised forward, same modes).
 
@@ -200,6 +203,9 @@ def build_layer(
         layer = PrunedLinear(in_features, out_features, **factory)
         mask = torch.rand(out_features, in_features, device=device) >= float(setting)
         return layer.set_mask_(mask)
+    if kind == "sparse":
+        nnz = round((1.0 - float(setting)) * in_features * out_features)
+        return SparseLinear(in_features, out_features, nnz=nnz, **factory)
     if kind == "svd-o":
         layer = SparseVDLinear(in_features, out_features, **factory)
         with torch.no_grad():
@@ -227,7 +233,8 @@ def build_layer(
             **factory,
         )
     raise ValueError(
-        f"unknown benchmark layer {name!r}; use dense, tt-r<R>, tucker-r<R>, svd-r<R>, prune-<S>, svd-o-<S>, "
+        f"unknown benchmark layer {name!r}; use dense, tt-r<R>, tucker-r<R>, svd-r<R>, prune-<S>, sparse-<S>, "
+        "svd-o-<S>, "
         "tltorch-tt-r<R>, tltorch-tucker-r<R>"
     )
 
@@ -241,6 +248,8 @@ def layer_path(layer: nn.Module, tokens: int, train: bool) -> str:
 
 def _sparse_nnz(layer: nn.Module) -> int:
     with torch.no_grad():
+        if isinstance(layer, SparseLinear):
+            return layer.nnz
         if isinstance(layer, PrunedLinear):
             return int(layer.mask.sum())
         return int(layer.mask().sum())
@@ -264,7 +273,7 @@ def layer_macs(layer: nn.Module, tokens: int, train: bool) -> tuple[int | None, 
         rank = layer.rank if isinstance(layer, LowRankLinear) else tucker_linear_rank(layer.ranks, len(layer.out_modes))
         fewest = rank * (layer.in_features + layer.out_features)
         taken = fewest if path == "low-rank" else dense
-    elif isinstance(layer, PrunedLinear | SparseVDLinear):
+    elif isinstance(layer, PrunedLinear | SparseLinear | SparseVDLinear):
         fewest = _sparse_nnz(layer)
         taken = fewest if path == "csr" else dense
         if path == "sampled":

@@ -19,6 +19,7 @@ from .layers import (
     LowRankEmbedding,
     LowRankLinear,
     PrunedLinear,
+    SparseLinear,
     SparseVDLinear,
     TTEmbedding,
     TTLinear,
@@ -46,6 +47,7 @@ _SIZE_OPTIONS = {
     "tucker": {"ranks"},
     "svd": {"rank", "energy"},
     "prune": {"sparsity", "threshold", "global_sparsity"},
+    "sparse": {"sparsity", "threshold", "global_sparsity"},
     "svd-o": set(),
 }
 
@@ -378,7 +380,7 @@ def _allocate_tucker(linears, ratio: float, options: dict[str, Any]) -> list[dic
 
 
 def _layer_options(layer: nn.Module) -> dict[str, Any]:
-    if isinstance(layer, PrunedLinear):
+    if isinstance(layer, PrunedLinear | SparseLinear):
         return {"sparsity": round(layer.sparsity, 6)}
     return layer_options(layer)
 
@@ -403,12 +405,14 @@ def compress_(
 
     Args:
         model: any ``nn.Module``; its submodules are replaced.
-        method: ``"tt"``, ``"tucker"``, ``"svd"``, ``"prune"`` or ``"svd-o"`` (Sparse Variational Dropout).
+        method: ``"tt"``, ``"tucker"``, ``"svd"``, ``"prune"``, ``"sparse"`` (pruned as ``prune``, storing the
+            kept weights only: :class:`~compressed_transformer.layers.SparseLinear`) or ``"svd-o"`` (Sparse
+            Variational Dropout).
         filter: which ``nn.Linear`` modules: ``None`` for all, a regex searched in the qualified name, or a
             callable ``(name, module) -> bool``.
         ratio: target compression ratio of the selected layers together (``>= 1``), instead of size options.
         **options: forwarded to ``from_linear`` (e.g. ``ranks=``, ``eps=``, ``rank=``, ``energy=``,
-            ``sparsity=``, ``threshold=``, ``in_modes=``, ``out_modes=``, ``n_iter=``). For ``prune``,
+            ``sparsity=``, ``threshold=``, ``in_modes=``, ``out_modes=``, ``n_iter=``). For ``prune`` and ``sparse``,
             ``global_sparsity=s`` prunes the fraction ``s`` of all selected weights with one global magnitude
             threshold (instead of ``sparsity=s`` in every layer).
 
@@ -428,13 +432,13 @@ def compress_(
             f"use {METHODS[method].__name__}.from_linear(linear, ...) instead"
         )
     with torch.no_grad():
-        if ratio is None and method == "prune" and "global_sparsity" in options:
+        if ratio is None and method in ("prune", "sparse") and "global_sparsity" in options:
             rest = {k: v for k, v in options.items() if k != "global_sparsity"}
             threshold = global_magnitude_threshold([m.weight for _, m in linears], options["global_sparsity"])
             per_layer = [rest | {"threshold": threshold} for _ in linears]
         elif ratio is None:
             per_layer = [dict(options) for _ in linears]
-        elif method == "prune":
+        elif method in ("prune", "sparse"):
             per_layer = _allocate_prune(linears, ratio)
         elif method == "svd":
             per_layer = _allocate_svd(linears, ratio)

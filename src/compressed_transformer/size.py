@@ -3,8 +3,9 @@
 Conventions (documented in the README):
 
 * **parameters** (the seed's measure): dense tensors count ``numel``; factorised layers (TT, Tucker, SVD) count the
-  numels of their factors; pruned and Sparse VD layers count their nonzero weights (Sparse VD: those kept at eval,
-  ``log sigma^2`` is a training-only parameter); biases always count in full. Buffers are not counted.
+  numels of their factors; pruned (``PrunedLinear``, ``SparseLinear``) and Sparse VD layers count their kept
+  weights (Sparse VD: those kept at eval, ``log sigma^2`` is a training-only parameter); biases always count in
+  full. Buffers are not counted.
 * **bytes**: parameters times the element size, plus, for sparse layers, the index cost of a CSR layout:
   one column index per nonzero and ``out_features + 1`` row pointers, int32 when every index fits, else int64.
 * **compression ratio** = dense size / compressed size, where the dense size counts every compressed layer as
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import COMPRESSED_EMBEDDINGS, COMPRESSED_LAYERS, PrunedLinear, SparseVDLinear
+from .layers import COMPRESSED_EMBEDDINGS, COMPRESSED_LAYERS, PrunedLinear, SparseLinear, SparseVDLinear
 
 __all__ = ["compression_ratio", "dense_bytes", "dense_params", "stored_bytes", "stored_params"]
 
@@ -28,7 +29,10 @@ def _index_bytes(max_index: int) -> int:
 
 
 def _sparse_layer_bytes(module: nn.Module, nnz: int) -> int:
-    element = (module.weight if isinstance(module, PrunedLinear) else module.theta).element_size()
+    if isinstance(module, SparseLinear):
+        element = module.values.element_size()
+    else:
+        element = (module.weight if isinstance(module, PrunedLinear) else module.theta).element_size()
     index = _index_bytes(max(module.in_features, nnz))
     bias = module.out_features * element if module.bias is not None else 0
     return nnz * (element + index) + (module.out_features + 1) * index + bias
@@ -76,7 +80,7 @@ def _dense_numel(module: nn.Module) -> int:
 
 
 def _stored_layer_bytes(module: nn.Module) -> int:
-    if isinstance(module, PrunedLinear | SparseVDLinear):
+    if isinstance(module, PrunedLinear | SparseLinear | SparseVDLinear):
         bias = module.out_features if module.bias is not None else 0
         return _sparse_layer_bytes(module, module.num_stored_params() - bias)
     element = next(module.parameters()).element_size()

@@ -16,6 +16,7 @@ from compressed_transformer.layers import (
     METHODS,
     LowRankLinear,
     PrunedLinear,
+    SparseLinear,
     SparseVDLinear,
     TTLinear,
     TuckerLinear,
@@ -35,6 +36,7 @@ OPTIONS = {
     "tucker": {"in_modes": (3, 4), "out_modes": (2, 4), "ranks": [2, 3, 2, 3]},
     "svd": {"rank": 3},
     "prune": {},
+    "sparse": {"nnz": 40},
     "svd-o": {"threshold": 3.0},
 }
 
@@ -45,6 +47,7 @@ FULL = {
     "tucker": lambda linear: TuckerLinear.from_linear(linear, ranks=10**6),
     "svd": lambda linear: LowRankLinear.from_linear(linear, rank=min(linear.in_features, linear.out_features)),
     "prune": lambda linear: PrunedLinear.from_linear(linear, sparsity=0.0),
+    "sparse": lambda linear: SparseLinear.from_linear(linear, sparsity=0.0),
     "svd-o": lambda linear: SparseVDLinear.from_linear(linear, log_sigma2_init=-20.0),
 }
 
@@ -54,6 +57,7 @@ COMPRESS = {
     "tucker": lambda linear: TuckerLinear.from_linear(linear, ranks=2),
     "svd": lambda linear: LowRankLinear.from_linear(linear, rank=2),
     "prune": lambda linear: PrunedLinear.from_linear(linear, sparsity=0.5),
+    "sparse": lambda linear: SparseLinear.from_linear(linear, sparsity=0.5),
     "svd-o": lambda linear: SparseVDLinear.from_linear(linear),
 }
 
@@ -81,6 +85,8 @@ def closed_form_params(layer: nn.Module, method: str) -> int:
         return layer.rank * (IN + OUT) + bias
     if method == "prune":
         return int(layer.mask.sum()) + bias
+    if method == "sparse":
+        return layer.values.numel() + bias
     return int((layer.log_alpha() <= layer.threshold).sum()) + bias
 
 

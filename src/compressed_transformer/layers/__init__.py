@@ -1,4 +1,5 @@
-"""Drop-in replacements for ``nn.Linear``: TT, Tucker, low-rank (SVD), magnitude-pruned and Sparse VD layers; and
+"""Drop-in replacements for ``nn.Linear``: TT, Tucker, low-rank (SVD), magnitude-pruned (a dense weight and a mask,
+or only the kept weights) and Sparse VD layers; and
 for ``nn.Embedding``: low-rank and TT tables (``from_embedding(embedding, ...)``, ``to_dense()``, ``attend(hidden)``
 for tied logits, ``num_stored_params()``).
 
@@ -17,6 +18,7 @@ from ._fast import cache_nbytes, clear_caches
 from .embedding import LowRankEmbedding, TTEmbedding
 from .low_rank import LowRankLinear
 from .pruned import PrunedLinear
+from .sparse import SparseLinear
 from .sparse_vd import SparseVDLinear, model_kl
 from .tt import TTLinear
 from .tucker import TuckerLinear
@@ -28,6 +30,7 @@ __all__ = [
     "LowRankEmbedding",
     "LowRankLinear",
     "PrunedLinear",
+    "SparseLinear",
     "SparseVDLinear",
     "TTEmbedding",
     "TTLinear",
@@ -46,6 +49,7 @@ METHODS: dict[str, type[nn.Module]] = {
     "tucker": TuckerLinear,
     "svd": LowRankLinear,
     "prune": PrunedLinear,
+    "sparse": SparseLinear,
     "svd-o": SparseVDLinear,
 }
 COMPRESSED_LAYERS = tuple(METHODS.values())
@@ -68,7 +72,8 @@ def method_of(layer: nn.Module) -> str:
 def layer_options(layer: nn.Module) -> dict:
     """The constructor options that give ``layer``'s structure (``METHODS[method](in, out, bias, **options)``
     builds a layer whose ``state_dict`` fits ``layer``'s): modes and ranks of TT / Tucker, the rank of SVD, the
-    threshold of Sparse VD; none for pruning, whose mask is a buffer of the ``state_dict``.
+    threshold of Sparse VD, the number of stored weights of ``sparse`` (whose positions are buffers of the
+    ``state_dict``); none for pruning, whose mask is a buffer of the ``state_dict``.
 
     Raises:
         TypeError: if ``layer`` is not one of :data:`COMPRESSED_LAYERS`.
@@ -80,6 +85,8 @@ def layer_options(layer: nn.Module) -> dict:
         return {"rank": layer.rank}
     if method == "svd-o":
         return {"threshold": layer.threshold}
+    if method == "sparse":
+        return {"nnz": layer.nnz}
     return {}
 
 
@@ -96,7 +103,7 @@ def build_linear(
     """A freshly initialised linear layer of the given method (``"dense"`` gives ``nn.Linear``), for training
     compressed models from scratch.
 
-    ``prune`` accepts ``sparsity=`` and prunes its random initialisation by magnitude.
+    ``prune`` and ``sparse`` accept ``sparsity=`` and prune their random initialisation by magnitude.
 
     Raises:
         ValueError: for an unknown method or options the method does not take.
@@ -107,7 +114,12 @@ def build_linear(
         return nn.Linear(in_features, out_features, bias, device=device, dtype=dtype)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {['dense', *METHODS]}")
-    sparsity = options.pop("sparsity", None) if method == "prune" else None
+    sparsity = options.pop("sparsity", None) if method in ("prune", "sparse") else None
+    if method == "sparse" and sparsity:
+        if options:
+            raise ValueError(f"method 'sparse' with sparsity= takes no other options, got {sorted(options)}")
+        dense = nn.Linear(in_features, out_features, bias, device=device, dtype=dtype)
+        return SparseLinear.from_linear(dense, sparsity=sparsity)
     try:
         layer = METHODS[method](in_features, out_features, bias, device=device, dtype=dtype, **options)
     except TypeError as error:

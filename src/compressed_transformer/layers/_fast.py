@@ -518,3 +518,63 @@ def masked_csr_train_seconds(
     else:
         weight_grad = product
     return 2 * product + weight_grad + costs.copy_seconds(wbytes, train=False, threads=threads)
+
+
+class _ValuesCSRLinear(torch.autograd.Function):
+    """``y = x W^T + b`` with ``W`` the CSR matrix of ``values`` at the fixed positions of ``pattern``: the forward
+    and the input gradient are CSR products, and the gradient of ``values`` is the product sampled at those
+    positions (``g[row] * x[col]`` for one token, ``torch.sparse.sampled_addmm`` for more); nothing weight-sized is
+    read or written (compare :class:`_MaskedCSRLinear`, whose parameter is a dense weight)."""
+
+    @staticmethod
+    def forward(ctx, x, values, bias, pattern, shape):
+        ctx.save_for_backward(x, values)
+        ctx.pattern, ctx.shape = pattern, shape
+        return csr_linear(x, _csr(pattern["crow"], pattern["col"], values, shape), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, values = ctx.saved_tensors
+        pattern, (out_features, in_features) = ctx.pattern, ctx.shape
+        grad = grad.reshape(-1, out_features).to(values.dtype)
+        flat_x = x.reshape(-1, in_features)
+        grad_x = grad_values = grad_b = None
+        if ctx.needs_input_grad[0]:
+            values_t = values.index_select(0, pattern["perm"])
+            transposed = _csr(pattern["crow_t"], pattern["col_t"], values_t, (in_features, out_features))
+            grad_x = csr_linear(grad, transposed, None).reshape(x.shape)
+        if ctx.needs_input_grad[1] and grad.shape[0] == 1 and "rows" in pattern:
+            grad_values = grad[0].index_select(0, pattern["rows"]) * flat_x[0].index_select(0, pattern["cols"])
+        elif ctx.needs_input_grad[1]:
+            empty = _csr(pattern["crow"], pattern["col"], torch.zeros_like(values), ctx.shape)
+            grad_values = torch.sparse.sampled_addmm(empty, grad.t(), flat_x, beta=0.0).values()
+        if ctx.needs_input_grad[2]:
+            grad_b = grad.sum(0)
+        return grad_x, grad_values, grad_b, None, None
+
+
+def values_csr_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor | None,
+    pattern: dict[str, torch.Tensor],
+    shape: tuple[int, int],
+) -> torch.Tensor:
+    """``x @ W.T + bias`` for ``W`` ``(out, in)`` given by its stored ``values`` (in CSR order) at the positions of
+    ``pattern``, differentiable in ``x``, ``values`` and ``bias`` (see :class:`_ValuesCSRLinear`).
+
+    ``pattern`` holds ``crow`` / ``col`` (the CSR positions), ``crow_t`` / ``col_t`` / ``perm`` (the transpose's,
+    as :func:`csr_pattern` gives them) and, optionally, ``rows`` / ``cols``: the 64-bit row and column of every
+    entry, with which the gradient of the values for one token is two gathers instead of a sampled product."""
+    return _ValuesCSRLinear.apply(x, values, bias, pattern, shape)
+
+
+@functools.lru_cache(maxsize=4096)
+def values_train_is_faster(device: DeviceKey, tokens: int, in_features: int, out_features: int, nnz: int) -> bool:
+    """Whether :func:`values_csr_linear` forward+backward is predicted faster than building the dense weight from
+    the values (a weight-sized scatter, and its gather in the backward) and one GEMM."""
+    device_type, element_size, threads, _ = device
+    costs = cost_model_for(device_type)
+    dense = masked_dense_train_seconds(costs, threads, tokens, in_features, out_features, element_size)
+    product = csr_seconds(costs, threads, nnz, tokens, max(in_features, out_features), element_size)
+    return costs.prefers(3 * product, dense)

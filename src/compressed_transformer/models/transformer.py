@@ -39,7 +39,7 @@ __all__ = [
     "resolve_blocks",
 ]
 
-FFN_METHODS = ("dense", "tt", "tucker", "svd", "prune", "svd-o")
+FFN_METHODS = ("dense", "tt", "tucker", "svd", "prune", "sparse", "svd-o")
 
 KVCache = list[dict[str, torch.Tensor]]
 
