@@ -128,7 +128,13 @@ def spec_d_model(spec: TransformerBench) -> int:
 
 def test_transformer_variants_swap_every_ffn_linear() -> None:
     spec = TransformerBench(preset="tiny", vocab_size=64, tt_ranks=(1, 2, 1))
-    variants = (("tt", "TTLinear"), ("tucker", "TuckerLinear"), ("svd", "LowRankLinear"), ("prune", "PrunedLinear"))
+    variants = (
+        ("tt", "TTLinear"),
+        ("tucker", "TuckerLinear"),
+        ("svd", "LowRankLinear"),
+        ("prune", "PrunedLinear"),
+        ("sparse", "SparseLinear"),
+    )
     for variant, cls in (*variants, ("dense", "Linear")):
         model = bench.build_transformer(variant, spec, torch.device("cpu"), torch.float32)
         kinds = {type(m).__name__ for n, m in model.named_modules() if n.endswith(("ffn.fc1", "ffn.fc2"))}
@@ -138,11 +144,13 @@ def test_transformer_variants_swap_every_ffn_linear() -> None:
     assert type(model.src_embed).__name__ == "LowRankEmbedding" and model.tgt_embed is model.src_embed
     model = bench.build_transformer("tt+ttemb", spec, torch.device("cpu"), torch.float32)
     assert type(model.src_embed).__name__ == "TTEmbedding" and model.tgt_embed is model.src_embed
-    assert set(bench.TRANSFORMER_VARIANTS) == {"dense", "tt", "tucker", "svd", "prune", "tt+emb", "tt+ttemb"}
+    assert set(bench.TRANSFORMER_VARIANTS) == {"dense", "tt", "tucker", "svd", "prune", "sparse", "tt+emb", "tt+ttemb"}
     svd = bench.build_transformer("svd", spec, torch.device("cpu"), torch.float32)
     assert svd.encoder[0].ffn.fc1.rank == spec_d_model(spec) // 8
     pruned = bench.build_transformer("prune", spec, torch.device("cpu"), torch.float32)
     assert pruned.decoder[1].ffn.fc2.sparsity == pytest.approx(0.9, abs=0.01)
+    sparse = bench.build_transformer("sparse", spec, torch.device("cpu"), torch.float32)
+    assert sparse.decoder[1].ffn.fc2.sparsity == pytest.approx(0.9, abs=0.01)
     with pytest.raises(ValueError, match="unknown transformer variant 'tucker\\+emb'"):
         bench.build_transformer("tucker+emb", spec, torch.device("cpu"), torch.float32)
 

@@ -85,7 +85,8 @@ class TransformerBench:
         tt_ranks: TT ranks of every FFN linear (``d + 1`` entries: ``d`` balanced modes per side).
         tucker_ranks: Tucker rank of every FFN linear.
         svd_rank: rank of every FFN linear in the ``svd`` variant (``None``: ``d_model // 8``, the study's).
-        prune_sparsity: fraction of every FFN weight pruned in the ``prune`` variant (the study's ``prune-all``).
+        prune_sparsity: fraction of every FFN weight pruned in the ``prune`` and ``sparse`` variants (the study's
+            ``prune-all``).
     """
 
     preset: str = "base"
@@ -515,16 +516,17 @@ def bench_layers(
 # --- whole Transformer ----------------------------------------------------------------------------------------------
 
 
-TRANSFORMER_VARIANTS = ("dense", "tt", "tucker", "svd", "prune", "tt+emb", "tt+ttemb")
+TRANSFORMER_VARIANTS = ("dense", "tt", "tucker", "svd", "prune", "sparse", "tt+emb", "tt+ttemb")
 TT_TABLE_RANK = 16  # the ``tt+ttemb`` variant's table, as the study's ``tt-all+ttemb`` row
 
 
 def build_transformer(
     variant: str, spec: TransformerBench, device: torch.device, dtype: torch.dtype, seed: int = 0
 ) -> nn.Module:
-    """The benchmark Transformer with every FFN linear ``dense``, ``tt``, ``tucker``, ``svd`` or ``prune`` (the
-    model's own :class:`~compressed_transformer.models.transformer.FFNSpec`, as the translation study builds it;
-    ``prune`` keeps the largest ``1 - prune_sparsity`` of each random weight); ``tt+emb``:
+    """The benchmark Transformer with every FFN linear ``dense``, ``tt``, ``tucker``, ``svd``, ``prune`` or
+    ``sparse`` (the model's own :class:`~compressed_transformer.models.transformer.FFNSpec`, as the translation
+    study builds it; ``prune`` keeps the largest ``1 - prune_sparsity`` of each random weight, ``sparse`` the same
+    as kept weights only); ``tt+emb``:
     TT FFNs and the shared embedding / tied output table low-rank, rank ``d_model / 4`` (the study's ``tt-all+emb``);
     ``tt+ttemb``: TT FFNs and a TT table of TT-ranks 16 (the study's ``tt-all+ttemb``).
 
@@ -543,6 +545,7 @@ def build_transformer(
         "tucker": {"ranks": spec.tucker_ranks},
         "svd": {"rank": spec.svd_rank or max(1, base.d_model // 8)},
         "prune": {"sparsity": spec.prune_sparsity},
+        "sparse": {"sparsity": spec.prune_sparsity},
     }
     torch.manual_seed(seed)
     config = base.replace(ffn=FFNSpec(method, options[method]))
