@@ -221,3 +221,15 @@ def test_memory_held_is_proportional_to_the_stored_weights(monkeypatch) -> None:
     layer.train()
     layer(torch.randn(5, 64)).sum().backward()
     assert cache_nbytes(layer) == 12 * layer.nnz + 4 * 65
+
+
+@pytest.mark.parametrize("sparse", [True, False], ids=["csr", "dense"])
+def test_an_empty_layer_is_its_bias(monkeypatch, sparse: bool) -> None:
+    layer = SparseLinear(8, 6, nnz=0, dtype=F64)
+    force(monkeypatch, layer, sparse)
+    for tokens in (1, 3):
+        x = torch.randn(tokens, 8, dtype=F64, requires_grad=True)
+        y = layer(x)
+        assert_close(y, layer.bias.expand(tokens, 6))
+        y.sum().backward()
+        assert layer.values.grad.shape == (0,) and float(x.grad.abs().sum()) == 0.0

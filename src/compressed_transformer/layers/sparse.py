@@ -85,7 +85,10 @@ class SparseLinear(nn.Module):
         if not isinstance(nnz, int) or not 0 <= nnz <= weights:
             raise ValueError(f"nnz must be an int in [0, {weights}] for {in_features}->{out_features}, got {nnz!r}")
         self.in_features, self.out_features = in_features, out_features
-        flat = torch.randperm(weights, device=device)[:nnz].sort().values
+        if nnz in (0, weights):
+            flat = torch.arange(nnz, device=device)
+        else:
+            flat = torch.randperm(weights, device=device)[:nnz].sort().values
         crow, col = _crow_col(flat, out_features, in_features)
         self.register_buffer("crow_indices", crow)
         self.register_buffer("col_indices", col)
@@ -130,7 +133,7 @@ class SparseLinear(nn.Module):
         layer = cls(in_features, out_features, bias is not None, nnz=0, device=weight.device, dtype=weight.dtype)
         layer._set_positions(flat)
         with torch.no_grad():
-            layer.values = nn.Parameter(weight.reshape(-1).index_select(0, flat).clone())
+            layer.values = nn.Parameter(weight.reshape(-1).index_select(0, flat))
             if bias is not None:
                 layer.bias.copy_(bias.detach())
         return layer
