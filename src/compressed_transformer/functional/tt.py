@@ -387,8 +387,7 @@ def _interleave(product: torch.Tensor, o1: int, i1: int, o2: int, i2: int) -> to
 class _HalvesProduct(torch.autograd.Function):
     """``W = interleave(A @ B)`` of :func:`tt_matrix_rebuild`, with a backward that makes one weight-sized copy
     (the gradient, de-interleaved) and two thin GEMMs, oriented by shape. Autograd's own backward of the same ops
-    makes three copies: the whole rebuild, forward and backward, took 1.56x as long that way (0.86 against 0.55 ms
-    for a rank-8 TT layer 256->1024 on one thread), as weight-sized copies dominate where a rebuild pays."""
+    makes three, and weight-sized copies are most of a rebuild's cost at the ranks where a rebuild pays."""
 
     @staticmethod
     def forward(ctx, left: torch.Tensor, right: torch.Tensor, dims: tuple[int, int, int, int]) -> torch.Tensor:
