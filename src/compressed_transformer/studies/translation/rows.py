@@ -142,6 +142,7 @@ ROW_NAMES: dict[str, tuple[str, ...]] = {
         "svd-all",
         "svd-all-convert",
         "prune-all",
+        "sparse-all",
         "svd-o-all",
         "tt-all-convert",
         "tt-all+attn",
@@ -194,6 +195,13 @@ def rows_for(dataset: str, base: TransformerConfig) -> dict[str, Row]:
             route="convert",
             schedule="fine_tune",
             note="90% magnitude pruning of the trained original, fine-tuned with the mask fixed",
+        ),
+        Row(
+            "sparse-all",
+            FFNSpec("sparse", {"sparsity": 0.9}, "all"),
+            route="convert",
+            schedule="fine_tune",
+            note="prune-all with only the kept weights stored (SparseLinear): the same model, compact training",
         ),
         Row(
             "svd-o-all",
