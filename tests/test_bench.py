@@ -53,6 +53,20 @@ def test_bench_writes_rows_table_and_plot(tmp_path) -> None:
     assert {(r["ffn"], r["pass"]) for r in model_rows} == {
         (f, p) for f in bench.TRANSFORMER_VARIANTS for p in ("train", "greedy", "beam")
     }
+    held = {r["ffn"]: r["state_bytes"] for r in model_rows if r["pass"] == "train"}
+    assert held["sparse"] < held["dense"] < held["prune"]  # kept weights only; dense weight + mask + caches
+
+
+def test_training_state_bytes_counts_what_a_model_holds_between_steps() -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    optimizer = torch.optim.AdamW(model.parameters())
+    params = 4 * 3 + 3 + 3 + 3  # linear weight + bias, norm weight + bias (float32)
+    buffers = 4 * (3 + 3) + 8  # running mean / var (float32), batches seen (int64)
+    assert bench.training_state_bytes(model, optimizer) == 4 * params + buffers
+    model(torch.randn(5, 4)).sum().backward()
+    optimizer.step()
+    # + gradients, + AdamW's two moments per parameter and a step count (a float32 scalar) per parameter tensor
+    assert bench.training_state_bytes(model, optimizer) == 4 * params + buffers + 4 * params + 8 * params + 4 * 4
 
 
 @pytest.mark.parametrize("name", [*TINY_LAYERS, "tt-r8", "prune-0.98", "sparse-0.9", "svd-o-0.98"])

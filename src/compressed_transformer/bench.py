@@ -608,10 +608,11 @@ def bench_transformer(
     dec_src = torch.randint(4, spec.vocab_size, (spec.decode_batch, spec.length), generator=gen).to(device)
     models = {v: build_transformer(v, spec, device, dtype, seed) for v in variants}
     fns: dict[str, dict[str, Callable[[], Any]]] = {"train": {}, "greedy": {}, "beam": {}}
+    optimizers = {}
     for variant, model in models.items():
         # decoding runs eager: its shapes change every step
         runner = _maybe_compile(model, "train" in compiled, compile_mode)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        optimizer = optimizers[variant] = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def train_step(model=model, runner=runner, optimizer=optimizer) -> None:
             model.train()
@@ -652,6 +653,11 @@ def bench_transformer(
                     "params": stored_params(models[variant]),
                     "peak_bytes": peak_memory(group[variant], device),
                     "cache_bytes": cache_nbytes(models[variant]),
+                    **(
+                        {"state_bytes": training_state_bytes(models[variant], optimizers[variant])}
+                        if pass_name == "train"
+                        else {}
+                    ),
                     "samples": len(times),
                     "compiled": pass_name == "train" and "train" in compiled,
                 }
@@ -662,6 +668,21 @@ def bench_transformer(
             flush=True,
         )
     return rows
+
+
+def training_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes a model holds between training steps: parameters, buffers, gradients, the optimiser's state and the
+    compressed layers' caches (activations, freed after each step, are the train row's ``peak_bytes``)."""
+
+    def nbytes(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
+
+    params = list(model.parameters())
+    held = sum(nbytes(p) for p in params) + sum(nbytes(b) for b in model.buffers())
+    held += sum(nbytes(p.grad) for p in params if p.grad is not None)
+    state = optimizer.state
+    held += sum(nbytes(v) for p in params if p in state for v in state[p].values() if torch.is_tensor(v))
+    return held + cache_nbytes(model)
 
 
 # --- reports --------------------------------------------------------------------------------------------------------
@@ -750,8 +771,8 @@ def markdown(result: dict) -> str:
             f"{meta['transformer']['length']} tokens; decoding {meta['transformer']['decode_batch']} sentences × "
             f"{meta['transformer']['decode_steps']} steps, beam {meta['transformer']['beam']})",
             "",
-            "| FFN | params | train step ms | ratio | greedy ms | ratio | beam ms | ratio |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| FFN | params | training state MB | train step ms | ratio | greedy ms | ratio | beam ms | ratio |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for ffn in TRANSFORMER_VARIANTS:
             by_pass = {r["pass"]: r for r in model_rows if r["ffn"] == ffn}
@@ -761,7 +782,9 @@ def markdown(result: dict) -> str:
             for p in ("train", "greedy", "beam"):
                 cells += [f"{by_pass[p]['ms']:.1f}", _fmt_ratio(by_pass[p])] if p in by_pass else ["", ""]
             params = next(iter(by_pass.values()))["params"]
-            lines.append(f"| {ffn} | {params:,} | " + " | ".join(cells) + " |")
+            state = by_pass["train"].get("state_bytes") if "train" in by_pass else None
+            held = "" if state is None else f"{state / 1e6:.1f}"
+            lines.append(f"| {ffn} | {params:,} | {held} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
