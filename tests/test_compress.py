@@ -9,9 +9,15 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from compressed_transformer.compress import CompressionReport, compress_, compress_embeddings_, select_linears
+from compressed_transformer.compress import (
+    CompressionReport,
+    compress_,
+    compress_embeddings_,
+    pruned_to_sparse_,
+    select_linears,
+)
 from compressed_transformer.functional.svd import truncated_svd
-from compressed_transformer.layers import METHODS, LowRankEmbedding, LowRankLinear, PrunedLinear
+from compressed_transformer.layers import METHODS, LowRankEmbedding, LowRankLinear, PrunedLinear, SparseLinear
 from compressed_transformer.size import compression_ratio, dense_params, stored_params
 
 ALL = list(METHODS)
@@ -469,3 +475,21 @@ def test_compress_embeddings_to_a_ratio_takes_the_largest_rank_that_fits(method:
         compress_embeddings_(_TiedLM(), method, ratio=1000)
     with pytest.raises(ValueError, match="ratio must be > 1"):
         compress_embeddings_(_TiedLM(), method, ratio=0.5)
+
+
+def test_pruned_to_sparse_keeps_outputs_modes_and_shared_layers() -> None:
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), shared, shared)
+    compress_(model, "prune", filter=r"^[02]$", sparsity=0.75)
+    compress_(model, "prune", filter=r"^3$", sparsity=0.5)  # the shared layer, under both names
+    model[2].eval()
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        before = model(x)
+    assert pruned_to_sparse_(model) == ["0", "2", "3"]
+    assert all(type(model[i]) is SparseLinear for i in (0, 2, 3, 4)) and model[3] is model[4]
+    assert model[0].training and not model[2].training
+    assert model[0].nnz == 32 and model[3].nnz == 32
+    with torch.no_grad():
+        assert_close(model(x), before)
+    assert pruned_to_sparse_(model) == []

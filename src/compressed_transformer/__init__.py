@@ -13,7 +13,7 @@ pure maths), :mod:`~compressed_transformer.models`, :mod:`~compressed_transforme
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .compress import compress_, compress_embeddings_, sparse_vd_to_pruned_
+from .compress import compress_, compress_embeddings_, pruned_to_sparse_, sparse_vd_to_pruned_
 from .layers import (
     METHODS,
     LowRankEmbedding,
@@ -51,6 +51,7 @@ __all__ = [
     "dense_params",
     "load_compressed_",
     "model_kl",
+    "pruned_to_sparse_",
     "save_compressed",
     "sparse_vd_to_pruned_",
     "stored_bytes",

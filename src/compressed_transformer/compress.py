@@ -35,6 +35,7 @@ __all__ = [
     "LayerReport",
     "compress_",
     "compress_embeddings_",
+    "pruned_to_sparse_",
     "select_linears",
     "sparse_vd_to_pruned_",
 ]
@@ -508,6 +509,24 @@ def sparse_vd_to_pruned_(model: nn.Module) -> list[str]:
     for name, module in list(model.named_modules()):
         if isinstance(module, SparseVDLinear):
             replace_module(model, aliases[id(module)], module.to_pruned())
+            replaced.append(name)
+    return replaced
+
+
+def pruned_to_sparse_(model: nn.Module) -> list[str]:
+    """Replace every :class:`~compressed_transformer.layers.PrunedLinear` of ``model`` by the
+    :class:`~compressed_transformer.layers.SparseLinear` that stores only its kept weights (same outputs, same
+    gradients for the kept weights), in place, in each layer's train / eval mode: the form to fine-tune or ship a
+    pruned model in once its masks are final. Create optimisers afterwards (the parameters are new).
+
+    Returns:
+        The qualified names of the replaced layers (a shared layer under its first name).
+    """
+    aliases = module_aliases(model)
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if type(module) is PrunedLinear:
+            replace_module(model, aliases[id(module)], SparseLinear.from_pruned(module))
             replaced.append(name)
     return replaced
 
