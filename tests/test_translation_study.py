@@ -575,3 +575,13 @@ def test_rows_are_paired_with_the_original_only_when_decoded_the_same_way(tmp_pa
     p = {r.name: r.p_vs_original for r in rows}
     assert p["original"] is None and p["same"] == 1.0 and p["worse"] < 0.01
     assert p["beam1"] is None and p["edited"] is None
+
+
+def test_merged_cells_show_a_spread_only_where_one_shows_at_the_printed_digits() -> None:
+    from compressed_transformer.studies.translation.seeds import _cell
+
+    assert _cell({"mean": 1.354, "std": 1e-17, "n": 3}, 3, 3) == "1.354"  # equal up to float rounding
+    assert _cell({"mean": 1.354, "std": 0.0004, "n": 3}, 3, 3) == "1.354"
+    assert _cell({"mean": 30.67, "std": 2.2213, "n": 3}, 2, 3) == "30.67 ± 2.22"
+    assert _cell({"mean": 1234.5, "std": 78.9, "n": 2}, 0, 3) == "1,234 ± 79 (n=2)"
+    assert _cell(None, 2, 3) == "-"

@@ -110,7 +110,8 @@ def _cell(stats: Mapping[str, Any] | None, digits: int, seeds: int) -> str:
     existed)."""
     if not stats:
         return "-"
-    spread = "" if not stats["std"] else f" ± {stats['std']:,.{digits}f}"
+    shown = f"{stats['std']:,.{digits}f}"
+    spread = "" if not stats["std"] or float(shown.replace(",", "")) == 0 else f" ± {shown}"  # not "± 0.000"
     count = f" (n={stats['n']})" if stats["n"] < seeds else ""
     return f"{stats['mean']:,.{digits}f}{spread}{count}"
 
