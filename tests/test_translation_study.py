@@ -584,4 +584,5 @@ def test_merged_cells_show_a_spread_only_where_one_shows_at_the_printed_digits()
     assert _cell({"mean": 1.354, "std": 0.0004, "n": 3}, 3, 3) == "1.354"
     assert _cell({"mean": 30.67, "std": 2.2213, "n": 3}, 2, 3) == "30.67 ± 2.22"
     assert _cell({"mean": 1234.5, "std": 78.9, "n": 2}, 0, 3) == "1,234 ± 79 (n=2)"
+    assert _cell({"mean": 34.35, "std": None, "n": 1}, 2, 3) == "34.35 (n=1)"  # one seed: no spread
     assert _cell(None, 2, 3) == "-"
