@@ -117,9 +117,10 @@ def test_optimiser_state_shrinks_and_pruned_entries_stay_zero() -> None:
     assert not torch.equal(after[layer.mask], before[layer.mask])
 
 
-def test_eval_cache_follows_in_place_updates(monkeypatch) -> None:
+@pytest.mark.parametrize("sparse", [True, False], ids=["csr", "dense"])
+def test_eval_cache_follows_in_place_updates(monkeypatch, sparse: bool) -> None:
     _, layer = pair()
-    force(monkeypatch, layer, False)
+    force(monkeypatch, layer, sparse)
     layer.eval()
     x = torch.randn(4, 24, dtype=F64)
     with torch.no_grad():

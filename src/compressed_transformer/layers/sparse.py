@@ -233,8 +233,9 @@ class SparseLinear(nn.Module):
                 return values_csr_linear(x, values, bias, self._pattern(tokens), shape)
             return F.linear(x, self.to_dense(), bias)
         tensors = [values, tensor_attr(self, "crow_indices"), tensor_attr(self, "col_indices")]
-        if self._use_sparse(tokens, False, values):  # the CSR tensor is a view of the parameter: nothing cached
-            return csr_linear(x, _csr(tensors[1], tensors[2], values, shape), bias)
+        if self._use_sparse(tokens, False, values):
+            build = lambda: _View(_csr(tensors[1], tensors[2], values, shape))  # noqa: E731
+            return csr_linear(x, layer_cache(self).get("csr", tensors, build).tensor, bias)
         return F.linear(x, layer_cache(self).get("dense", tensors, self.to_dense), bias)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, *a):
@@ -251,6 +252,16 @@ class SparseLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"nnz={self.nnz}, sparsity={self.sparsity:.4f}"
         )
+
+
+class _View:
+    """A cached CSR matrix over the parameter's own storage: kept (building one costs a few microseconds, 10 % of a
+    one-token product) but not counted as cached bytes, since it holds no memory of its own."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
 
 
 def _index_dtype(rows: int, cols: int) -> torch.dtype:
