@@ -110,8 +110,8 @@ def _cell(stats: Mapping[str, Any] | None, digits: int, seeds: int) -> str:
     existed)."""
     if not stats:
         return "-"
-    shown = f"{stats['std']:,.{digits}f}" if stats["std"] else ""
-    spread = f" ± {shown}" if shown and float(shown.replace(",", "")) else ""  # not "± 0.000"
+    std = stats["std"]
+    spread = f" ± {std:,.{digits}f}" if std and round(std, digits) else ""  # not "± 0.000"
     count = f" (n={stats['n']})" if stats["n"] < seeds else ""
     return f"{stats['mean']:,.{digits}f}{spread}{count}"
 
