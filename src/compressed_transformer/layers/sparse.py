@@ -19,7 +19,10 @@ from ..functional.sparsity import magnitude_mask, magnitude_threshold
 from ._common import check_features, check_linear, reset_bias
 from ._fast import (
     _csr,
+    crow_of,
+    csr_index_dtype,
     csr_linear,
+    csr_transpose,
     device_key,
     layer_cache,
     mask_cache,
@@ -42,11 +45,11 @@ class SparseLinear(nn.Module):
     ``(out_features, in_features)`` matrix of ``values`` at the positions ``crow_indices`` / ``col_indices``
     (CSR, row-major).
 
-    ``values`` is the only weight parameter; the positions are ``int64`` buffers of the ``state_dict`` and never
-    change. Build one from a pruned layer (:meth:`from_pruned`), by magnitude from an ``nn.Linear``
-    (:meth:`from_linear`), or load a ``state_dict`` into ``SparseLinear(in_features, out_features)``: loading takes
-    the stored positions and number of entries (replacing ``values`` by a new parameter when the number differs,
-    so build optimisers after loading).
+    ``values`` is the only weight parameter; the positions are ``int32`` buffers of the ``state_dict`` (``int64``
+    for matrices of ``2**31`` entries or more) and never change. Build one from a pruned layer
+    (:meth:`from_pruned`), by magnitude from an ``nn.Linear`` (:meth:`from_linear`), or load a ``state_dict`` into
+    ``SparseLinear(in_features, out_features)``: loading takes the stored positions and number of entries
+    (replacing ``values`` by a new parameter when the number differs, so build optimisers after loading).
 
     Forward: CSR kernels where the cost model predicts them faster than one dense GEMM, with autograd too
     (:func:`~compressed_transformer.layers._fast.values_csr_linear`: the gradient of ``values`` is the product
@@ -264,16 +267,11 @@ class _View:
         self.tensor = tensor
 
 
-def _index_dtype(rows: int, cols: int) -> torch.dtype:
-    return torch.int32 if rows * cols < 2**31 - 1 else torch.int64  # 32-bit CSR indices where they fit
-
-
 def _crow_col(flat: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """CSR ``crow`` / ``col`` of the sorted flat positions ``flat`` of a ``(rows, cols)`` matrix."""
-    crow = torch.zeros(rows + 1, dtype=torch.int64, device=flat.device)
-    crow[1:] = torch.cumsum(torch.bincount(flat // cols, minlength=rows), 0)
-    index = _index_dtype(rows, cols)
-    return crow.to(index), (flat % cols).to(index)
+    """CSR ``crow`` / ``col`` of the sorted flat positions ``flat`` of a ``(rows, cols)`` matrix (32-bit whenever
+    every position fits, so that the buffers' dtype depends on the shape alone)."""
+    index = csr_index_dtype(rows * cols)
+    return crow_of(flat // cols, rows).to(index), (flat % cols).to(index)
 
 
 def _rows_of(crow: torch.Tensor, nnz: int) -> torch.Tensor:
@@ -288,11 +286,7 @@ def _coords(crow: torch.Tensor, col: torch.Tensor, rows: int, cols: int) -> dict
 
 def _transpose(crow: torch.Tensor, col: torch.Tensor, rows: int, cols: int) -> dict[str, torch.Tensor]:
     """CSR of the transposed matrix: ``crow_t`` / ``col_t``, and ``perm`` (its values are ``values[perm]``)."""
-    row, col64 = _rows_of(crow, col.numel()), col.long()
-    perm = torch.argsort(col64 * rows + row, stable=True)
-    crow_t = torch.zeros(cols + 1, dtype=torch.int64, device=crow.device)
-    crow_t[1:] = torch.cumsum(torch.bincount(col64, minlength=cols), 0)
-    return {"crow_t": crow_t.to(col.dtype), "col_t": row[perm].to(col.dtype), "perm": perm}
+    return csr_transpose(_rows_of(crow, col.numel()), col.long(), rows, cols, col.dtype)
 
 
 def _check_structure(crow, col, values, rows: int, cols: int, prefix: str) -> None:
