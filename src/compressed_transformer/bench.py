@@ -518,6 +518,10 @@ def bench_layers(
 
 TRANSFORMER_VARIANTS = ("dense", "tt", "tucker", "svd", "prune", "sparse", "tt+emb", "tt+ttemb")
 TT_TABLE_RANK = 16  # the ``tt+ttemb`` variant's table, as the study's ``tt-all+ttemb`` row
+# Training steps of each whole model before its timed ones. The first step allocates the optimiser state; and
+# while several models take turns, a TT model goes on taking fresh pages from the OS for a few more steps (glibc's
+# heap, fragmented by the other models' tensors), each of them markedly slower than its steady state.
+TRAIN_WARMUP = 4
 
 
 def build_transformer(
@@ -635,7 +639,8 @@ def bench_transformer(
     rows = []
     tokens = {"train": spec.batch * spec.length, "greedy": spec.decode_batch, "beam": spec.decode_batch * spec.beam}
     for pass_name, group in fns.items():
-        samples = time_interleaved(group, device, repeats, budget_s=60.0, warmup=1, clock=CLOCKS[clock])
+        warmup = TRAIN_WARMUP if pass_name == "train" else 1
+        samples = time_interleaved(group, device, repeats, budget_s=60.0, warmup=warmup, clock=CLOCKS[clock])
         dense_s = median(samples["dense"])
         for variant, times in samples.items():
             seconds = median(times)
