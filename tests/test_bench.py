@@ -191,6 +191,16 @@ def test_cpu_clock_ignores_time_spent_waiting() -> None:
     assert max(samples["sleep"]) < 0.001  # sleeping costs no CPU time; the wall clock would say 2 ms
 
 
+def test_time_interleaved_warms_up_in_turns() -> None:
+    """Warm-up calls take turns as the samples do (a function's steady state includes what the others leave behind),
+    then every function is sampled ``rounds`` times, round-robin."""
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    samples = bench.time_interleaved(fns, torch.device("cpu"), 3, 10.0, warmup=2, clock=bench.CLOCKS["cpu"])
+    assert calls[:6] == ["a", "b", "c"] * 2
+    assert {name: len(times) for name, times in samples.items()} == {"a": 3, "b": 3, "c": 3}
+
+
 def test_compile_passes() -> None:
     """``auto`` compiles training passes on CUDA only (measured: compiled forwards lose their eval cache)."""
     from compressed_transformer.bench import compile_passes

@@ -333,14 +333,16 @@ def time_interleaved(
 ) -> dict[str, list[float]]:
     """Seconds per call of each function, ``repeats`` samples each, taken round-robin.
 
-    Each function is warmed up ``warmup`` times (caches, plans, allocator), then sampled in interleaved rounds so
-    that a change of load on the machine affects all of them alike. Short calls are batched so that one sample
+    The functions are warmed up in ``warmup`` interleaved rounds (caches, plans, allocator: the turns of the other
+    functions are part of a function's steady state), then sampled in interleaved rounds so that a change of load
+    on the machine affects all of them alike. Short calls are batched so that one sample
     lasts about 2 ms. ``clock`` is read around every sample (see ``BenchConfig.clock``).
     """
     numbers, per_round = {}, 0.0
-    for name, fn in fns.items():
-        for _ in range(warmup):
+    for _ in range(warmup):  # in the same turns as the samples: what one call leaves behind can slow the next one's
+        for fn in fns.values():
             fn()
+    for name, fn in fns.items():
         numbers[name], once = _calls_per_sample(fn, device, clock)
         per_round += numbers[name] * once
     rounds = max(3, min(repeats, int(budget_s / max(per_round, 1e-9))))
@@ -518,8 +520,8 @@ def bench_layers(
 
 TRANSFORMER_VARIANTS = ("dense", "tt", "tucker", "svd", "prune", "sparse", "tt+emb", "tt+ttemb")
 TT_TABLE_RANK = 16  # the ``tt+ttemb`` variant's table, as the study's ``tt-all+ttemb`` row
-# Training steps of each whole model before its timed ones. The first step allocates the optimiser state; and
-# while several models take turns, a TT model goes on taking fresh pages from the OS for a few more steps (glibc's
+# Rounds of training steps of the whole models before the timed ones. The first step allocates the optimiser state;
+# and while the models take turns, a TT model goes on taking fresh pages from the OS for a few more turns (glibc's
 # heap, fragmented by the other models' tensors), each of them markedly slower than its steady state.
 TRAIN_WARMUP = 4
 
