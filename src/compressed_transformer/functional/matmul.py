@@ -53,11 +53,17 @@ def oriented_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class _Linear(torch.autograd.Function):
     """``F.linear`` whose backward computes its two products with :func:`oriented_matmul`."""
 
+    generate_vmap_rule = True  # (forward and setup_context apart: torch.func's grad and vmap can run it)
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, bias = inputs
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -389,11 +389,16 @@ class _HalvesProduct(torch.autograd.Function):
     (the gradient, de-interleaved) and two thin GEMMs, oriented by shape. Autograd's own backward of the same ops
     makes three, and weight-sized copies are most of a rebuild's cost at the ranks where a rebuild pays."""
 
+    generate_vmap_rule = True  # (forward and setup_context apart: torch.func's grad and vmap can run it)
+
     @staticmethod
-    def forward(ctx, left: torch.Tensor, right: torch.Tensor, dims: tuple[int, int, int, int]) -> torch.Tensor:
-        ctx.save_for_backward(left, right)
-        ctx.dims = dims
+    def forward(left: torch.Tensor, right: torch.Tensor, dims: tuple[int, int, int, int]) -> torch.Tensor:
         return _interleave(left @ right, *dims)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        left, right, ctx.dims = inputs
+        ctx.save_for_backward(left, right)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -430,10 +435,15 @@ class _SharedMatrixBmm(torch.autograd.Function):
     of ``matrix`` is one GEMM over the whole batch instead.
     """
 
+    generate_vmap_rule = True  # (forward and setup_context apart: torch.func's grad and vmap can run it)
+
     @staticmethod
-    def forward(ctx, matrix: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(matrix, t)
+    def forward(matrix: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return torch.bmm(matrix.expand(t.shape[0], *matrix.shape), t)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -55,7 +55,14 @@ def tensor_attr(module: nn.Module, name: str) -> torch.Tensor | None:
 
 def tokens_of(x: torch.Tensor, in_features: int) -> int:
     """Number of input vectors in ``x`` ``(..., in_features)`` (symbolic under ``torch.compile`` with dynamic
-    shapes; see :func:`pick`)."""
+    shapes; see :func:`pick`).
+
+    Raises:
+        ValueError: if the last dimension of ``x`` is not ``in_features`` (as ``nn.Linear`` refuses it, also where
+            a sparse or factorised kernel would reshape the input without looking).
+    """
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"expected an input of shape (..., {in_features}), got {tuple(x.shape)}")
     return x.numel() // in_features
 
 
@@ -135,7 +142,14 @@ def resolve_mode(module: nn.Module, params: list, train: bool | None, cached: bo
 
 def use_cache(module: nn.Module, train: bool) -> bool:
     """Whether ``module`` may serve derived tensors from its :class:`EvalCache` in this forward."""
-    return not module.training and not train and not torch.compiler.is_compiling()
+    return not module.training and not train and not torch.compiler.is_compiling() and not func_transforming()
+
+
+def func_transforming() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ``jacrev``, ...) is running: its tensors
+    wrap the real ones, so they fit neither the CSR kernels (no strides) nor the eval cache (a cached tensor would
+    not depend on the wrapped parameters), and the layers take their dense or factorised paths."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def prepare_forward(module: nn.Module, params: list | None = None, *, train: bool | None = None) -> bool:
@@ -347,6 +361,7 @@ def sparse_supported(param: torch.Tensor) -> bool:
         and device in ("cpu", "cuda")
         and not torch.is_autocast_enabled(device)
         and not torch.compiler.is_compiling()
+        and not func_transforming()
     )
 
 
