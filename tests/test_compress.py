@@ -15,9 +15,17 @@ from compressed_transformer.compress import (
     compress_embeddings_,
     pruned_to_sparse_,
     select_linears,
+    sparse_vd_to_pruned_,
 )
 from compressed_transformer.functional.svd import truncated_svd
-from compressed_transformer.layers import METHODS, LowRankEmbedding, LowRankLinear, PrunedLinear, SparseLinear
+from compressed_transformer.layers import (
+    METHODS,
+    LowRankEmbedding,
+    LowRankLinear,
+    PrunedLinear,
+    SparseLinear,
+    SparseVDLinear,
+)
 from compressed_transformer.size import compression_ratio, dense_params, stored_params
 
 ALL = list(METHODS)
@@ -493,3 +501,14 @@ def test_pruned_to_sparse_keeps_outputs_modes_and_shared_layers() -> None:
     with torch.no_grad():
         assert_close(model(x), before)
     assert pruned_to_sparse_(model) == []
+
+
+def test_conversions_refuse_a_model_that_is_the_layer_itself() -> None:
+    """They replace submodules: the root cannot replace itself (and no child named '' may appear)."""
+    pruned = PrunedLinear.from_linear(nn.Linear(8, 8), sparsity=0.5)
+    with pytest.raises(ValueError, match=r"model itself is a PrunedLinear; use SparseLinear.from_pruned\(layer\)"):
+        pruned_to_sparse_(pruned)
+    vd = SparseVDLinear(8, 8)
+    with pytest.raises(ValueError, match=r"model itself is a SparseVDLinear; use layer.to_pruned\(\)"):
+        sparse_vd_to_pruned_(vd)
+    assert dict(pruned.named_children()) == {} and dict(vd.named_children()) == {}

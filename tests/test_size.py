@@ -6,7 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from compressed_transformer.layers import LowRankLinear, PrunedLinear, SparseVDLinear, TTLinear, TuckerLinear
+from compressed_transformer.layers import (
+    LowRankLinear,
+    PrunedLinear,
+    SparseLinear,
+    SparseVDLinear,
+    TTLinear,
+    TuckerLinear,
+)
 from compressed_transformer.size import compression_ratio, dense_bytes, dense_params, stored_bytes, stored_params
 
 PRUNED_KEPT, VD_KEPT = 30, 5
@@ -91,6 +98,15 @@ def test_sparse_vd_counts_only_weights_kept_at_eval() -> None:
     with torch.no_grad():
         vd.log_sigma2.fill_(-10.0)  # keep everything
     assert stored_params(model) == before + (12 - VD_KEPT)
+
+
+def test_sparse_linear_bytes_count_the_index_buffers_it_holds() -> None:
+    """32-bit positions up to 2**31 - 2 weights, 64-bit from 2**31 - 1 (flat positions must fit): the bytes
+    reported are those of the buffers."""
+    small, huge = SparseLinear(3, 5, nnz=4), SparseLinear(65536, 32768, bias=False, nnz=0)
+    assert small.col_indices.dtype == torch.int32 and huge.crow_indices.dtype == torch.int64
+    assert stored_bytes(small) == 4 * (4 + 4) + 6 * 4 + 5 * 4
+    assert stored_bytes(huge) == sum(b.numel() * b.element_size() for b in huge.buffers()) == (32768 + 1) * 8
 
 
 def test_compression_ratio_rejects_unknown_measure() -> None:

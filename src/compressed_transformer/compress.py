@@ -503,14 +503,17 @@ def sparse_vd_to_pruned_(model: nn.Module) -> list[str]:
 
     Returns:
         The qualified names of the replaced layers (a shared layer under its first name).
+
+    Raises:
+        ValueError: if ``model`` is itself a ``SparseVDLinear`` (call its ``to_pruned()``).
     """
-    aliases = module_aliases(model)
-    replaced = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, SparseVDLinear):
-            replace_module(model, aliases[id(module)], module.to_pruned())
-            replaced.append(name)
-    return replaced
+    return _convert_layers_(
+        model,
+        lambda m: isinstance(m, SparseVDLinear),
+        SparseVDLinear.to_pruned,
+        "sparse_vd_to_pruned_",
+        "layer.to_pruned()",
+    )
 
 
 def pruned_to_sparse_(model: nn.Module) -> list[str]:
@@ -521,12 +524,41 @@ def pruned_to_sparse_(model: nn.Module) -> list[str]:
 
     Returns:
         The qualified names of the replaced layers (a shared layer under its first name).
+
+    Raises:
+        ValueError: if ``model`` is itself a ``PrunedLinear`` (use ``SparseLinear.from_pruned``).
     """
+    return _convert_layers_(
+        model,
+        lambda m: type(m) is PrunedLinear,
+        SparseLinear.from_pruned,
+        "pruned_to_sparse_",
+        "SparseLinear.from_pruned(layer)",
+    )
+
+
+def _convert_layers_(
+    model: nn.Module,
+    selects: Callable[[nn.Module], bool],
+    convert: Callable[[nn.Module], nn.Module],
+    caller: str,
+    instead: str,
+) -> list[str]:
+    """Replace every module of ``model`` that ``selects`` by ``convert(module)``, in place (a shared module once,
+    at all its names); the qualified names of the replaced ones.
+
+    Raises:
+        ValueError: if ``model`` itself is selected (it cannot replace itself; ``instead`` says what to call).
+    """
+    if selects(model):
+        raise ValueError(
+            f"{caller} replaces submodules, but the model itself is a {type(model).__name__}; use {instead} instead"
+        )
     aliases = module_aliases(model)
     replaced = []
     for name, module in list(model.named_modules()):
-        if type(module) is PrunedLinear:
-            replace_module(model, aliases[id(module)], SparseLinear.from_pruned(module))
+        if selects(module):
+            replace_module(model, aliases[id(module)], convert(module))
             replaced.append(name)
     return replaced
 

@@ -7,7 +7,8 @@ Conventions (documented in the README):
   weights (Sparse VD: those kept at eval, ``log sigma^2`` is a training-only parameter); biases always count in
   full. Buffers are not counted.
 * **bytes**: parameters times the element size, plus, for sparse layers, the index cost of a CSR layout:
-  one column index per nonzero and ``out_features + 1`` row pointers, int32 when every index fits, else int64.
+  one column index per nonzero and ``out_features + 1`` row pointers, int32 when every index fits, else int64
+  (for a ``SparseLinear``, the dtype of its index buffers: int64 for layers of ``2**31`` weights or more).
 * **compression ratio** = dense size / compressed size, where the dense size counts every compressed layer as
   the ``nn.Linear`` it replaces (``in * out`` weights plus ``out`` biases), and a compressed (low-rank or TT)
   embedding as the full table. A tied output projection that shares a compressed table's factors or cores adds
@@ -20,20 +21,19 @@ import torch
 from torch import nn
 
 from .layers import COMPRESSED_EMBEDDINGS, COMPRESSED_LAYERS, PrunedLinear, SparseLinear, SparseVDLinear
+from .layers._fast import csr_index_dtype
 
 __all__ = ["compression_ratio", "dense_bytes", "dense_params", "stored_bytes", "stored_params"]
 
 
-def _index_bytes(max_index: int) -> int:
-    return 4 if max_index < 2**31 else 8
-
-
 def _sparse_layer_bytes(module: nn.Module, nnz: int) -> int:
+    """Kept weights, bias and CSR indices: those a :class:`SparseLinear` stores (its buffers' dtype), for a pruned or
+    Sparse VD layer those of the CSR layout it is saved in (32-bit while every index fits)."""
     if isinstance(module, SparseLinear):
-        element = module.values.element_size()
+        element, index = module.values.element_size(), module.col_indices.element_size()
     else:
         element = (module.weight if isinstance(module, PrunedLinear) else module.theta).element_size()
-    index = _index_bytes(max(module.in_features, nnz))
+        index = csr_index_dtype(max(module.in_features, nnz)).itemsize
     bias = module.out_features * element if module.bias is not None else 0
     return nnz * (element + index) + (module.out_features + 1) * index + bias
 

@@ -423,6 +423,39 @@ def test_state_dict_round_trip(tmp_path, method: str, bias: bool) -> None:
     assert fresh.num_stored_params() == layer.num_stored_params()
 
 
+@pytest.mark.parametrize("method", ALL)
+def test_built_on_meta_then_materialised_and_loaded(method: str) -> None:
+    """The usual route for large models: build on the meta device (no memory), ``to_empty``, load the weights."""
+    layer = make(method).eval()
+    with torch.device("meta"):
+        empty = METHODS[method](IN, OUT, True, **OPTIONS[method])
+    assert all(t.is_meta for t in [*empty.parameters(), *empty.buffers()])
+    assert [b.dtype for b in empty.buffers()] == [b.dtype for b in layer.buffers()]  # index buffers stay integers
+    fresh = empty.to_empty(device="cpu").eval()
+    fresh.load_state_dict(layer.state_dict())
+    x = torch.randn(4, IN)
+    assert_close(fresh(x), layer(x))
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_frozen_parameters_stay_frozen_through_loading(method: str) -> None:
+    """Even where loading replaces a parameter (a SparseLinear given another number of stored weights)."""
+    layer = make(method).requires_grad_(False)
+    layer.load_state_dict(make(method).state_dict() if method != "sparse" else SparseLinear(IN, OUT).state_dict())
+    assert not any(p.requires_grad for p in layer.parameters())
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("method", ALL)
+def test_rejects_an_input_of_the_wrong_width(method: str, mode: str) -> None:
+    """As nn.Linear does, on every path (a CSR or factorised kernel would otherwise reshape it without looking),
+    also for an input of no rows."""
+    layer = make(method).train(mode == "train")
+    for shape in [(3, IN - 1), (0, IN + 1), (IN + 4,), ()]:
+        with pytest.raises(ValueError, match=rf"expected an input of shape \(\.\.\., {IN}\)"):
+            layer(torch.randn(shape))
+
+
 # --- from_linear --------------------------------------------------------------------------------------------------
 
 

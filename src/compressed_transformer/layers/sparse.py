@@ -246,7 +246,7 @@ class SparseLinear(nn.Module):
         if crow is not None and col is not None and values is not None:
             _check_structure(crow, col, values, self.out_features, self.in_features, prefix)
             if values.shape != self.values.shape:  # another number of stored weights: take the loaded structure
-                self.values = nn.Parameter(self.values.new_empty(values.shape))
+                self.values = nn.Parameter(self.values.new_empty(values.shape), self.values.requires_grad)
                 self.col_indices = self.col_indices.new_empty(col.shape)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, *a)
 
@@ -271,6 +271,8 @@ def _crow_col(flat: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, t
     """CSR ``crow`` / ``col`` of the sorted flat positions ``flat`` of a ``(rows, cols)`` matrix (32-bit whenever
     every position fits, so that the buffers' dtype depends on the shape alone)."""
     index = csr_index_dtype(rows * cols)
+    if flat.is_meta:  # no data to count: a layer built on "meta", to be materialised (to_empty) and loaded
+        return flat.new_empty(rows + 1, dtype=index), flat.new_empty(flat.shape, dtype=index)
     return crow_of(flat // cols, rows).to(index), (flat % cols).to(index)
 
 

@@ -180,11 +180,12 @@ class SparseVDLinear(nn.Module):
         return "csr" if self.use_sparse(tokens) else "dense"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = tokens_of(x, self.in_features)
         if not self.training:
             if not prepare_forward(self, [self.theta, self.log_sigma2, self.bias]):
                 return F.linear(x, self.to_dense(), self.bias)
             weight, _ = self._eval_weight()
-            if self.use_sparse(tokens_of(x, self.in_features)):
+            if self.use_sparse(tokens):
                 key = (self.threshold,)
                 csr = layer_cache(self).get("csr", [self.theta, self.log_sigma2], lambda: to_csr(weight), key)
                 return csr_linear(x, csr, self.bias)
