@@ -15,6 +15,7 @@ from compressed_transformer.evaluate.bleu import (
     sacre_bleu,
     seed_protocol_bleu,
     seed_vocabulary,
+    tokenized_bleu,
 )
 
 WORDS = [
@@ -131,6 +132,9 @@ def test_protocol_and_interval_reject_bad_input() -> None:
         bleu_interval(["a"], ["a"], resamples=1)
     with pytest.raises(ValueError, match="line-aligned"):
         bleu_interval(["a"], ["a", "b"])
+    for score in (sacre_bleu, tokenized_bleu, bleu_interval):
+        with pytest.raises(ValueError, match="empty corpus"):
+            score([], [])
 
 
 def test_bootstrap_interval_shrinks_with_more_sentences() -> None:

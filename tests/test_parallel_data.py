@@ -165,6 +165,43 @@ def test_real_multi30k_loads_and_verifies(tmp_path: Path) -> None:
         load_dataset("multi30k", tmp_path, "valid")
 
 
+@needs_multi30k
+def test_multi30k_files_unpacked_or_packed_again_still_verify(tmp_path: Path) -> None:
+    """The check is on the content: unpacked, or gzipped again (other compressed bytes), the release files load;
+    a file edited in place (same line count) does not."""
+    for name, data in (("val.de", "de"), ("val.en", "en")):
+        content = gzip.decompress((SHARED / f"multi30k/val.{data}.gz").read_bytes())
+        (tmp_path / "plain").mkdir(exist_ok=True)
+        (tmp_path / "plain" / name).write_bytes(content)
+        (tmp_path / "packed").mkdir(exist_ok=True)
+        (tmp_path / "packed" / f"{name}.gz").write_bytes(gzip.compress(content, mtime=1))
+        edited = content.replace(b" ", b"  ", 1) if data == "en" else content
+        (tmp_path / "edited").mkdir(exist_ok=True)
+        (tmp_path / "edited" / name).write_bytes(edited)
+    for layout in ("plain", "packed"):
+        assert len(load_dataset("multi30k", tmp_path / layout, "valid")) == 1014
+    with pytest.raises(ValueError, match=r"val\.en does not match the sha256"):
+        load_dataset("multi30k", tmp_path / "edited", "valid")
+
+
+@needs_iwslt
+@pytest.mark.parametrize("kind", ["fairseq_tok", "fairseq_bpe"])
+def test_fairseq_iwslt_files_are_verified_in_every_layout(tmp_path: Path, kind: str) -> None:
+    """fairseq's test files, placed directly in the data folder, load when they are the release files, and an
+    edited or truncated copy is refused (the check follows the files' kind, not the folder's name)."""
+    files = {lang: read_lines(SHARED / f"iwslt14/{kind}/test.{lang}.gz") for lang in ("de", "en")}
+    for lang, lines in files.items():
+        write(tmp_path / f"test.{lang}", "\n".join(lines) + "\n")
+    assert len(load_dataset("iwslt14", tmp_path, "test")) == 6750
+    write(tmp_path / "test.en", "\n".join(["x" + files["en"][0], *files["en"][1:]]) + "\n")
+    with pytest.raises(ValueError, match=r"test\.en does not match the sha256"):
+        load_dataset("iwslt14", tmp_path, "test")
+    for lang, lines in files.items():
+        write(tmp_path / f"test.{lang}", "\n".join(lines[:3000]) + "\n")
+    with pytest.raises(ValueError, match="has 3000 lines, expected 6750"):
+        load_dataset("iwslt14", tmp_path, "test")
+
+
 @needs_iwslt
 def test_real_iwslt_dev_test_files() -> None:
     raw_test = load_dataset("iwslt14", SHARED / "iwslt14/raw", "test")

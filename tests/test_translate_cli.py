@@ -126,6 +126,10 @@ def test_train_eval_translate_end_to_end(
     assert run(["translate", "translate", "--checkpoint", checkpoint, "--beam", "1"]) == 0
     from_checkpoint = capsys.readouterr().out.splitlines()
     assert len(from_checkpoint) == 2
+    # one output line per input line, as from a file: a U+2028 or a form feed inside a sentence does not cut it
+    monkeypatch.setattr("sys.stdin", io.StringIO("ein\u2028hund\nein\x0cbaum\n"))
+    assert run(["translate", "translate", "--checkpoint", checkpoint, "--beam", "1"]) == 0
+    assert len(capsys.readouterr().out.rstrip("\n").split("\n")) == 2
 
     # export: the folder (or its model.safetensors) translates exactly as the checkpoint does
     exported = tmp_path / "exported"

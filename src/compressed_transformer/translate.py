@@ -295,10 +295,10 @@ def _seed_protocol(data: tuple[Any, frozenset[str]], model, tokenizer, max_token
 
 
 def _translate(args: argparse.Namespace) -> int:
-    from compressed_transformer.data.parallel import read_lines
+    from compressed_transformer.data.parallel import read_lines, split_lines
     from compressed_transformer.evaluate.decoding import translate
 
-    lines = sys.stdin.read().splitlines() if args.input in (None, "-") else read_lines(args.input)
+    lines = split_lines(sys.stdin.read()) if args.input in (None, "-") else read_lines(args.input)
     model, tokenizer, device = _load(args)
     hyps, _ = translate(
         model,

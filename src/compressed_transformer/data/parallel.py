@@ -41,19 +41,57 @@ __all__ = [
     "read_pair",
     "read_ted_tags",
     "read_xml_segments",
+    "split_lines",
 ]
 
 MULTI30K_URL = "https://github.com/multi30k/dataset/raw/master/data/task1/raw/{name}.gz"
 IWSLT14_URL = "http://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz"
 
-# sha256 of the file as stored (gzip) or of its uncompressed content, and line counts, from SOURCES.md.
+# sha256 of the file as stored (gzip, from SOURCES.md) and of its uncompressed content (so that a file that was
+# unpacked or packed again is still recognised), and line counts.
 KNOWN_FILES: dict[str, tuple[set[str], int]] = {
-    "train.de": ({"726e39b2fa9eb9ffb6dc763fb35a179f80fae06ffc5d28b6ace5faa883de28a6"}, 29000),
-    "train.en": ({"d79cfa999dd4c51d2cb42499b6796d5a882c3a8a961923c25a898c90f8bbd56f"}, 29000),
-    "val.de": ({"f0cba2f995189cf5770f29a8a9a537a3ad3f51657ad873405082ff6863a5e75a"}, 1014),
-    "val.en": ({"14f7d25ddd868909a9213e361768460edcacdd6ab9d1e77b92560dc10c10dc28"}, 1014),
-    "test_2016_flickr.de": ({"9204244e408ccb38d2a55cfcd344df15005fc42a07a6e55ca6c52b6ababb8cc8"}, 1000),
-    "test_2016_flickr.en": ({"611d361c6334bc7246101d48097c13cf5c4413c5befc793cc629934359d532d9"}, 1000),
+    "train.de": (
+        {
+            "726e39b2fa9eb9ffb6dc763fb35a179f80fae06ffc5d28b6ace5faa883de28a6",
+            "2c2b73fd2b548fbcde3a875e0a78d6ee94d498bfdee6bd3eae3945779e9ddf72",
+        },
+        29000,
+    ),
+    "train.en": (
+        {
+            "d79cfa999dd4c51d2cb42499b6796d5a882c3a8a961923c25a898c90f8bbd56f",
+            "460a15fbd157e34a7a9957ee388c1ca247fe47af3ef25fb50442af6c274e0fc6",
+        },
+        29000,
+    ),
+    "val.de": (
+        {
+            "f0cba2f995189cf5770f29a8a9a537a3ad3f51657ad873405082ff6863a5e75a",
+            "660e09eb7e1da2f856ea13ee5ad3cf6d36b3d5b0b733c857e94c5747a3dfc660",
+        },
+        1014,
+    ),
+    "val.en": (
+        {
+            "14f7d25ddd868909a9213e361768460edcacdd6ab9d1e77b92560dc10c10dc28",
+            "1f2a23d992769b5b3d209b0a10dd0b77c08cceb1f20dfb97ed0aafa49d107227",
+        },
+        1014,
+    ),
+    "test_2016_flickr.de": (
+        {
+            "9204244e408ccb38d2a55cfcd344df15005fc42a07a6e55ca6c52b6ababb8cc8",
+            "4be6b5b3236b79c25475c6bb829800a7ce559e9ba7a1f6c2394fe4d40be46d16",
+        },
+        1000,
+    ),
+    "test_2016_flickr.en": (
+        {
+            "611d361c6334bc7246101d48097c13cf5c4413c5befc793cc629934359d532d9",
+            "399a4382932c1aadd3ceb9bef1008d388a64c76d4ae4e9d4728c6f4301cac182",
+        },
+        1000,
+    ),
 }
 IWSLT_KNOWN: dict[str, tuple[set[str], int]] = {
     "fairseq_tok/test.de": (
@@ -84,10 +122,34 @@ IWSLT_KNOWN: dict[str, tuple[set[str], int]] = {
         },
         7283,
     ),
-    "fairseq_bpe/test.de": (set(), 6750),
-    "fairseq_bpe/test.en": (set(), 6750),
-    "fairseq_bpe/valid.de": (set(), 7283),
-    "fairseq_bpe/valid.en": (set(), 7283),
+    "fairseq_bpe/test.de": (
+        {
+            "d67f3f60659bf522d2cf46a808a2d1370a9bb946d8b8b9417bfbe9ad25b5d310",
+            "0bca28e500495a4a9694ae134b0ae35526a280cb0966abbcf3c9af3edc3dfe10",
+        },
+        6750,
+    ),
+    "fairseq_bpe/test.en": (
+        {
+            "349351d6bd5e73899006271c4f5dcaf6be6e93df75b585d6068206e16e23f606",
+            "c2951533a0b03557599978ea1726c440bdbb8210454d1e9ef3b87c2b6228ac43",
+        },
+        6750,
+    ),
+    "fairseq_bpe/valid.de": (
+        {
+            "2ad0ad2b67d545a50c01bb22dee054b61cb33c59ffac423577c298515a3fa14c",
+            "27660c689b99b54f0f858775527ff351c520f7581be90aac84b6d16f14624c9e",
+        },
+        7283,
+    ),
+    "fairseq_bpe/valid.en": (
+        {
+            "4ab6d0dbd0598c60bd7f7d84bf47c7cb0dff82fe31071c4ca1cec245847be44d",
+            "1b1f2246625cc907fbd9c8195776434b24687c3fc4e068c6f3d3ec542846823f",
+        },
+        7283,
+    ),
 }
 IWSLT_TEST_SETS = ("TED.dev2010", "TEDX.dev2012", "TED.tst2010", "TED.tst2011", "TED.tst2012")
 IWSLT_SEGMENTS = {
@@ -161,6 +223,13 @@ def read_lines(path: str | Path) -> list[str]:
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
         raise ValueError(f"{path} is not UTF-8 text (bad byte at line {line}); convert it with iconv") from None
+    return split_lines(text)
+
+
+def split_lines(text: str) -> list[str]:
+    """``text`` cut at ``\\n`` only (``\\r\\n`` endings and a leading byte-order mark removed): one entry per line of a
+    one-sentence-per-line file, unlike ``str.splitlines``, which also cuts at form feeds, U+2028 and other
+    separators that may occur inside a sentence."""
     if text.startswith("\ufeff"):
         text = text[1:]
     lines = text.split("\n")
@@ -254,7 +323,7 @@ def _strip_bpe(lines: list[str]) -> list[str]:
 
 def _iwslt_layout(data_dir: Path) -> tuple[str, Path]:
     for sub in (".", "fairseq_tok", "fairseq", "iwslt14.tokenized.de-en", "fairseq_bpe"):
-        if _find(data_dir / sub, "valid.de") or _find(data_dir / sub, "train.de"):
+        if any(_find(data_dir / sub, f"{split}.de") for split in ("train", "valid", "test")):
             return "fairseq", data_dir / sub
     for sub in (".", "raw", "de-en", "orig/de-en"):
         if _find(data_dir / sub, "train.tags.de-en.de") or list((data_dir / sub).glob("IWSLT14.*.xml*")):
@@ -280,10 +349,13 @@ def _iwslt(data_dir: Path, split: str, src_lang: str, tgt_lang: str) -> Parallel
             )
             raise FileNotFoundError(f"IWSLT'14 files missing: {', '.join(missing)}{hint}")
         corpus = read_pair(paths[src_lang], paths[tgt_lang], f"iwslt14/{split}")
-        if any("@@ " in line for line in corpus.src[:100]):
+        bpe = any("@@ " in line for line in corpus.src[:100])
+        if bpe:
             corpus = ParallelCorpus(_strip_bpe(corpus.src), _strip_bpe(corpus.tgt), corpus.name, corpus.skipped)
+        # checked as the release file of its kind (tokenised, or tokenised and BPE'd), wherever it lies
+        kind = "fairseq_bpe" if bpe else "fairseq_tok"
         for lang in (src_lang, tgt_lang):
-            key = f"{root.name}/{split}.{lang}"
+            key = f"{kind}/{split}.{lang}"
             _verify(paths[lang], IWSLT_KNOWN.get(key), len(corpus) + corpus.skipped.get("empty", 0))
         return corpus
     if split in ("train", "valid"):

@@ -37,13 +37,15 @@ __all__ = [
 def _check(hypotheses: Sequence[str], references: Sequence[str]) -> None:
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references; they must be line-aligned")
+    if not references:
+        raise ValueError("no sentences to score: BLEU of an empty corpus is undefined")
 
 
 def sacre_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> tuple[float, str]:
     """Cased, detokenised corpus sacreBLEU (0-100) and its signature string.
 
     Raises:
-        ValueError: if the two lists differ in length.
+        ValueError: if the two lists differ in length or are empty.
     """
     _check(hypotheses, references)
     metric = BLEU()
