@@ -350,6 +350,29 @@ def test_layers_under_autocast(method: str) -> None:
 # --- the eval-mode cache -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("method", [*ALL, "prune-csr", "embedding-svd", "embedding-tt"])
+def test_a_cache_filled_under_autocast_serves_forwards_without_it(method: str) -> None:
+    """The eval cache holds the parameters' dtype: a forward under bf16 autocast, then one without, gives float32
+    outputs equal to the first plain forward (and the autocast one still computes in bf16)."""
+    if method.startswith("embedding"):
+        layer = (LowRankEmbedding(59, 24, rank=3) if method.endswith("svd") else TTEmbedding(59, 24, ranks=3)).eval()
+        x = torch.randint(0, 59, (7, 5))
+    else:
+        layer = sparse_layer(method) if method.endswith("-csr") else make_layer(method, dtype=torch.float32)
+        layer.eval()
+        x = torch.randn(300, layer.in_features)
+    for tokens in (x[:1], x):
+        with torch.no_grad():
+            expected = layer(tokens)
+            clear_caches(layer)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                low = layer(tokens)
+            y = layer(tokens)
+        assert y.dtype == torch.float32 and torch.equal(y, expected)
+        if not method.startswith("embedding"):
+            assert low.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("factorized", [True, False], ids=["factorized", "dense"])
 @pytest.mark.parametrize("method", FACTORIZED)
 def test_cache_is_used_in_eval_and_invalidated_by_an_optimiser_step(monkeypatch, method: str, factorized) -> None:

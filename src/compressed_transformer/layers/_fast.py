@@ -15,6 +15,7 @@ is not used (the compiled graph rebuilds what it needs). :func:`cache_nbytes` re
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterable
@@ -96,13 +97,19 @@ class EvalCache:
     def get(self, name: str, tensors: Iterable[torch.Tensor], build: Callable[[], Any], extra: tuple = ()) -> Any:
         """The entry ``name`` if it was built from the current ``tensors`` (and the same ``extra`` key), else
         ``build()`` run without autograd, stored and returned. Entries are ordinary tensors even when built under
-        ``torch.inference_mode()`` (an inference tensor could not be used by a later training forward)."""
+        ``torch.inference_mode()`` (an inference tensor could not be used by a later training forward), and in the
+        parameters' dtype even when built under ``torch.autocast`` (a forward outside autocast gets them too; under
+        autocast the products cast them, as they cast ``nn.Linear``'s weight)."""
+        tensors = list(tensors)
         key = (_key(tensors), extra)
         hit = self._entries.get(name)
         if hit is not None and hit[0] == key:
             return hit[1]
         self._entries.pop(name, None)  # free the stale value before building the new one
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), contextlib.ExitStack() as stack:
+            for device_type in {t.device.type for t in tensors}:
+                if torch.is_autocast_enabled(device_type):
+                    stack.enter_context(torch.autocast(device_type, enabled=False))
             value = build()
         self._entries[name] = (key, value)
         return value
