@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -309,6 +310,15 @@ def test_regex_filter_on_nested_names() -> None:
         (mlp(), {"method": "svd", "ratio": 0.5}, "ratio must be a finite number >= 1"),
         (mlp(), {"method": "svd", "ratio": float("inf")}, "ratio must be a finite number >= 1"),
         (mlp(), {"method": "svd", "ratio": float("nan")}, "ratio must be a finite number >= 1"),
+        (mlp(), {"method": "svd", "rank": 2.0}, "on layer '0': rank must be an int, got 2.0"),
+        (mlp(), {"method": "tt", "ranks": 2.5}, "ranks must be an int or a list of ints, got 2.5"),
+        (mlp(), {"method": "tt", "ranks": [1, 2.0, 1]}, "ranks must be an int or a list of ints"),
+        (mlp(), {"method": "tucker", "ranks": True}, "ranks must be an int or a list of ints, got True"),
+        (
+            encoder_layer(),
+            {"method": "tt", "filter": r"linear[12]", "ranks": 2, "in_modes": (4, 4)},
+            r"on layer 'linear2': in_modes=\[4, 4\] multiply to 16",  # fits linear1 (16 -> 32), not linear2
+        ),
     ],
 )
 def test_bad_input_raises(model: nn.Module, kwargs, match: str) -> None:
@@ -326,8 +336,24 @@ def test_ratio_with_size_options_raises(method: str, options) -> None:
 
 @pytest.mark.parametrize("method", RATIO_METHODS)
 def test_unreachable_ratio_raises(method: str) -> None:
-    with pytest.raises(ValueError, match=r"ratio=1000000 is out of reach: .* above the budget"):
-        compress_(mlp(), method, ratio=1_000_000)
+    """The budget quoted is the whole one (biases included), as the smallest size quoted beside it."""
+    model = mlp()
+    budget = math.floor(dense_params(model) / 1_000_000)
+    with pytest.raises(ValueError, match=rf"ratio=1000000 is out of reach: .* above the budget of {budget}$"):
+        compress_(model, method, ratio=1_000_000)
+
+
+def test_frozen_layers_stay_frozen() -> None:
+    """A frozen weight (or bias) gives frozen factors (or bias): freezing survives compression."""
+    model = mlp()
+    model[0].requires_grad_(False)
+    model[2].bias.requires_grad_(False)
+    for method, options in (("svd", {"rank": 2}), ("tt", {"ranks": 2}), ("sparse", {"sparsity": 0.5})):
+        copy_ = copy.deepcopy(model)
+        compress_(copy_, method, **options)
+        for name, param in copy_.named_parameters():
+            frozen = name.startswith("0.") or name == "2.bias"
+            assert param.requires_grad != frozen, (method, name)
 
 
 @pytest.mark.parametrize(

@@ -307,7 +307,8 @@ def _allocate_tt(linears, ratio: float, options: dict[str, Any]) -> list[dict[st
     """One relative error bound ``eps`` for every layer (t3f's ``to_tt_matrix`` semantics), found by bisection:
     the smallest ``eps`` whose TT-SVD ranks fit the budget. Ranks adapt per bond and per layer, and the worst
     layer's relative error is as small as the budget allows."""
-    budget = _budget(linears, ratio) - sum(_bias(m) for _, m in linears)
+    biases = sum(_bias(m) for _, m in linears)
+    budget = _budget(linears, ratio) - biases  # for the cores
     modes = [
         resolve_modes(m.in_features, m.out_features, options.get("in_modes"), options.get("out_modes"), 4)
         for _, m in linears
@@ -326,7 +327,7 @@ def _allocate_tt(linears, ratio: float, options: dict[str, Any]) -> list[dict[st
 
     smallest = [[1] * (len(im) + 1) for im, _ in modes]
     if size(smallest) > budget:
-        raise _too_small(ratio, size(smallest) + sum(_bias(m) for _, m in linears), budget)
+        raise _too_small(ratio, size(smallest) + biases, budget + biases)
     lo, hi, by_eps = 0.0, 1.0, smallest
     for _ in range(30):
         mid = (lo + hi) / 2
@@ -451,9 +452,10 @@ def compress_(
         new_layers = []
         for (name, linear), layer_options in zip(linears, per_layer, strict=True):
             try:
-                new_layers.append(cls.from_linear(linear, **layer_options))
-            except TypeError as error:
+                layer = cls.from_linear(linear, **layer_options)
+            except (TypeError, ValueError) as error:
                 raise ValueError(f"invalid options for method {method!r} on layer {name!r}: {error}") from None
+            new_layers.append(_keep_frozen(linear, layer))
         aliases = module_aliases(model)
         report = CompressionReport(method)
         for (name, linear), layer in zip(linears, new_layers, strict=True):
@@ -472,6 +474,15 @@ def compress_(
             )
             replace_module(model, aliases[id(linear)], layer)
     return report
+
+
+def _keep_frozen(linear: nn.Linear, layer: nn.Module) -> nn.Module:
+    """``layer`` with the weight's factors (or kept values) frozen where ``linear.weight`` was, and its bias where
+    ``linear.bias`` was."""
+    for name, param in layer.named_parameters():
+        source = linear.bias if name == "bias" else linear.weight
+        param.requires_grad_(source.requires_grad)
+    return layer
 
 
 def module_aliases(model: nn.Module) -> dict[int, list[str]]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ._validate import check_rank
+
 __all__ = ["rank_for_energy", "svd_error", "truncated_svd"]
 
 
@@ -38,9 +40,9 @@ def truncated_svd(
     """
     if (rank is None) == (energy is None):
         raise ValueError("give exactly one of rank= or energy=")
+    rank = None if rank is None else check_rank(rank)
     u, s, vh = torch.linalg.svd(weight, full_matrices=False)
-    if rank is None:
-        rank = rank_for_energy(s, energy)
+    rank = rank_for_energy(s, energy) if rank is None else rank
     max_rank = min(weight.shape)
     if not 1 <= rank <= max_rank:
         raise ValueError(f"rank must be in [1, {max_rank}] for a {tuple(weight.shape)} weight, got {rank}")

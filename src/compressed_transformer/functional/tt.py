@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._validate import check_ranks
 from .costs import CPU_COSTS, CostModel
 from .matmul import autocast_inputs, linear, oriented_matmul
 
@@ -106,10 +107,12 @@ def resolve_tt_ranks(ranks: int | Sequence[int], shape: Sequence[int], *, name: 
     ``d + 1`` entries, ends equal to 1 and every inner rank within ``[1, max_tt_ranks(shape)[k]]``.
 
     Raises:
-        ValueError: for ranks below 1, a list of the wrong length or ends, or a listed rank above the maximal one.
+        ValueError: for ranks that are not integers or below 1, a list of the wrong length or ends, or a listed rank
+            above the maximal one.
     """
     d = len(shape)
     limits = max_tt_ranks(shape)
+    ranks = check_ranks(ranks, name)
     if isinstance(ranks, int):
         if ranks < 1:
             raise ValueError(f"{name} must be >= 1, got {ranks}")

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ._validate import check_ranks
+
 __all__ = [
     "hooi",
     "hosvd",
@@ -33,8 +35,9 @@ def resolve_tucker_ranks(ranks: int | Sequence[int], shape: Sequence[int], *, na
     """Validate Tucker ranks for a tensor of ``shape``; an ``int`` is used for every mode (capped by the mode size).
 
     Raises:
-        ValueError: for a rank below 1 or above its mode size, or a list of the wrong length.
+        ValueError: for a rank that is not an integer, below 1 or above its mode size, or a list of the wrong length.
     """
+    ranks = check_ranks(ranks, name)
     if isinstance(ranks, int):
         if ranks < 1:
             raise ValueError(f"{name} must be >= 1, got {ranks}")

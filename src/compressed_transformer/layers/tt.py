@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..functional._validate import check_ranks
 from ..functional.costs import CostModel, cost_model_for, costs_version
 from ..functional.tt import (
     TTPlan,
@@ -121,14 +122,18 @@ def _tt_table(out_modes, in_modes, ranks, train, cached, device) -> tuple:
 
 
 def _full_rank_list(ranks: int | Sequence[int] | None) -> bool:
-    """Whether ``ranks`` lists every TT rank (so it fixes the number of cores)."""
-    return ranks is not None and not isinstance(ranks, int)
+    """Whether ``ranks`` lists every TT rank (so it fixes the number of cores).
+
+    Raises:
+        ValueError: if ``ranks`` is neither ``None``, an int nor a list of ints.
+    """
+    return ranks is not None and not isinstance(check_ranks(ranks), int)
 
 
 def _cores_for(ranks: int | Sequence[int] | None) -> int:
     """Number of cores for default modes: ``len(ranks) - 1`` for a full rank list (the seed's
     ``[1, 2, 2, 2, 2, 1]`` means 5 cores), else 4."""
-    return 4 if ranks is None or isinstance(ranks, int) else max(1, len(ranks) - 1)
+    return max(1, len(ranks) - 1) if _full_rank_list(ranks) else 4
 
 
 class TTLinear(nn.Module):
