@@ -511,6 +511,15 @@ def test_compress_embeddings_to_a_ratio_takes_the_largest_rank_that_fits(method:
         compress_embeddings_(_TiedLM(), method, ratio=0.5)
 
 
+@pytest.mark.parametrize("method, options", [("svd", {"rank": 4}), ("tt", {"ranks": 2})])
+@pytest.mark.parametrize("flag", [{"max_norm": 1.0}, {"scale_grad_by_freq": True}, {"sparse": True}])
+def test_embedding_options_a_factorised_table_cannot_keep_are_refused(method: str, options, flag) -> None:
+    model = nn.ModuleDict({"table": nn.Embedding(64, 16, **flag)})
+    with pytest.raises(ValueError, match=f"cannot keep nn.Embedding's {next(iter(flag))}"):
+        compress_embeddings_(model, method, **options)
+    assert type(model["table"]) is nn.Embedding
+
+
 def test_pruned_to_sparse_keeps_outputs_modes_and_shared_layers() -> None:
     shared = nn.Linear(8, 8)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), shared, shared)

@@ -122,6 +122,10 @@ def test_impossible_options_fail_before_training(tmp_path, capsys):
     assert time.perf_counter() - start < 20 and not (tmp_path / "o").exists()
     assert cli_main(["mnist", "--rows", "original,tt++", "--out", str(tmp_path / "o")]) == 2
     assert "unknown row" in capsys.readouterr().err
+    # an --out that cannot be a folder: one line, no traceback
+    (tmp_path / "file").write_text("x")
+    assert cli_main(["bench", "--quick", "--no-transformer", "--out", str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err.startswith("error: [Errno 17] File exists")
 
 
 def test_missing_data_is_reported_with_the_folder(tmp_path, capsys):

@@ -131,6 +131,10 @@ def test_uncompressed_models_round_trip_too(tmp_path) -> None:
 def test_bad_files_and_mismatched_models_get_clear_errors(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_compressed_(encoder_layer(0), tmp_path / "missing.safetensors")
+    with pytest.raises(FileNotFoundError, match="is a folder, not a file"):
+        load_compressed_(encoder_layer(0), tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"the folder .* does not exist"):
+        save_compressed(encoder_layer(0), tmp_path / "no" / "such" / "x.safetensors")
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="cannot read"):

@@ -55,6 +55,13 @@ def test_study_is_a_cli_subcommand() -> None:
     assert "compressed_transformer.studies.translation" in cli.SUBCOMMAND_MODULES
 
 
+def test_report_only_on_a_missing_folder_is_an_error(tmp_path: Path) -> None:
+    """(a mistyped --out would otherwise give an empty table and exit 0)"""
+    with pytest.raises(FileNotFoundError, match=r"typo does not exist: no study to report there"):
+        run([*study_argv(tmp_path / "data", tmp_path / "typo", "all"), "--report-only"])
+    assert not (tmp_path / "typo").exists()
+
+
 def test_precision_reaches_every_row(tmp_path: Path) -> None:
     args = parser().parse_args([*study_argv(tmp_path, tmp_path / "s", "original,tt-all"), "--precision", "fp32"])
     study = config_from_args(args)

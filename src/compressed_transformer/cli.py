@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:  # bad input, missing files, an --out that cannot be a folder, ...
         print(f"error: {error}", file=sys.stderr)
         return 2
     return int(code or 0)

@@ -264,7 +264,11 @@ def save_compressed(
 
     Raises:
         ValueError: if ``metadata`` uses a reserved key or a value that is not a string.
+        FileNotFoundError: if the folder of ``path`` does not exist.
     """
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot write {os.fspath(path)}: the folder {folder} does not exist")
     extra = dict(metadata or {})
     reserved = {_FORMAT_KEY, _LAYERS_KEY, _PACKED_KEY, _ALIASES_KEY} & set(extra)
     if reserved:
@@ -356,7 +360,7 @@ def read_structure(path: str | os.PathLike) -> tuple[dict[str, dict[str, Any]], 
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist")
+        raise FileNotFoundError(f"{path} is a folder, not a file" if os.path.isdir(path) else f"{path} does not exist")
     try:
         with safe_open(path, framework="pt") as handle:
             header = handle.metadata() or {}

@@ -19,6 +19,29 @@ from .tt import TTLinear
 __all__ = ["LowRankEmbedding", "TTEmbedding", "tie_projection_"]
 
 
+
+def check_plain_embedding(embedding: nn.Embedding, name: str) -> None:
+    """Refuse the ``nn.Embedding`` options a factorised table does not reproduce: ``max_norm`` (renormalises the
+    looked-up rows of the stored table in place), ``scale_grad_by_freq`` and ``sparse`` gradients.
+
+    Raises:
+        ValueError: naming the options set.
+    """
+    options = [
+        option
+        for option, value in (
+            ("max_norm", embedding.max_norm),
+            ("scale_grad_by_freq", embedding.scale_grad_by_freq),
+            ("sparse", embedding.sparse),
+        )
+        if value
+    ]
+    if options:
+        raise ValueError(
+            f"{name}.from_embedding cannot keep nn.Embedding's {', '.join(options)}: a factorised table has no rows "
+            "to renormalise or to update sparsely; build the nn.Embedding without them to compress it"
+        )
+
 class LowRankEmbedding(nn.Module):
     """An embedding table of rank ``r``: ``E = left @ right`` with ``left`` ``(num_embeddings, r)`` and ``right``
     ``(r, embedding_dim)``, the factorised embedding of ALBERT (Lan et al. 2020, https://arxiv.org/abs/1909.11942).
@@ -79,7 +102,13 @@ class LowRankEmbedding(nn.Module):
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, *, rank: int) -> LowRankEmbedding:
-        """Best rank-``rank`` approximation (truncated SVD) of ``embedding.weight``; ``embedding`` is not modified."""
+        """Best rank-``rank`` approximation (truncated SVD) of ``embedding.weight``; ``embedding`` is not modified.
+
+        Raises:
+            ValueError: for an ``nn.Embedding`` with ``max_norm``, ``scale_grad_by_freq`` or ``sparse`` (see
+                :func:`check_plain_embedding`).
+        """
+        check_plain_embedding(embedding, cls.__name__)
         with torch.no_grad():
             weight = embedding.weight.detach()
             layer = cls(
@@ -231,8 +260,10 @@ class TTEmbedding(nn.Module):
         ``embedding`` is not modified.
 
         Raises:
-            ValueError: for modes that do not fit, or neither ``ranks`` nor ``eps``.
+            ValueError: for modes that do not fit, neither ``ranks`` nor ``eps``, or an ``nn.Embedding`` with
+                ``max_norm``, ``scale_grad_by_freq`` or ``sparse`` (see :func:`check_plain_embedding`).
         """
+        check_plain_embedding(embedding, cls.__name__)
         if ranks is None and eps is None:
             raise ValueError("TTEmbedding.from_embedding needs ranks= and/or eps=")
         weight = embedding.weight.detach()

@@ -596,7 +596,8 @@ def run_study(
 
     Raises:
         ValueError: for a study folder of another dataset or budget, a row folder of another configuration.
-        FileNotFoundError: when the dataset's train, valid or test files are missing (before any training).
+        FileNotFoundError: when the dataset's train, valid or test files are missing (before any training), or when
+            ``report_only`` finds no study folder.
     """
     if report_only and rescore:
         raise ValueError("report_only and rescore exclude each other (report_only decodes nothing)")
@@ -611,6 +612,8 @@ def run_study(
                 f"{study.dataset} at {study.budget!r}; choose another --out"
             )
     plans = _plan(study, out.resolve())  # absolute paths: a conversion row's init_from must not depend on the cwd
+    if report_only and not out.is_dir():
+        raise FileNotFoundError(f"{out} does not exist: no study to report there (check --out)")
     if not report_only:
         data = _load_data(study)
         device = resolve_device(study.device)
