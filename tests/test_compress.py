@@ -507,8 +507,10 @@ def test_compress_embeddings_to_a_ratio_takes_the_largest_rank_that_fits(method:
         compress_embeddings_(_TiedLM(), method, ratio=4, **({"rank": 2} if method == "svd" else {"ranks": 2}))
     with pytest.raises(ValueError, match="out of reach"):
         compress_embeddings_(_TiedLM(), method, ratio=1000)
-    with pytest.raises(ValueError, match="ratio must be > 1"):
+    with pytest.raises(ValueError, match=r"ratio must be a finite number >= 1, got 0\.5"):
         compress_embeddings_(_TiedLM(), method, ratio=0.5)
+    with pytest.raises(ValueError, match="ratio must be a finite number >= 1, got nan"):
+        compress_embeddings_(_TiedLM(), method, ratio=float("nan"))
 
 
 @pytest.mark.parametrize("method, options", [("svd", {"rank": 4}), ("tt", {"ranks": 2})])

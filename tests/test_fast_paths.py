@@ -656,6 +656,9 @@ def test_torch_func_grad_and_per_sample_gradients(method: str, mode: str) -> Non
     per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x[:3])
     for i in range(3):
         assert_same_grads(layer, x[i : i + 1], {name: g[i] for name, g in per_sample.items()})
+    if mode == "train":  # the Jacobian of one output vector in its input is the represented weight
+        jacobian = torch.func.jacrev(lambda v: torch.func.functional_call(layer, params, (v,)))(x[0])
+        assert_close(jacobian, layer.to_dense().detach(), rtol=1e-4, atol=1e-5)
 
 
 def assert_same_grads(layer: nn.Module, x: torch.Tensor, grads: dict[str, torch.Tensor]) -> None:

@@ -182,6 +182,11 @@ def _check_untied(model: nn.Module, linears: list[tuple[str, nn.Linear]]) -> Non
                 )
 
 
+def _check_ratio(ratio: object) -> None:
+    if not (isinstance(ratio, int | float) and math.isfinite(ratio) and ratio >= 1.0):
+        raise ValueError(f"ratio must be a finite number >= 1, got {ratio!r}")
+
+
 def _check_options(method: str, options: dict[str, Any], ratio: float | None) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
@@ -192,8 +197,7 @@ def _check_options(method: str, options: dict[str, Any], ratio: float | None) ->
             "ratio= is not available for 'svd-o' (Sparse VD): its sparsity comes from training with the KL term; "
             "compress with 'svd-o', train, then read the ratio (or prune the trained model with method='prune')"
         )
-    if not (isinstance(ratio, int | float) and math.isfinite(ratio) and ratio >= 1.0):
-        raise ValueError(f"ratio must be a finite number >= 1, got {ratio!r}")
+    _check_ratio(ratio)
     clash = _SIZE_OPTIONS[method] & set(options)
     if clash:
         raise ValueError(f"give either ratio= or {sorted(clash)} for method {method!r}, not both")
@@ -671,8 +675,7 @@ def compress_embeddings_(
     if set(options) - known:
         raise ValueError(f"unknown options {sorted(set(options) - known)} for {method!r}; known: {sorted(known)}")
     if ratio is not None:
-        if not ratio > 1:
-            raise ValueError(f"ratio must be > 1, got {ratio}")
+        _check_ratio(ratio)
         if {"rank", "ranks", "eps"} & set(options):
             raise ValueError("ratio= chooses the rank: pass it instead of rank= / ranks= / eps=")
     elif method == "svd" and "rank" not in options:
