@@ -19,7 +19,6 @@ from .tt import TTLinear
 __all__ = ["LowRankEmbedding", "TTEmbedding", "tie_projection_"]
 
 
-
 def check_plain_embedding(embedding: nn.Embedding, name: str) -> None:
     """Refuse the ``nn.Embedding`` options a factorised table does not reproduce: ``max_norm`` (renormalises the
     looked-up rows of the stored table in place), ``scale_grad_by_freq`` and ``sparse`` gradients.
@@ -41,6 +40,7 @@ def check_plain_embedding(embedding: nn.Embedding, name: str) -> None:
             f"{name}.from_embedding cannot keep nn.Embedding's {', '.join(options)}: a factorised table has no rows "
             "to renormalise or to update sparsely; build the nn.Embedding without them to compress it"
         )
+
 
 class LowRankEmbedding(nn.Module):
     """An embedding table of rank ``r``: ``E = left @ right`` with ``left`` ``(num_embeddings, r)`` and ``right``
