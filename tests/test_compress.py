@@ -418,6 +418,23 @@ def test_compress_embeddings_keeps_the_tie_and_matches_the_svd_of_the_table() ->
     assert full.embed.left.grad is not None and full.embed.left.grad[1:].abs().sum() > 0
 
 
+def test_low_rank_table_keeps_a_trained_padding_row_and_a_zero_one_exactly() -> None:
+    """A tied output projection trains the padding row, which the lookups leave alone: the approximation keeps it
+    (at full rank the logits are the table's); a padding row still at zero stays exactly zero."""
+    torch.manual_seed(0)
+    trained = nn.Embedding(30, 8, padding_idx=3)
+    with torch.no_grad():
+        trained.weight[3].normal_()
+    hidden = torch.randn(5, 8)
+    full = LowRankEmbedding.from_embedding(trained, rank=8)
+    assert_close(full.attend(hidden), hidden @ trained.weight.detach().T, rtol=1e-5, atol=1e-5)
+    fresh = LowRankEmbedding.from_embedding(nn.Embedding(30, 8, padding_idx=-1), rank=4)
+    assert fresh.padding_idx == 29 and torch.equal(fresh.left[29], torch.zeros(4))
+    for bad in (30, -31):
+        with pytest.raises(ValueError, match=f"padding_idx {bad} is outside a vocabulary of 30"):
+            LowRankEmbedding(30, 8, 4, padding_idx=bad)
+
+
 def test_compress_embeddings_rejects_bad_input_and_leaves_the_model_alone() -> None:
 
     model = _TiedLM()

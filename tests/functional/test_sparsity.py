@@ -29,6 +29,22 @@ def test_magnitude_mask_removes_the_requested_fraction_of_smallest_weights(spars
         assert weight[mask].abs().min() > weight[~mask].abs().max()  # the smallest magnitudes go first
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_the_threshold_is_exact_in_the_weights_own_precision(dtype: torch.dtype) -> None:
+    """Magnitudes a float32 threshold cannot tell apart (float64 weights 1e-12 apart) are still cut exactly; the
+    lower precisions are cut exactly where their magnitudes are distinct."""
+    torch.manual_seed(0)
+    spread = {torch.float64: 1e-12, torch.float32: 1e-3, torch.bfloat16: 1.0}[dtype]
+    weight = (1.0 + spread * torch.randperm(1000, dtype=torch.float64) / 1000).to(dtype)
+    assert weight.unique().numel() == 1000 or dtype == torch.bfloat16
+    for sparsity in (0.1, 0.5, 0.937):
+        dropped = int((~magnitude_mask(weight, magnitude_threshold(weight, sparsity))).sum())
+        if dtype == torch.bfloat16:  # few distinct values: ties are removed together
+            assert dropped >= round(sparsity * 1000)
+        else:
+            assert dropped == round(sparsity * 1000)
+
+
 def test_zero_sparsity_keeps_everything_even_zeros() -> None:
     weight = torch.tensor([[0.0, 1.0], [-2.0, 0.0]])
     assert magnitude_threshold(weight, 0.0) == -1.0

@@ -147,6 +147,8 @@ def test_torch_compile() -> None:
     torch.testing.assert_close(attend(hidden), layer.attend(hidden))
     (lookup(ids).sum() + attend(hidden).sum()).backward()
     assert all(core.grad is not None and core.grad.abs().sum() > 0 for core in layer.cores)
+    with pytest.raises(RuntimeError, match=r"ids must be in \[0, 59\)"):  # not the wrapped-around rows
+        lookup(torch.tensor([[59, 60, 61], [0, 1, 2]]))
 
 
 def test_eval_lookups_and_logits_share_the_cached_table() -> None:

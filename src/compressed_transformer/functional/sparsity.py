@@ -29,7 +29,8 @@ def _check_sparsity(sparsity: float) -> None:
 
 
 def magnitude_threshold(weight: torch.Tensor, sparsity: float) -> float:
-    """The ``lambda`` such that zeroing weights with ``|w| <= lambda`` removes ``round(sparsity * numel)`` weights.
+    """The ``lambda`` such that zeroing weights with ``|w| <= lambda`` removes ``round(sparsity * numel)`` weights
+    (more where several magnitudes tie at ``lambda``: ties are kept or removed together).
 
     Returns ``-1.0`` (keep everything) for ``sparsity == 0``.
 
@@ -42,7 +43,10 @@ def magnitude_threshold(weight: torch.Tensor, sparsity: float) -> float:
 def global_magnitude_threshold(weights: Sequence[torch.Tensor], sparsity: float) -> float:
     """One threshold across several weights, removing ``round(sparsity * total)`` of their entries together."""
     _check_sparsity(sparsity)
-    magnitudes = torch.cat([w.detach().abs().flatten().float() for w in weights])
+    # in float64 if any weight is (a float32 threshold would misplace the cut between close float64 magnitudes);
+    # bf16 / fp16 magnitudes are exact in float32
+    dtype = torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
+    magnitudes = torch.cat([w.detach().abs().flatten().to(dtype) for w in weights])
     drop = round(sparsity * magnitudes.numel())
     if drop == 0:
         return -1.0

@@ -80,13 +80,11 @@ class LowRankEmbedding(nn.Module):
         max_rank = min(num_embeddings, embedding_dim)
         if not isinstance(rank, int) or not 1 <= rank <= max_rank:
             raise ValueError(f"rank must be an int in [1, {max_rank}] for a {num_embeddings}x{embedding_dim} table")
+        if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
+            raise ValueError(f"padding_idx {padding_idx} is outside a vocabulary of {num_embeddings}")
         factory = {"device": device, "dtype": dtype}
-        self.num_embeddings, self.embedding_dim, self.rank, self.padding_idx = (
-            num_embeddings,
-            embedding_dim,
-            rank,
-            padding_idx,
-        )
+        self.num_embeddings, self.embedding_dim, self.rank = num_embeddings, embedding_dim, rank
+        self.padding_idx = None if padding_idx is None else padding_idx % num_embeddings  # as nn.Embedding
         self.left = nn.Parameter(torch.empty(num_embeddings, rank, **factory))
         self.right = nn.Parameter(torch.empty(rank, embedding_dim, **factory))
         self.reset_parameters()
@@ -122,8 +120,10 @@ class LowRankEmbedding(nn.Module):
             left, right = truncated_svd(weight.double(), rank=rank)
             layer.left.copy_(left)
             layer.right.copy_(right)
-            if layer.padding_idx is not None:
-                layer.left[layer.padding_idx].zero_()  # exactly, not up to the SVD's rounding
+            # a zero padding row stays exactly zero (not up to the SVD's rounding); a trained one (a tied output
+            # projection trains it) is kept as approximated
+            if layer.padding_idx is not None and not weight[layer.padding_idx].any():
+                layer.left[layer.padding_idx].zero_()
         return layer
 
     def to_dense(self) -> torch.Tensor:
@@ -314,11 +314,10 @@ class TTEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"TTEmbedding takes integer ids, got {ids.dtype}")
-        if (
-            not torch.compiler.is_compiling()
-            and ids.numel()
-            and not 0 <= int(ids.min()) <= int(ids.max()) < self.num_embeddings
-        ):
+        if torch.compiler.is_compiling():  # no data-dependent branch in a graph: an assertion the graph runs
+            valid = ((ids >= 0) & (ids < self.num_embeddings)).all()
+            torch._assert_async(valid, f"TTEmbedding: ids must be in [0, {self.num_embeddings})")
+        elif ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < self.num_embeddings:
             raise IndexError(f"ids must be in [0, {self.num_embeddings}), got [{int(ids.min())}, {int(ids.max())}]")
         cores = params_of(self.table, "cores")
         if prepare_forward(self.table, cores):  # eval without autograd: rows of the cached table (shared with attend)
