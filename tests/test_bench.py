@@ -201,6 +201,39 @@ def test_time_interleaved_warms_up_in_turns() -> None:
     assert {name: len(times) for name, times in samples.items()} == {"a": 3, "b": 3, "c": 3}
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--device", "bogus"], "--device must be auto, cpu or cuda"),
+        (["--threads", "0"], "--threads must be >= 1"),
+        (["--layers", "prune-1.5"], "unknown benchmark layer 'prune-1.5'"),
+        (["--layers", "tt-rX"], "unknown benchmark layer 'tt-rX'"),
+        (["--layers", "svd-r300", "--shapes", "2048x512,256x1024"], "'svd-r300' at 256x1024: rank must be"),
+        (["--transformer-preset", "bogus"], "unknown preset 'bogus'"),
+    ],
+)
+def test_bad_options_fail_in_one_line_before_any_timing(tmp_path, capsys, argv, message) -> None:
+    from compressed_transformer.cli import main
+
+    out = tmp_path / "out"
+    assert main(["bench", "--quick", *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (out / "bench.json").exists()
+
+
+def test_module_entry_points_report_bad_options_in_one_line() -> None:
+    """``python -m compressed_transformer.calibrate`` / ``.bench`` answer as the subcommands do."""
+    import subprocess
+    import sys
+
+    for module in ("compressed_transformer.calibrate", "compressed_transformer.bench"):
+        done = subprocess.run(
+            [sys.executable, "-m", module, "--quick", "--tokens", "0"], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 2 and done.stderr.strip() == "error: token counts must be >= 1, got (0,)", module
+
+
 def test_compile_passes() -> None:
     """``auto`` compiles training passes on CUDA only (measured: compiled forwards lose their eval cache)."""
     from compressed_transformer.bench import compile_passes

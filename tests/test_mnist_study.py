@@ -287,6 +287,16 @@ def test_original_checkpoint_round_trip(tmp_path):
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"not an original\.pt"):
         study.load_original(tmp_path / "other.pt")
+    torch.save(model, tmp_path / "module.pt")  # a pickled module: refused by weights_only loading, in one line
+    with pytest.raises(ValueError, match=r"not an original\.pt"):
+        study.load_original(tmp_path / "module.pt")
+
+
+@pytest.mark.parametrize("changes", [{"warmup_epochs": math.nan}, {"warmup_epochs": -5.0}, {"threshold": math.inf}])
+def test_sparse_vd_settings_must_be_finite(changes) -> None:
+    """(an infinite warm-up would silently turn the KL term off, and NaN would reach results.json)"""
+    with pytest.raises(ValueError, match="Sparse VD"):
+        study.SparseVDConfig(**changes)
 
 
 def test_distillation_loss_is_the_tempered_kl_divergence() -> None:

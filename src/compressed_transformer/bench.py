@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import sys
 import time
@@ -192,6 +193,19 @@ def build_layer(
     """
     factory = {"device": device, "dtype": dtype}
     kind, _, setting = name.rpartition("-")
+    unknown = ValueError(
+        f"unknown benchmark layer {name!r}; use dense, tt-r<R>, tucker-r<R>, svd-r<R>, prune-<S>, sparse-<S>, "
+        "svd-o-<S>, tltorch-tt-r<R>, tltorch-tucker-r<R> (R a positive int, S a sparsity in [0, 1))"
+    )
+    if kind in ("tt", "tucker", "svd", "tltorch-tt", "tltorch-tucker") and not re.fullmatch(r"r[1-9]\d*", setting):
+        raise unknown
+    if kind in ("prune", "sparse", "svd-o"):
+        try:
+            sparsity = float(setting)
+        except ValueError:
+            raise unknown from None
+        if not 0.0 <= sparsity < 1.0:
+            raise unknown
     if name == "dense":
         return nn.Linear(in_features, out_features, **factory)
     if kind == "tt" and setting.startswith("r"):
@@ -233,11 +247,7 @@ def build_layer(
             implementation="factorized",
             **factory,
         )
-    raise ValueError(
-        f"unknown benchmark layer {name!r}; use dense, tt-r<R>, tucker-r<R>, svd-r<R>, prune-<S>, sparse-<S>, "
-        "svd-o-<S>, "
-        "tltorch-tt-r<R>, tltorch-tucker-r<R>"
-    )
+    raise unknown
 
 
 def layer_path(layer: nn.Module, tokens: int, train: bool) -> str:
@@ -854,11 +864,14 @@ def device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype
     """``--device`` (``auto``: CUDA when available) and ``--dtype`` (``auto``: bf16 on CUDA, float32 elsewhere).
 
     Raises:
-        ValueError: for CUDA requested without a CUDA device, or an unknown dtype.
+        ValueError: for a device other than auto / cpu / cuda[:N], CUDA requested without a CUDA device, or an
+            unknown dtype.
     """
     name = device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ValueError(f"--device must be auto, cpu or cuda[:N]; got {device!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was requested but torch.cuda.is_available() is False; use --device cpu")
     resolved = torch.device(name)
@@ -887,6 +900,7 @@ def run_bench(config: BenchConfig, argv: list[str] | None = None) -> dict:
     """
     device, dtype, compiled = resolve_device(config)
     clock = resolve_clock(config, device)
+    check_grid(config)
     torch.manual_seed(config.seed)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -918,6 +932,42 @@ def run_bench(config: BenchConfig, argv: list[str] | None = None) -> dict:
     (out / "bench.md").write_text(markdown(result) + "\n")
     plot(result, out / "ratio.png")
     return result
+
+
+def check_grid(config: BenchConfig) -> None:
+    """Build every layer of the grid and the Transformer preset on the ``meta`` device (no memory, no time), so that
+    a bad name or setting fails before minutes of timing rather than after.
+
+    Raises:
+        ValueError: for an unknown layer name, a setting the layer refuses at one of the shapes, or an unknown
+            Transformer preset.
+    """
+    meta = torch.device("meta")
+    for name in config.layers:
+        if name.startswith("tltorch-"):
+            continue  # the optional peer builds on real devices only; its name is checked by build_layer later
+        for in_features, out_features in config.shapes:
+            try:
+                build_layer(name, in_features, out_features, device=meta, dtype=torch.float32)
+            except ValueError as error:
+                raise ValueError(f"layer {name!r} at {in_features}x{out_features}: {error}") from None
+    if config.transformer is not None:
+        from .models.transformer import preset
+
+        preset(config.transformer.preset, vocab_size=config.transformer.vocab_size)
+
+
+def set_threads(threads: int | None) -> None:
+    """``--threads``: ``torch.set_num_threads`` (``None``: leave torch's default).
+
+    Raises:
+        ValueError: for fewer than one thread.
+    """
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
 
 
 def command_line(argv: list[str], subcommand: str) -> str:
@@ -1034,8 +1084,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``bench`` from parsed arguments; prints where the outputs went."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     config = config_from_args(args)
     result = run_bench(config)
     print(markdown(result))

@@ -40,6 +40,7 @@ from .bench import (
     machine_description,
     median,
     resolve_clock,
+    set_threads,
     time_interleaved,
 )
 from .functional.costs import (
@@ -645,8 +646,7 @@ def config_from_args(args: argparse.Namespace) -> CalibrateConfig:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``calibrate`` from parsed arguments; prints the summary and where the model went."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     result = run_calibration(config_from_args(args))
     print(markdown(result))
     return 0

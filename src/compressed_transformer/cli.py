@@ -49,7 +49,18 @@ def run_module(
     """``python -m <module>`` for a module that is also a subcommand."""
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
     add_arguments(parser)
-    return main(parser.parse_args())
+    return run_reporting_errors(main, parser.parse_args())
+
+
+def run_reporting_errors(main: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
+    """``main(args)``, with bad input (``ValueError``) and file-system errors (``OSError``: missing files, an
+    ``--out`` that cannot be a folder, ...) reported in one line on stderr and exit status 2."""
+    try:
+        code = main(args)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return int(code or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,12 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        code = args.func(args)
-    except (ValueError, OSError) as error:  # bad input, missing files, an --out that cannot be a folder, ...
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return int(code or 0)
+    return run_reporting_errors(args.func, args)
 
 
 if __name__ == "__main__":

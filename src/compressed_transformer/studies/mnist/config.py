@@ -163,6 +163,14 @@ class SparseVDConfig:
     threshold: float = 3.0
     log_sigma2_init: float = -10.0
 
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
+            raise ValueError(f"Sparse VD warm-up must be a finite number of epochs >= 0, got {self.warmup_epochs}")
+        if not (math.isfinite(self.threshold) and math.isfinite(self.log_sigma2_init)):
+            raise ValueError(
+                f"Sparse VD threshold and log_sigma2_init must be finite, got {self.threshold}, {self.log_sigma2_init}"
+            )
+
 
 def asdict_shallow(obj: Any) -> dict[str, Any]:
     return {name: getattr(obj, name) for name in obj.__dataclass_fields__}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import pickle
 import sys
 import time
 import zlib
@@ -294,7 +295,7 @@ def load_original(path: str | os.PathLike[str], expected: MLPConfig | None = Non
         config = MLPConfig(**checkpoint["config"])
         model = MLP(config)
         model.load_state_dict(checkpoint["state_dict"])
-    except (KeyError, TypeError, RuntimeError, OSError) as error:
+    except (KeyError, TypeError, RuntimeError, OSError, pickle.UnpicklingError) as error:
         raise ValueError(f"{path} is not an original.pt written by the MNIST study: {error}") from None
     if expected is not None and config != expected:
         raise ValueError(f"{path} holds a {config} network, but this run needs {expected}; match --hidden")
