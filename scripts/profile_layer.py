@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from compressed_transformer.bench import BenchConfig, build_layer, layer_path, resolve_device
+from compressed_transformer.bench import BenchConfig, _shapes, build_layer, check_grid, layer_path, resolve_device
 
 
 def one_pass(layer: torch.nn.Module, x: torch.Tensor, train: bool) -> None:
@@ -27,6 +27,16 @@ def one_pass(layer: torch.nn.Module, x: torch.Tensor, train: bool) -> None:
     else:
         with torch.no_grad():
             layer(x)
+
+
+def _shapes_or_none(text: str) -> tuple[tuple[int, int]] | None:
+    """``INxOUT`` as a one-shape tuple, or ``None`` if it is not one positive shape."""
+    try:
+        shapes = _shapes(text)
+    except argparse.ArgumentTypeError:
+        return None
+    ok = len(shapes) == 1 and len(shapes[0]) == 2 and min(shapes[0]) >= 1
+    return shapes if ok else None  # type: ignore[return-value]
 
 
 def main() -> None:
@@ -42,9 +52,24 @@ def main() -> None:
     args = parser.parse_args()
     if args.tokens < 1 or args.steps < 1:
         parser.error("--tokens and --steps must be >= 1")
-    in_features, out_features = (int(v) for v in args.shape.split("x"))
-    # the benchmark's own resolution of device and dtype (auto: bf16 on CUDA), with its errors for bad values
-    device, dtype, _ = resolve_device(BenchConfig(device=args.device, dtype=args.dtype, compile="off"))
+    shapes = _shapes_or_none(args.shape)
+    if shapes is None:
+        parser.error(f"--shape looks like 512x2048, got {args.shape!r}")
+    ((in_features, out_features),) = shapes
+    try:
+        # the benchmark's own checks: device and dtype (auto: bf16 on CUDA), the layer's name and setting
+        config = BenchConfig(
+            shapes=((in_features, out_features),),
+            layers=("dense", args.layer),
+            device=args.device,
+            dtype=args.dtype,
+            compile="off",
+            transformer=None,
+        )
+        device, dtype, _ = resolve_device(config)
+        check_grid(config)
+    except ValueError as error:
+        parser.error(str(error))
     cuda = device.type == "cuda"
     train = args.pass_name == "train"
     x = torch.randn(args.tokens, in_features, device=device, dtype=dtype)

@@ -245,6 +245,23 @@ def test_compile_passes() -> None:
     assert compile_passes("off", cuda) == set()
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--shape", "512"], "--shape looks like 512x2048"), (["--layer", "svd-r9999"], "rank must be an int in")],
+)
+def test_profile_layer_script_refuses_bad_options_before_profiling(tmp_path, argv, message) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "profile_layer.py"
+    done = subprocess.run(
+        [sys.executable, str(script), *argv, "--out", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    assert not any(tmp_path.iterdir())
+
+
 def test_profile_layer_script_writes_both_tables(tmp_path) -> None:
     """scripts/profile_layer.py: the per-op tables of dense and the layer, and a Chrome trace (tiny CPU case)."""
     import os
