@@ -266,6 +266,9 @@ def test_whole_pipeline_on_a_few_hundred_images(tmp_path, capsys):
     reused = json.loads((again / "results.json").read_text())
     assert [row["method"] for row in reused["rows"]] == ["original", "svd"]
     assert reused["rows"][0]["accuracy"] == rows["original"]["accuracy"]
+    # run again into the first folder: its models/ then holds this run's networks only, as its results.json
+    assert cli_main(["mnist", *common, "--out", str(out), "--original", str(out / "original.pt"), "--rows", "svd"]) == 0
+    assert sorted(p.stem for p in (out / "models").iterdir()) == ["original", "svd"]
 
 
 def test_rows_subset_and_default_rows():

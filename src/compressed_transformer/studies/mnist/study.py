@@ -407,9 +407,19 @@ def run_study(config: MNISTStudyConfig, data: MNIST | None = None, *, argv: Sequ
             continue
         _log(config, rows[-1])
 
+    _drop_stale_models(models, {row.method for row in rows})
     result = StudyResult(rows, sweep, _seed_matches(rows), _stretch(rows), time.perf_counter() - begin, out)
     write_outputs(result, config, argv if argv is not None else sys.argv)
     return result
+
+
+def _drop_stale_models(models: Path, rows: set[str]) -> None:
+    """Remove the networks an earlier run into the same folder left for rows this run has not (the folder's
+    ``results.json`` and ``table.md`` describe this run only, and such a file may not even fit its network)."""
+    for path in sorted(models.glob("*.safetensors")):
+        if path.stem not in rows:
+            path.unlink()
+            print(f"removed {path}: a network of an earlier run, not a row of this one", file=sys.stderr)
 
 
 def _log(config: MNISTStudyConfig, row: RowResult) -> None:
