@@ -231,6 +231,9 @@ def test_malformed_files_are_refused(tmp_path: Path, change, message: str) -> No
     path.write_text("{not json")
     with pytest.raises(ValueError, match="not JSON"):
         load_cost_models(path)
+    path.write_bytes(b"\xff\xfe binary")  # not UTF-8 either: the message still names the file
+    with pytest.raises(ValueError, match=f"{path} is not JSON"):
+        load_cost_models(path)
     with pytest.raises(ValueError, match="'cpu' and/or 'cuda'"):
         save_cost_models(tmp_path / "x.json", {"gpu": CPU_COSTS})
     with pytest.raises(ValueError, match="sparse_entry_s must be finite"):  # saved only if it loads back

@@ -385,8 +385,8 @@ def load_cost_models(path: str | Path) -> dict[str, CostModel]:
             f"cost model file {path} does not exist (write one with compressed-transformer calibrate)"
         )
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not JSON: {error}") from None
     if not isinstance(data, Mapping) or data.get("format") != COSTS_FORMAT:
         raise ValueError(f"{path} is not a cost model file (format {COSTS_FORMAT!r})")

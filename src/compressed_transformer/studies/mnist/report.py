@@ -92,7 +92,7 @@ def write_outputs(result: StudyResult, config: MNISTStudyConfig, argv: Sequence[
         "environment": environment(),
     }
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
-    plot_pareto(result, out / "pareto.png")
+    plot_pareto(result, out / "pareto.png", hidden=config.model.hidden)
 
 
 # One colour per method family; the +ft rows are drawn filled, the others hollow.
@@ -106,7 +106,7 @@ _COLOURS = {
 }
 
 
-def plot_pareto(result: StudyResult, path: Path) -> None:
+def plot_pareto(result: StudyResult, path: Path, hidden: int = 256) -> None:
     """Test accuracy against compression ratio (log x) for every row, the sweep curves and the seed's points.
 
     The accuracy axis starts a little below the seed's lowest figure; points under it (rows compressed without
@@ -179,7 +179,7 @@ def plot_pareto(result: StudyResult, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("compression ratio (whole network, parameters)")
     ax.set_ylabel("test accuracy")
-    ax.set_title("MNIST 784-256-10: accuracy vs compression")
+    ax.set_title(f"MNIST 784-{hidden}-10: accuracy vs compression")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(handles=handles, fontsize=7, loc="lower left")
     fig.tight_layout()
