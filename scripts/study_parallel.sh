@@ -41,7 +41,7 @@ iwslt14)
     ;;
 *)
     scratch_default="original;tt-all;tt-3/4;tt-1/2;tt-1/4;small;tucker-all;svd-all;tt-all+attn;tt-all+attn+emb;tt-all+emb;tt-all+ttemb"
-    convert_default="svd-all-convert,prune-all,svd-o-all,tt-all-convert"
+    convert_default="svd-all-convert,prune-all,sparse-all,svd-o-all,tt-all-convert"
     ;;
 esac
 IFS=';' read -r -a groups <<<"${SCRATCH_GROUPS-$scratch_default}"

@@ -11,7 +11,7 @@ how well the built-in and the fitted model pick the fastest measured TT path of 
 
 Outputs in ``--out``: ``costs.json`` (the fitted model with the machine, the fit's errors, the decisions check
 and every sample) and ``calibrate.md``. Use the model with ``export COMPRESSED_TRANSFORMER_COSTS=OUT/costs.json``
-(read at the first decision) or ``set_cost_model(device_type, load_cost_models(path)[device_type])``; ``bench
+(read when the package is imported) or ``set_cost_model(device_type, load_cost_models(path)[device_type])``; ``bench
 --costs OUT/costs.json`` benchmarks with it. Runnable as ``compressed-transformer calibrate`` or ``python -m
 compressed_transformer.calibrate``.
 """

@@ -71,7 +71,7 @@ BUDGETS: dict[str, dict[str, Budget]] = {
             beam=5,
         ),
     },
-    # This 2-core CPU: the `small` preset, every row bounded in minutes (Multi30k: 12 x 20 + 3 x 8 min + decoding).
+    # This 2-core CPU: the `small` preset, every row bounded in minutes (Multi30k: 12 x 20 + 4 x 8 min + decoding).
     "small": {
         "multi30k": Budget(
             "small",
