@@ -453,6 +453,28 @@ DENSE_GRAD_TOKENS = 8
 DENSE_GRAD_MIN_DENSITY = 0.05
 
 
+def _csr_input_grad(
+    grad: torch.Tensor, values: torch.Tensor, pattern: dict[str, torch.Tensor], shape: tuple[int, int]
+) -> torch.Tensor:
+    """``grad @ W`` ``(tokens, in)`` for ``W`` ``(out, in)`` the CSR matrix of ``values`` at ``pattern``'s positions:
+    the product with its transpose (``pattern``'s ``crow_t`` / ``col_t`` / ``perm``)."""
+    out_features, in_features = shape
+    values_t = values.index_select(0, pattern["perm"])
+    return csr_linear(grad, _csr(pattern["crow_t"], pattern["col_t"], values_t, (in_features, out_features)), None)
+
+
+def _sampled_grad(
+    grad: torch.Tensor,
+    flat_x: torch.Tensor,
+    values: torch.Tensor,
+    pattern: dict[str, torch.Tensor],
+    shape: tuple[int, int],
+) -> torch.Tensor:
+    """``grad^T x`` ``(out, in)`` at ``pattern``'s positions only, in CSR order (``torch.sparse.sampled_addmm``)."""
+    empty = _csr(pattern["crow"], pattern["col"], torch.zeros_like(values), shape)
+    return torch.sparse.sampled_addmm(empty, grad.t(), flat_x, beta=0.0).values()
+
+
 class _MaskedCSRLinear(torch.autograd.Function):
     """``y = x (mask * W)^T + b`` with CSR kernels: the forward and the input gradient multiply with the kept
     weights only, and the weight gradient is computed at the kept positions only (``torch.sparse.sampled_addmm``)
@@ -476,25 +498,14 @@ class _MaskedCSRLinear(torch.autograd.Function):
         grad = grad.reshape(-1, out_features)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            transposed = _csr(
-                pattern["crow_t"],
-                pattern["col_t"],
-                values.index_select(0, pattern["perm"]),
-                (in_features, out_features),
-            )
-            grad_x = csr_linear(grad, transposed, None).reshape(x.shape)
+            grad_x = _csr_input_grad(grad, values, pattern, ctx.shape).reshape(x.shape)
         weights = out_features * in_features
         small = grad.shape[0] <= DENSE_GRAD_TOKENS and values.numel() >= DENSE_GRAD_MIN_DENSITY * weights
         if ctx.needs_input_grad[1] and small:
             grad_w = (grad.t() @ x.reshape(-1, in_features)).mul_(ctx.dense_mask())
         elif ctx.needs_input_grad[1]:
-            sampled = torch.sparse.sampled_addmm(
-                _csr(pattern["crow"], pattern["col"], torch.zeros_like(values), (out_features, in_features)),
-                grad.t(),
-                x.reshape(-1, in_features),
-                beta=0.0,
-            )
-            grad_w = values.new_zeros(weights).scatter_(0, pattern["flat"], sampled.values())  # faster than index_copy_
+            sampled = _sampled_grad(grad, x.reshape(-1, in_features), values, pattern, ctx.shape)
+            grad_w = values.new_zeros(weights).scatter_(0, pattern["flat"], sampled)  # faster than index_copy_
             grad_w = grad_w.view(out_features, in_features)
         if ctx.needs_input_grad[2]:
             grad_b = grad.sum(0)
@@ -578,14 +589,11 @@ class _ValuesCSRLinear(torch.autograd.Function):
         flat_x = x.reshape(-1, in_features)
         grad_x = grad_values = grad_b = None
         if ctx.needs_input_grad[0]:
-            values_t = values.index_select(0, pattern["perm"])
-            transposed = _csr(pattern["crow_t"], pattern["col_t"], values_t, (in_features, out_features))
-            grad_x = csr_linear(grad, transposed, None).reshape(x.shape)
+            grad_x = _csr_input_grad(grad, values, pattern, ctx.shape).reshape(x.shape)
         if ctx.needs_input_grad[1] and grad.shape[0] == 1 and "rows" in pattern:
             grad_values = grad[0].index_select(0, pattern["rows"]) * flat_x[0].index_select(0, pattern["cols"])
         elif ctx.needs_input_grad[1]:
-            empty = _csr(pattern["crow"], pattern["col"], torch.zeros_like(values), ctx.shape)
-            grad_values = torch.sparse.sampled_addmm(empty, grad.t(), flat_x, beta=0.0).values()
+            grad_values = _sampled_grad(grad, flat_x, values, pattern, ctx.shape)
         if ctx.needs_input_grad[2]:
             grad_b = grad.sum(0)
         return grad_x, grad_values, grad_b, None, None
