@@ -15,6 +15,7 @@ from .functional.sparsity import global_magnitude_threshold
 from .functional.tt import max_tt_ranks, resolve_tt_ranks, tt_matrix_from_dense, tt_matrix_params, tt_matrix_to_dense
 from .functional.tucker import hosvd, resolve_tucker_ranks, tucker_params, tucker_to_dense
 from .layers import (
+    MAGNITUDE_PRUNING,
     METHODS,
     LowRankEmbedding,
     LowRankLinear,
@@ -438,13 +439,13 @@ def compress_(
             f"use {METHODS[method].__name__}.from_linear(linear, ...) instead"
         )
     with torch.no_grad():
-        if ratio is None and method in ("prune", "sparse") and "global_sparsity" in options:
+        if ratio is None and method in MAGNITUDE_PRUNING and "global_sparsity" in options:
             rest = {k: v for k, v in options.items() if k != "global_sparsity"}
             threshold = global_magnitude_threshold([m.weight for _, m in linears], options["global_sparsity"])
             per_layer = [rest | {"threshold": threshold} for _ in linears]
         elif ratio is None:
             per_layer = [dict(options) for _ in linears]
-        elif method in ("prune", "sparse"):
+        elif method in MAGNITUDE_PRUNING:
             per_layer = _allocate_prune(linears, ratio)
         elif method == "svd":
             per_layer = _allocate_svd(linears, ratio)

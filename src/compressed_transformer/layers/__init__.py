@@ -26,6 +26,7 @@ from .tucker import TuckerLinear
 __all__ = [
     "COMPRESSED_EMBEDDINGS",
     "COMPRESSED_LAYERS",
+    "MAGNITUDE_PRUNING",
     "METHODS",
     "LowRankEmbedding",
     "LowRankLinear",
@@ -53,6 +54,9 @@ METHODS: dict[str, type[nn.Module]] = {
     "svd-o": SparseVDLinear,
 }
 COMPRESSED_LAYERS = tuple(METHODS.values())
+# The methods that prune by magnitude (``sparsity=`` / ``threshold=``; ``compress_``'s ``global_sparsity=``): a dense
+# weight and its mask, or the kept weights only.
+MAGNITUDE_PRUNING = ("prune", "sparse")
 # Replacements for ``nn.Embedding`` (``compress_embeddings_``).
 COMPRESSED_EMBEDDINGS = (LowRankEmbedding, TTEmbedding)
 
@@ -114,7 +118,7 @@ def build_linear(
         return nn.Linear(in_features, out_features, bias, device=device, dtype=dtype)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {['dense', *METHODS]}")
-    sparsity = options.pop("sparsity", None) if method in ("prune", "sparse") else None
+    sparsity = options.pop("sparsity", None) if method in MAGNITUDE_PRUNING else None
     if method == "sparse" and sparsity:
         if options:
             raise ValueError(f"method 'sparse' with sparsity= takes no other options, got {sorted(options)}")
