@@ -479,10 +479,30 @@ def test_tt_embeddings_keep_the_tie_and_match_the_tt_svd_of_the_table() -> None:
     assert all(core.grad is not None and core.grad.abs().sum() > 0 for core in full.embed.cores)
 
 
+def test_a_tt_table_padded_past_its_vocabulary_keeps_the_tie() -> None:
+    """Vocabulary modes that pad the table (a prime vocabulary, e.g. GPT-2's 50257) pad the tied projection's
+    outputs too: its logits are the table's rows, without the padding."""
+    from compressed_transformer.layers import TTEmbedding, TTLinear
+
+    model = _TiedLM()
+    ids = torch.tensor([[0, 5, 39, 2], [7, 7, 1, 0]])
+    with torch.no_grad():
+        reference = model(ids)
+    report = compress_embeddings_(model, "tt", ranks=64, voc_modes=[7, 6], emb_modes=[3, 4])  # 42 rows for 40
+    assert isinstance(model.embed, TTEmbedding) and isinstance(model.head, TTLinear) and model.head.padded
+    assert model.head.cores is model.embed.cores and report.rows[0].options["tied"] == ["head"]
+    torch.testing.assert_close(model(ids), reference, atol=1e-5, rtol=1e-5)
+    hidden = torch.randn(3, 12)
+    torch.testing.assert_close(model.head(hidden), model.embed.attend(hidden) + model.head.bias)
+    model(ids).sum().backward()
+    assert all(core.grad is not None and core.grad.abs().sum() > 0 for core in model.embed.cores)
+
+
 def test_compress_embeddings_tt_errors_leave_the_model_alone() -> None:
     model = _TiedLM()
-    with pytest.raises(ValueError, match="pad its 40 rows"):  # a tied table needs exact vocabulary modes
-        compress_embeddings_(model, "tt", ranks=2, voc_modes=[7, 6], emb_modes=[3, 4])
+    # 49 rows pad a vocabulary of 40 by more than a TTLinear pads its outputs (5)
+    with pytest.raises(ValueError, match=r"'head' cannot be tied to the TT table with voc_modes \[7, 7\]"):
+        compress_embeddings_(model, "tt", ranks=2, voc_modes=[7, 7], emb_modes=[3, 4])
     assert type(model.embed) is nn.Embedding and model.head.weight is model.embed.weight
     with pytest.raises(ValueError, match="unknown embedding method"):
         compress_embeddings_(model, "tucker", ranks=2)
@@ -566,3 +586,27 @@ def test_conversions_refuse_a_model_that_is_the_layer_itself() -> None:
     with pytest.raises(ValueError, match=r"model itself is a SparseVDLinear; use layer.to_pruned\(\)"):
         sparse_vd_to_pruned_(vd)
     assert dict(pruned.named_children()) == {} and dict(vd.named_children()) == {}
+
+
+def test_tt_out_modes_may_pad_an_output_size_that_factorises_badly() -> None:
+    """``compress_(..., "tt", out_modes=...)`` pads a prime number of outputs (37 -> 40), at given ranks and at a
+    ratio: the layer's padding rows are never output, and full ranks reproduce the model."""
+    from compressed_transformer.layers import TTLinear
+
+    def head() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 37))
+
+    x = torch.randn(5, 16)
+    full, reference = head(), head()
+    compress_(full, "tt", filter="2", ranks=10**6, in_modes=[4, 4], out_modes=[5, 8])
+    assert isinstance(full[2], TTLinear) and full[2].padded
+    torch.testing.assert_close(full(x), reference(x), atol=1e-5, rtol=1e-5)
+    small = head()
+    report = compress_(small, "tt", filter="2", ratio=4, in_modes=[4, 4], out_modes=[5, 8])
+    layer = small[2]
+    assert layer.out_modes == [5, 8] and layer.num_stored_params() <= (16 * 37 + 37) / 4
+    assert report.rows[0].params_after == layer.num_stored_params()
+    torch.testing.assert_close(layer(x), x @ layer.to_dense().T + layer.bias)
+    with pytest.raises(ValueError, match="or up to 4 more"):
+        compress_(head(), "tt", filter="2", ranks=2, in_modes=[4, 4], out_modes=[6, 8])

@@ -241,11 +241,13 @@ def test_low_rank_embeddings_and_their_tied_projection_round_trip(tmp_path) -> N
     assert fresh.head.left is fresh.embed.left
 
 
-def test_tt_embeddings_and_their_tied_projection_round_trip(tmp_path) -> None:
+@pytest.mark.parametrize("voc_modes", [[5, 10], [6, 9]], ids=["exact", "padded"])  # 50 or 54 rows for 50 ids
+def test_tt_embeddings_and_their_tied_projection_round_trip(tmp_path, voc_modes: list[int]) -> None:
     from compressed_transformer.layers import TTEmbedding, TTLinear
 
     model = TinyLM(0)
-    compress_embeddings_(model, "tt", ranks=3, voc_modes=[5, 10], emb_modes=[4, 4])
+    compress_embeddings_(model, "tt", ranks=3, voc_modes=voc_modes, emb_modes=[4, 4])
+    assert model.head.padded == (voc_modes == [6, 9])
     perturb_(model)
     path = tmp_path / "lm.safetensors"
     save_compressed(model, path)

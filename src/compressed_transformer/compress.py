@@ -12,7 +12,14 @@ import torch
 from torch import nn
 
 from .functional.sparsity import global_magnitude_threshold
-from .functional.tt import max_tt_ranks, resolve_tt_ranks, tt_matrix_from_dense, tt_matrix_params, tt_matrix_to_dense
+from .functional.tt import (
+    max_tt_ranks,
+    pad_rows,
+    resolve_tt_ranks,
+    tt_matrix_from_dense,
+    tt_matrix_params,
+    tt_matrix_to_dense,
+)
 from .functional.tucker import hosvd, resolve_tucker_ranks, tucker_params, tucker_to_dense
 from .layers import (
     MAGNITUDE_PRUNING,
@@ -314,11 +321,12 @@ def _allocate_tt(linears, ratio: float, options: dict[str, Any]) -> list[dict[st
     layer's relative error is as small as the budget allows."""
     biases = sum(_bias(m) for _, m in linears)
     budget = _budget(linears, ratio) - biases  # for the cores
-    modes = [
-        resolve_modes(m.in_features, m.out_features, options.get("in_modes"), options.get("out_modes"), 4)
-        for _, m in linears
+    given = (options.get("in_modes"), options.get("out_modes"))
+    modes = [resolve_modes(m.in_features, m.out_features, *given, 4, pad_out=True) for _, m in linears]
+    # out_modes may pad a layer's outputs: its TT-matrix has zero rows there (as TTLinear.from_linear gives it)
+    weights = [
+        pad_rows(m.weight.detach().double(), math.prod(om)) for (_, m), (_, om) in zip(linears, modes, strict=True)
     ]
-    weights = [m.weight.detach().double() for _, m in linears]
 
     def ranks_at(eps: float) -> list[list[int]]:
         out = []
@@ -592,21 +600,20 @@ def _tied_projection(method: str, layer: nn.Module, linear: nn.Linear, name: str
     if method == "svd":
         projection = LowRankLinear(linear.in_features, linear.out_features, bias, rank=layer.rank, **factory)
     else:
-        if math.prod(layer.voc_modes) != layer.num_embeddings:
-            raise ValueError(
-                f"{name!r} is tied to a table whose TT vocabulary modes {layer.voc_modes} pad its "
-                f"{layer.num_embeddings} rows to {math.prod(layer.voc_modes)}; a tied projection needs voc_modes "
-                f"that multiply to exactly {layer.num_embeddings}"
+        try:  # voc_modes that pad the vocabulary pad the projection's outputs (within TTLinear's bound)
+            projection = TTLinear(
+                linear.in_features,
+                linear.out_features,
+                bias,
+                in_modes=layer.emb_modes,
+                out_modes=layer.voc_modes,
+                ranks=layer.ranks,
+                **factory,
             )
-        projection = TTLinear(
-            linear.in_features,
-            linear.out_features,
-            bias,
-            in_modes=layer.emb_modes,
-            out_modes=layer.voc_modes,
-            ranks=layer.ranks,
-            **factory,
-        )
+        except ValueError as error:
+            raise ValueError(
+                f"{name!r} cannot be tied to the TT table with voc_modes {layer.voc_modes}: {error}"
+            ) from None
     tie_projection_(projection, layer)
     copy_bias(projection.bias, linear)
     return projection
@@ -667,8 +674,8 @@ def compress_embeddings_(
 
     Raises:
         ValueError: for an unknown method or options, options out of range, a malformed filter or one that selects
-            nothing, a model without ``nn.Embedding``, or a tied TT table with padded vocabulary modes; a failure
-            leaves ``model`` untouched.
+            nothing, a model without ``nn.Embedding``, or a tied TT table whose vocabulary modes pad it by more
+            than a ``TTLinear`` may pad its outputs; a failure leaves ``model`` untouched.
     """
     if method not in EMBEDDING_METHODS:
         raise ValueError(f"unknown embedding method {method!r}; choose one of {', '.join(EMBEDDING_METHODS)}")

@@ -8,10 +8,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from torch.testing import assert_close
 
+from compressed_transformer.functional.tt import max_padding_rows, tt_matrix_to_dense
 from compressed_transformer.layers import (
     METHODS,
     LowRankLinear,
@@ -651,3 +653,81 @@ def test_parametrized_and_torch_pruned_tensors_reach_the_forward(method: str, na
         y = pruned(x)
     assert_close(y, x @ pruned.to_dense().T + pruned.bias)
     assert int((pruned.bias == 0).sum()) == OUT // 2
+
+
+# --- TT outputs padded to modes that factorise (a prime vocabulary) -----------------------------------------------
+
+PADDED = {"in_modes": (2, 3, 2), "out_modes": (3, 1, 3), "ranks": [1, 3, 2, 1]}  # 9 TT rows for OUT = 8 outputs
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("factorized", [True, False], ids=["factorized", "dense"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_padded_tt_outputs_equal_the_dense_weight_product_with_its_gradients(
+    monkeypatch: pytest.MonkeyPatch, bias: bool, factorized: bool, mode: str
+) -> None:
+    """Every path (factorised or rebuilt, trained or eval-cached) leaves out the padding row, values and
+    gradients alike, and returns a contiguous ``(..., out_features)`` tensor as ``nn.Linear`` does."""
+    torch.manual_seed(0)
+    layer = TTLinear(IN, OUT, bias, **PADDED)
+    assert layer.padded and layer.to_dense().shape == layer.weight.shape == (OUT, IN)
+    calls = force_path(monkeypatch, layer, factorized)
+    x = torch.randn(5, 2 * IN)[:, ::2]  # non-contiguous
+    if mode == "eval":
+        layer.eval()
+        with torch.no_grad():
+            expected = x @ layer.to_dense().T + (layer.bias if bias else 0)
+            for _ in range(2):  # the second forward is served by the eval cache
+                y = layer(x)
+                assert y.shape == (5, OUT) and y.is_contiguous()
+                assert_close(y, expected)
+        return
+    y = layer(x.requires_grad_())
+    assert calls and y.shape == (5, OUT) and y.is_contiguous()
+    grad_out = torch.randn(5, OUT)
+    params = [x, *layer.parameters()]
+    got = torch.autograd.grad(y, params, grad_out)
+    reference = F.linear(x, layer.to_dense(), layer.bias)  # autograd through the reconstruction
+    assert_close(y, reference)
+    for mine, theirs in zip(got, torch.autograd.grad(reference, params, grad_out), strict=True):
+        assert_close(mine, theirs)
+
+
+@pytest.mark.parametrize("factorized", [True, False], ids=["factorized", "dense"])
+def test_gradcheck_padded_tt(monkeypatch: pytest.MonkeyPatch, factorized: bool) -> None:
+    layer = TTLinear(IN, OUT, **PADDED, dtype=torch.float64)
+    force_path(monkeypatch, layer, factorized)
+    gradcheck_layer(layer, torch.randn(3, IN, dtype=torch.float64))
+
+
+def test_padded_tt_from_linear_and_its_bounds() -> None:
+    """At full rank the padded TT-SVD reproduces the layer (its padding rows are zero); ``out_modes`` may pad the
+    outputs by at most ``max_padding_rows``, and never fall short."""
+    torch.manual_seed(0)
+    linear = nn.Linear(IN, 37).double()  # 37 is prime: (5, 4, 2) pads it to 40
+    layer = TTLinear.from_linear(linear, ranks=10**6, in_modes=[2, 3, 2], out_modes=[5, 4, 2])
+    x = torch.randn(4, IN, dtype=torch.float64)
+    assert_close(layer(x), linear(x))
+    padding_rows = tt_matrix_to_dense(list(layer.cores))[37:]
+    assert padding_rows.shape == (3, IN) and padding_rows.abs().max() < 1e-12
+    assert "padding=3" in repr(layer) and layer.num_stored_params() == sum(c.numel() for c in layer.cores) + 37
+    assert max_padding_rows(37) == 4
+    for out_modes in ([3, 3, 5], [3, 4, 3]):  # 45: 8 rows of padding; 36: too few rows
+        with pytest.raises(ValueError, match=r"product is 37 \(e.g. \[37, 1, 1\]\) or up to 4 more"):
+            TTLinear(IN, 37, in_modes=[2, 3, 2], out_modes=out_modes)
+    with pytest.raises(ValueError, match=r"in_modes=\[2, 2, 2\] multiply to 8, but in_features=12"):
+        TTLinear(IN, 37, in_modes=[2, 2, 2], out_modes=[5, 4, 2])  # inputs are never padded
+    with pytest.raises(ValueError, match="product is 8"):
+        TuckerLinear(IN, OUT, in_modes=[3, 4], out_modes=[3, 3])  # nor are Tucker's outputs
+
+
+@pytest.mark.slow
+def test_torch_compile_padded_tt() -> None:
+    layer = TTLinear(IN, OUT, **PADDED).eval()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(5, IN)
+    with torch.no_grad():
+        assert_close(compiled(x), layer(x))
+    layer.train()
+    compiled(x).sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())

@@ -25,9 +25,12 @@ from .costs import CPU_COSTS, CostModel
 from .matmul import autocast_inputs, linear, oriented_matmul
 
 __all__ = [
+    "MAX_PADDING",
     "TTPlan",
     "factorize",
+    "max_padding_rows",
     "max_tt_ranks",
+    "pad_rows",
     "resolve_tt_ranks",
     "tt_apply_matrices",
     "tt_groupings",
@@ -779,21 +782,42 @@ def tt_matrix_rows(cores: Sequence[torch.Tensor], rows: torch.Tensor) -> torch.T
     return result.reshape(*rows.shape, width)
 
 
-def tt_vocab_modes(num_embeddings: int, d: int, *, slack: float = 1.5, max_padding: float = 0.1) -> list[int]:
+MAX_PADDING = 0.1
+"""How much a TT layer may pad a size that factorises badly: :func:`tt_vocab_modes` looks at most this fraction
+above it (:func:`max_padding_rows`)."""
+
+
+def max_padding_rows(size: int, max_padding: float = MAX_PADDING) -> int:
+    """The most rows :func:`tt_vocab_modes` adds to ``size`` (``max_padding`` of it, at least one)."""
+    return int(size * (1 + max_padding)) + 1 - size
+
+
+def tt_vocab_modes(num_embeddings: int, d: int, *, slack: float = 1.5, max_padding: float = MAX_PADDING) -> list[int]:
     """``d`` balanced modes whose product is the smallest ``n >= num_embeddings`` with no mode above
     ``slack * n ** (1 / d)`` (a vocabulary size that factorises badly, e.g. a prime, is padded with unused rows, as
-    Hrinchuk et al. 2020 do); ``factorize(num_embeddings, d)`` when no such ``n`` is within ``max_padding``.
+    Hrinchuk et al. 2020 do); ``factorize(num_embeddings, d)`` when no such ``n`` is within
+    :func:`max_padding_rows`.
 
     Raises:
         ValueError: if ``num_embeddings < 1`` or ``d < 1``.
     """
     if num_embeddings < 1 or d < 1:
         raise ValueError(f"tt_vocab_modes needs num_embeddings >= 1 and d >= 1, got {num_embeddings}, {d}")
-    for n in range(num_embeddings, int(num_embeddings * (1 + max_padding)) + 2):
+    for n in range(num_embeddings, num_embeddings + max_padding_rows(num_embeddings, max_padding) + 1):
         modes = factorize(n, d)
         if modes[0] <= slack * n ** (1.0 / d):
             return modes
     return factorize(num_embeddings, d)
+
+
+def pad_rows(matrix: torch.Tensor, rows: int) -> torch.Tensor:
+    """``matrix`` with zero rows appended up to ``rows`` rows (itself when it has as many): the dense matrix a TT
+    layer whose modes pad its outputs represents."""
+    if matrix.shape[0] == rows:
+        return matrix
+    padded = matrix.new_zeros(rows, *matrix.shape[1:])
+    padded[: matrix.shape[0]] = matrix
+    return padded
 
 
 def tt_matrix_params(out_modes: Sequence[int], in_modes: Sequence[int], ranks: Sequence[int]) -> int:

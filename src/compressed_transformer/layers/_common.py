@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..functional.tt import _prime_factors, factorize
+from ..functional.tt import _prime_factors, factorize, max_padding_rows, tt_vocab_modes
 
 
 def check_features(in_features: int, out_features: int) -> None:
@@ -33,15 +33,21 @@ def resolve_modes(
     default_d: int,
     *,
     exact_d: bool = False,
+    pad_out: bool = False,
 ) -> tuple[list[int], list[int]]:
     """Validate or choose the factorisations ``in_features = prod(in_modes)``, ``out_features = prod(out_modes)``.
 
     When a side is omitted it is factorised into as many balanced factors as the other side has (or
     ``default_d`` when both are omitted: lowered to the number of prime factors available, unless ``exact_d``,
-    e.g. for a full list of TT ranks, which fixes the number of cores; modes of 1 then fill the rest).
+    e.g. for a full list of TT ranks, which fixes the number of cores; modes of 1 then fill the rest). With
+    ``pad_out``, given ``out_modes`` may multiply to more than ``out_features``, by at most
+    :func:`~compressed_transformer.functional.tt.max_padding_rows`: the layer's last outputs are padding (a size
+    that factorises badly, such as a prime vocabulary, see :func:`~compressed_transformer.functional.tt.
+    tt_vocab_modes`).
 
     Raises:
-        ValueError: if a product differs from the features, the lengths differ, or a mode is below 1.
+        ValueError: if a product differs from the features (or pads them by more than allowed), the lengths
+            differ, or a mode is below 1.
     """
     if in_modes is None and out_modes is None and exact_d:
         d = default_d
@@ -55,12 +61,16 @@ def resolve_modes(
     for name, modes, features in (("in_modes", in_modes, in_features), ("out_modes", out_modes, out_features)):
         if any(int(m) != m or m < 1 for m in modes):
             raise ValueError(f"{name} must be positive ints, got {modes}")
-        if math.prod(modes) != features:
-            feature_name = "in_features" if name == "in_modes" else "out_features"
-            raise ValueError(
-                f"{name}={modes} multiply to {math.prod(modes)}, but {feature_name}={features}; "
-                f"give modes whose product is {features} (e.g. {factorize(features, len(modes))})"
-            )
+        product = math.prod(modes)
+        padded = name == "out_modes" and pad_out
+        if product == features or (padded and 0 < product - features <= max_padding_rows(features)):
+            continue
+        feature_name = "in_features" if name == "in_modes" else "out_features"
+        or_padded = f" or up to {max_padding_rows(features)} more (e.g. {tt_vocab_modes(features, len(modes))})"
+        raise ValueError(
+            f"{name}={modes} multiply to {product}, but {feature_name}={features}; give modes whose product is "
+            f"{features} (e.g. {factorize(features, len(modes))}){or_padded if padded else ''}"
+        )
     if len(in_modes) != len(out_modes):
         raise ValueError(f"in_modes and out_modes need the same length, got {in_modes} and {out_modes}")
     return [int(m) for m in in_modes], [int(m) for m in out_modes]

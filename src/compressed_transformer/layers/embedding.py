@@ -11,7 +11,7 @@ from torch import nn
 
 from ..functional.matmul import low_rank_linear, matmul
 from ..functional.svd import truncated_svd
-from ..functional.tt import factorize, tt_matrix_from_dense, tt_matrix_rows, tt_vocab_modes
+from ..functional.tt import factorize, pad_rows, tt_matrix_from_dense, tt_matrix_rows, tt_vocab_modes
 from ._fast import layer_cache, params_of, prepare_forward, represented_weight
 from .low_rank import LowRankLinear
 from .tt import TTLinear
@@ -270,8 +270,7 @@ class TTEmbedding(nn.Module):
         num, dim = weight.shape
         probe = cls(num, dim, embedding.padding_idx, voc_modes=voc_modes, emb_modes=emb_modes, ranks=1, device="meta")
         with torch.no_grad():
-            padded = weight.double().new_zeros(math.prod(probe.voc_modes), dim)
-            padded[:num] = weight
+            padded = pad_rows(weight.double(), math.prod(probe.voc_modes))
             cores = tt_matrix_from_dense(padded, probe.voc_modes, probe.emb_modes, ranks=ranks, eps=eps)
             layer = cls(
                 num,

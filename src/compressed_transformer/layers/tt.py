@@ -14,6 +14,7 @@ from ..functional._validate import check_ranks
 from ..functional.costs import CostModel, cost_model_for, costs_version
 from ..functional.tt import (
     TTPlan,
+    pad_rows,
     resolve_tt_ranks,
     tt_apply_matrices,
     tt_matrix_from_dense,
@@ -156,7 +157,11 @@ class TTLinear(nn.Module):
         out_features: size of each output sample.
         bias: learn an additive bias.
         in_modes: factors of ``in_features``; a balanced factorisation when omitted.
-        out_modes: factors of ``out_features`` (as many as ``in_modes``); balanced when omitted.
+        out_modes: factors of ``out_features`` (as many as ``in_modes``); balanced when omitted. Their product may
+            exceed ``out_features`` by up to :func:`~compressed_transformer.functional.tt.max_padding_rows` (for a
+            size that factorises badly, e.g. a prime vocabulary: :func:`~compressed_transformer.functional.tt.
+            tt_vocab_modes`): the TT-matrix then has ``prod(out_modes)`` rows, and the last ones, padding, are
+            never output.
         ranks: an ``int`` (every inner TT-rank, capped by the maximal rank of its bond) or the full list of
             ``d + 1`` ranks, e.g. ``[1, 2, 2, 2, 2, 1]``.
         device: parameter device.
@@ -166,7 +171,8 @@ class TTLinear(nn.Module):
         input ``(..., in_features)``, output ``(..., out_features)``.
 
     Raises:
-        ValueError: for modes that do not multiply to the features, or ranks below 1 / above the maximal TT-rank.
+        ValueError: for modes that do not multiply to the features (or pad ``out_features`` by more than
+            allowed), or ranks below 1 / above the maximal TT-rank.
     """
 
     def __init__(
@@ -186,8 +192,15 @@ class TTLinear(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.in_modes, self.out_modes = resolve_modes(
-            in_features, out_features, in_modes, out_modes, _cores_for(ranks), exact_d=_full_rank_list(ranks)
+            in_features,
+            out_features,
+            in_modes,
+            out_modes,
+            _cores_for(ranks),
+            exact_d=_full_rank_list(ranks),
+            pad_out=True,
         )
+        self.padded = math.prod(self.out_modes) != out_features  # the TT-matrix has rows that are never output
         shape = [o * i for o, i in zip(self.out_modes, self.in_modes, strict=True)]
         self.ranks = resolve_tt_ranks(ranks, shape)
         self.cores = nn.ParameterList(
@@ -224,7 +237,7 @@ class TTLinear(nn.Module):
             ranks: rank cap (``int``) or exact ranks (list); ``None`` for no cap.
             eps: relative Frobenius error bound ``||W - W_tt||_F <= eps ||W||_F`` (guaranteed without a cap).
             in_modes: factors of ``in_features``; balanced when omitted.
-            out_modes: factors of ``out_features``; balanced when omitted.
+            out_modes: factors of ``out_features``; balanced when omitted; may pad it (see the class).
 
         Raises:
             ValueError: if neither ``ranks`` nor ``eps`` is given, or for invalid modes / ranks / eps.
@@ -234,11 +247,12 @@ class TTLinear(nn.Module):
             raise ValueError("TTLinear.from_linear needs ranks= (int or list), eps= (in (0, 1)) or both")
         features = (linear.in_features, linear.out_features)
         in_modes, out_modes = resolve_modes(
-            *features, in_modes, out_modes, _cores_for(ranks), exact_d=_full_rank_list(ranks)
+            *features, in_modes, out_modes, _cores_for(ranks), exact_d=_full_rank_list(ranks), pad_out=True
         )
         with torch.no_grad():
             weight = linear.weight.detach()
-            cores = tt_matrix_from_dense(weight.double(), out_modes, in_modes, ranks=ranks, eps=eps)
+            padded = pad_rows(weight.double(), math.prod(out_modes))  # zero rows: padding outputs
+            cores = tt_matrix_from_dense(padded, out_modes, in_modes, ranks=ranks, eps=eps)
             layer = cls(
                 linear.in_features,
                 linear.out_features,
@@ -320,8 +334,8 @@ class TTLinear(nn.Module):
         return f"{plan.direction}({','.join(map(str, plan.groups))}){chunk}"
 
     def to_dense(self) -> torch.Tensor:
-        """The represented weight, ``(out_features, in_features)``."""
-        return tt_matrix_to_dense(self._core_list())
+        """The represented weight, ``(out_features, in_features)`` (without the padding rows)."""
+        return tt_matrix_to_dense(self._core_list())[: self.out_features]
 
     @property
     def weight(self) -> torch.Tensor:
@@ -342,17 +356,24 @@ class TTLinear(nn.Module):
         tokens = tokens_of(x, self.in_features)
         use, plan, shapes = self._decision(tokens, train, cached, cores)
         if use is None:
-            weight = layer_cache(self).get("dense", cores, self.to_dense) if cached else tt_matrix_rebuild(cores)
+            if cached:
+                weight = layer_cache(self).get("dense", cores, self.to_dense)
+            else:
+                weight = tt_matrix_rebuild(cores)[: self.out_features]  # rows of a row-major matrix: a view
             return F.linear(x, weight, bias)
         if cached:
             key = (plan.groups, plan.direction)
             matrices = layer_cache(self).get("factors", cores, lambda: tt_plan_matrices(cores, plan), key)
         else:
             matrices = tt_plan_matrices(cores, plan)
-        return tt_apply_matrices(x, matrices, shapes, plan, bias)
+        if not self.padded:
+            return tt_apply_matrices(x, matrices, shapes, plan, bias)
+        out = tt_apply_matrices(x, matrices, shapes, plan, None)[..., : self.out_features]
+        return out.contiguous() if bias is None else out + bias
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"in_modes={self.in_modes}, out_modes={self.out_modes}, ranks={self.ranks}"
+            + (f", padding={math.prod(self.out_modes) - self.out_features}" if self.padded else "")
         )
