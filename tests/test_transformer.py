@@ -230,5 +230,10 @@ def test_compress_embeddings_of_an_untied_model_compresses_the_output_projection
     assert type(svd.output).__name__ == "LowRankLinear" and svd.output.rank == 3
     src, tgt = torch.randint(1, 64, (2, 5)), torch.randint(1, 64, (2, 4))
     assert model(src, tgt).shape == svd(src, tgt).shape == (2, 4, 64)
+    # a prime vocabulary: the output projection takes the target table's padded modes, not a single 61-row core
+    prime = Transformer(preset("tiny", vocab_size=61, share_embeddings=False, tie_output=False))
+    prime.compress_embeddings_("tt", ranks=2)
+    assert prime.output.padded and prime.output.out_modes == prime.tgt_embed.voc_modes
+    assert prime.output.in_modes == prime.tgt_embed.emb_modes and prime(src % 61, tgt % 61).shape == (2, 4, 61)
     with pytest.raises(ValueError, match="unknown embedding method"):
         Transformer(preset("tiny")).compress_embeddings_("prune", sparsity=0.5)

@@ -315,14 +315,31 @@ def _relative(weight: torch.Tensor, approx: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(weight - approx) / torch.linalg.matrix_norm(weight).clamp_min(1e-300))
 
 
+def _modes_of(method: str, linears, options: dict[str, Any], default_d: int) -> list[tuple[list[int], list[int]]]:
+    """``(in_modes, out_modes)`` of each selected linear under ``options`` (TT outputs may be padded).
+
+    Raises:
+        ValueError: naming the first layer the modes do not fit.
+    """
+    given = (options.get("in_modes"), options.get("out_modes"))
+    modes = []
+    for name, linear in linears:
+        try:
+            modes.append(
+                resolve_modes(linear.in_features, linear.out_features, *given, default_d, pad_out=method == "tt")
+            )
+        except ValueError as error:
+            raise ValueError(f"invalid options for method {method!r} on layer {name!r}: {error}") from None
+    return modes
+
+
 def _allocate_tt(linears, ratio: float, options: dict[str, Any]) -> list[dict[str, Any]]:
     """One relative error bound ``eps`` for every layer (t3f's ``to_tt_matrix`` semantics), found by bisection:
     the smallest ``eps`` whose TT-SVD ranks fit the budget. Ranks adapt per bond and per layer, and the worst
     layer's relative error is as small as the budget allows."""
     biases = sum(_bias(m) for _, m in linears)
     budget = _budget(linears, ratio) - biases  # for the cores
-    given = (options.get("in_modes"), options.get("out_modes"))
-    modes = [resolve_modes(m.in_features, m.out_features, *given, 4, pad_out=True) for _, m in linears]
+    modes = _modes_of("tt", linears, options, 4)
     # out_modes may pad a layer's outputs: its TT-matrix has zero rows there (as TTLinear.from_linear gives it)
     weights = [
         pad_rows(m.weight.detach().double(), math.prod(om)) for (_, m), (_, om) in zip(linears, modes, strict=True)
@@ -366,9 +383,10 @@ def _allocate_tt(linears, ratio: float, options: dict[str, Any]) -> list[dict[st
 
     def total_error(all_ranks: list[list[int]]) -> float:
         total = 0.0
-        for weight, (im, om), r in zip(weights, modes, all_ranks, strict=True):
+        for (_, linear), weight, (im, om), r in zip(linears, weights, modes, all_ranks, strict=True):
             approx = tt_matrix_to_dense(tt_matrix_from_dense(weight, om, im, ranks=r))
-            total += _relative(weight, approx) ** 2
+            rows = linear.out_features  # the error of the outputs, not of the padding rows
+            total += _relative(weight[:rows], approx[:rows]) ** 2
         return total
 
     best = min((by_eps, by_rank), key=total_error)
@@ -376,10 +394,7 @@ def _allocate_tt(linears, ratio: float, options: dict[str, Any]) -> list[dict[st
 
 
 def _allocate_tucker(linears, ratio: float, options: dict[str, Any]) -> list[dict[str, Any]]:
-    modes = [
-        resolve_modes(m.in_features, m.out_features, options.get("in_modes"), options.get("out_modes"), 2)
-        for _, m in linears
-    ]
+    modes = _modes_of("tucker", linears, options, 2)
     shapes = [om + im for im, om in modes]
 
     def params_of(i: int, r: int) -> int:
@@ -600,20 +615,15 @@ def _tied_projection(method: str, layer: nn.Module, linear: nn.Linear, name: str
     if method == "svd":
         projection = LowRankLinear(linear.in_features, linear.out_features, bias, rank=layer.rank, **factory)
     else:
-        try:  # voc_modes that pad the vocabulary pad the projection's outputs (within TTLinear's bound)
-            projection = TTLinear(
-                linear.in_features,
-                linear.out_features,
-                bias,
-                in_modes=layer.emb_modes,
-                out_modes=layer.voc_modes,
-                ranks=layer.ranks,
-                **factory,
-            )
-        except ValueError as error:
-            raise ValueError(
-                f"{name!r} cannot be tied to the TT table with voc_modes {layer.voc_modes}: {error}"
-            ) from None
+        projection = TTLinear(  # voc_modes that pad the vocabulary pad its outputs (within the same bound)
+            linear.in_features,
+            linear.out_features,
+            bias,
+            in_modes=layer.emb_modes,
+            out_modes=layer.voc_modes,
+            ranks=layer.ranks,
+            **factory,
+        )
     tie_projection_(projection, layer)
     copy_bias(projection.bias, linear)
     return projection
@@ -674,8 +684,7 @@ def compress_embeddings_(
 
     Raises:
         ValueError: for an unknown method or options, options out of range, a malformed filter or one that selects
-            nothing, a model without ``nn.Embedding``, or a tied TT table whose vocabulary modes pad it by more
-            than a ``TTLinear`` may pad its outputs; a failure leaves ``model`` untouched.
+            nothing, or a model without ``nn.Embedding``; a failure leaves ``model`` untouched.
     """
     if method not in EMBEDDING_METHODS:
         raise ValueError(f"unknown embedding method {method!r}; choose one of {', '.join(EMBEDDING_METHODS)}")

@@ -23,6 +23,7 @@ from compressed_transformer.layers import (
     TTLinear,
     TuckerLinear,
     build_linear,
+    cache_nbytes,
     model_kl,
 )
 from forced_paths import force_path
@@ -681,6 +682,11 @@ def test_padded_tt_outputs_equal_the_dense_weight_product_with_its_gradients(
                 y = layer(x)
                 assert y.shape == (5, OUT) and y.is_contiguous()
                 assert_close(y, expected)
+        if not factorized:  # the cached weight holds no padding row: what cache_nbytes reports is what it holds
+            (cached,) = [value for _, value in layer.__dict__["_eval_cache"]._entries.values()]
+            assert cached.untyped_storage().nbytes() == cache_nbytes(layer) == OUT * IN * 4
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the product's dtype on every path, as nn.Linear's
+            assert layer(x).dtype == torch.bfloat16
         return
     y = layer(x.requires_grad_())
     assert calls and y.shape == (5, OUT) and y.is_contiguous()
@@ -713,7 +719,7 @@ def test_padded_tt_from_linear_and_its_bounds() -> None:
     assert "padding=3" in repr(layer) and layer.num_stored_params() == sum(c.numel() for c in layer.cores) + 37
     assert max_padding_rows(37) == 4
     for out_modes in ([3, 3, 5], [3, 4, 3]):  # 45: 8 rows of padding; 36: too few rows
-        with pytest.raises(ValueError, match=r"product is 37 \(e.g. \[37, 1, 1\]\) or up to 4 more"):
+        with pytest.raises(ValueError, match=r"product is 37 to 41 \(e.g. \[5, 4, 2\]\)"):
             TTLinear(IN, 37, in_modes=[2, 3, 2], out_modes=out_modes)
     with pytest.raises(ValueError, match=r"in_modes=\[2, 2, 2\] multiply to 8, but in_features=12"):
         TTLinear(IN, 37, in_modes=[2, 2, 2], out_modes=[5, 4, 2])  # inputs are never padded

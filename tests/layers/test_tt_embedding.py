@@ -116,6 +116,10 @@ def test_initial_table_has_the_transformer_embedding_scale() -> None:
 def test_bad_input() -> None:
     with pytest.raises(ValueError, match="below num_embeddings"):
         TTEmbedding(100, 8, voc_modes=[3, 3], emb_modes=[2, 4])
+    with pytest.raises(
+        ValueError, match=r"pad 40 ids to 49 rows; at most 5 padding rows are allowed \(e.g. \[8, 5\]\)"
+    ):
+        TTEmbedding(40, 8, voc_modes=[7, 7], emb_modes=[2, 4])  # as many as a TTLinear may pad its outputs
     with pytest.raises(ValueError, match="must equal embedding_dim"):
         TTEmbedding(9, 8, voc_modes=[3, 3], emb_modes=[2, 2])
     with pytest.raises(ValueError, match="same length"):

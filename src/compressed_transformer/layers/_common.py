@@ -66,10 +66,14 @@ def resolve_modes(
         if product == features or (padded and 0 < product - features <= max_padding_rows(features)):
             continue
         feature_name = "in_features" if name == "in_modes" else "out_features"
-        or_padded = f" or up to {max_padding_rows(features)} more (e.g. {tt_vocab_modes(features, len(modes))})"
+        if padded:  # the balanced modes a TT table would take, padded where that balances them
+            wanted = (
+                f"{features} to {features + max_padding_rows(features)} (e.g. {tt_vocab_modes(features, len(modes))})"
+            )
+        else:
+            wanted = f"{features} (e.g. {factorize(features, len(modes))})"
         raise ValueError(
-            f"{name}={modes} multiply to {product}, but {feature_name}={features}; give modes whose product is "
-            f"{features} (e.g. {factorize(features, len(modes))}){or_padded if padded else ''}"
+            f"{name}={modes} multiply to {product}, but {feature_name}={features}; give modes whose product is {wanted}"
         )
     if len(in_modes) != len(out_modes):
         raise ValueError(f"in_modes and out_modes need the same length, got {in_modes} and {out_modes}")

@@ -11,7 +11,14 @@ from torch import nn
 
 from ..functional.matmul import low_rank_linear, matmul
 from ..functional.svd import truncated_svd
-from ..functional.tt import factorize, pad_rows, tt_matrix_from_dense, tt_matrix_rows, tt_vocab_modes
+from ..functional.tt import (
+    factorize,
+    max_padding_rows,
+    pad_rows,
+    tt_matrix_from_dense,
+    tt_matrix_rows,
+    tt_vocab_modes,
+)
 from ._fast import layer_cache, params_of, prepare_forward, represented_weight
 from .low_rank import LowRankLinear
 from .tt import TTLinear
@@ -177,8 +184,10 @@ class TTEmbedding(nn.Module):
         padding_idx: this id embeds to zeros and passes no gradient from lookups (as ``nn.Embedding``'s zero
             padding row). The table's row there (``to_dense``, and the tied logits of :meth:`attend`) is whatever
             the cores give: a tied output projection trains it, as it trains a dense table's padding row.
-        voc_modes: vocabulary modes, product ``>= num_embeddings``; default :func:`~compressed_transformer.
-            functional.tt.tt_vocab_modes` with as many modes as ``emb_modes`` (3 when both are omitted).
+        voc_modes: vocabulary modes, product ``>= num_embeddings`` by at most :func:`~compressed_transformer.
+            functional.tt.max_padding_rows` (as a ``TTLinear`` may pad its outputs); default
+            :func:`~compressed_transformer.functional.tt.tt_vocab_modes` with as many modes as ``emb_modes`` (3 when
+            both are omitted).
         emb_modes: factors of ``embedding_dim``; balanced when omitted.
         ranks: ``int`` cap or the full list of ``d + 1`` TT-ranks.
         device: parameter device.
@@ -215,6 +224,12 @@ class TTEmbedding(nn.Module):
             raise ValueError(f"voc_modes {voc_modes} and emb_modes {emb_modes} need the same length")
         if math.prod(voc_modes) < num_embeddings:
             raise ValueError(f"prod(voc_modes)={math.prod(voc_modes)} is below num_embeddings={num_embeddings}")
+        if math.prod(voc_modes) - num_embeddings > max_padding_rows(num_embeddings):  # as TTLinear pads outputs
+            allowed, example = max_padding_rows(num_embeddings), tt_vocab_modes(num_embeddings, d)
+            raise ValueError(
+                f"voc_modes={voc_modes} pad {num_embeddings} ids to {math.prod(voc_modes)} rows; at most "
+                f"{allowed} padding rows are allowed (e.g. {example})"
+            )
         if math.prod(emb_modes) != embedding_dim:
             raise ValueError(f"prod(emb_modes)={math.prod(emb_modes)} must equal embedding_dim={embedding_dim}")
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..functional._validate import check_ranks
 from ..functional.costs import CostModel, cost_model_for, costs_version
+from ..functional.matmul import autocast_inputs
 from ..functional.tt import (
     TTPlan,
     pad_rows,
@@ -337,11 +338,15 @@ class TTLinear(nn.Module):
         """The represented weight, ``(out_features, in_features)`` (without the padding rows)."""
         return tt_matrix_to_dense(self._core_list())[: self.out_features]
 
+    def _cached_dense(self) -> torch.Tensor:
+        weight = self.to_dense()
+        return weight.clone() if self.padded else weight
+
     @property
     def weight(self) -> torch.Tensor:
         """The represented dense weight (computed, not stored; in eval mode without autograd, the cached copy the
         forward uses), so code reading ``.weight`` keeps working."""
-        return represented_weight(self, self._core_list(), self.to_dense)
+        return represented_weight(self, self._core_list(), self._cached_dense)
 
     def num_stored_params(self) -> int:
         """Stored weights and bias: ``sum_k r_{k-1} o_k i_k r_k + out_features``."""
@@ -356,8 +361,8 @@ class TTLinear(nn.Module):
         tokens = tokens_of(x, self.in_features)
         use, plan, shapes = self._decision(tokens, train, cached, cores)
         if use is None:
-            if cached:
-                weight = layer_cache(self).get("dense", cores, self.to_dense)
+            if cached:  # (padded: a copy without the padding rows, so the cache holds what it reports)
+                weight = layer_cache(self).get("dense", cores, self._cached_dense)
             else:
                 weight = tt_matrix_rebuild(cores)[: self.out_features]  # rows of a row-major matrix: a view
             return F.linear(x, weight, bias)
@@ -369,7 +374,10 @@ class TTLinear(nn.Module):
         if not self.padded:
             return tt_apply_matrices(x, matrices, shapes, plan, bias)
         out = tt_apply_matrices(x, matrices, shapes, plan, None)[..., : self.out_features]
-        return out.contiguous() if bias is None else out + bias
+        if bias is None:
+            return out.contiguous()
+        (bias,) = autocast_inputs(x.device.type, bias)  # as tt_apply_matrices adds it: the product's dtype
+        return out + bias
 
     def extra_repr(self) -> str:
         return (

@@ -506,7 +506,7 @@ class Transformer(nn.Module):
         compress_embeddings_`: ``"svd"`` with ``rank=``, ``"tt"`` with ``ranks=`` / ``eps=``): a shared source /
         target table stays one module, the tied logits go through its factors or cores (``attend``), and a separate
         output projection (``tie_output=False``) gets the same method (``svd`` of ``rank``, ``tt`` of ``ranks`` /
-        ``eps``). Returns ``self``.
+        ``eps`` over the target table's modes). Returns ``self``.
 
         Raises:
             ValueError: for an unknown method or bad options (the model is then unchanged).
@@ -516,6 +516,8 @@ class Transformer(nn.Module):
         compress_embeddings_(self, method, filter=r"^(src|tgt)_embed$", **options)
         if self.output is not None:
             linear = {k: v for k, v in options.items() if k in ("rank", "ranks", "eps")}
+            if method == "tt":  # the target table's modes (a vocabulary that factorises badly is padded the same way)
+                linear |= {"in_modes": self.tgt_embed.emb_modes, "out_modes": self.tgt_embed.voc_modes}
             compress_(self, method, filter=r"^output$", **linear)
         return self
 
