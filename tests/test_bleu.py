@@ -154,6 +154,10 @@ def test_paired_bootstrap_tells_a_real_difference_from_noise() -> None:
     noisy = [r if i != 7 else _sentence(rng, 8) for i, r in enumerate(good)]  # one output changed
     assert paired_bootstrap_p(good, worse, refs) < 0.01
     assert paired_bootstrap_p(good, noisy, refs) > 0.2
+    # equal BLEU is no difference: spacing the tokeniser undoes, one unmatched word for another
+    assert paired_bootstrap_p([g + " ." for g in good], [g + "." for g in good], refs) == 1.0
+    zebra = [" ".join(r.split()[:7]) + " zebra" for r in refs]
+    assert paired_bootstrap_p(zebra, [z.replace("zebra", "yak") for z in zebra], refs) == 1.0
     with pytest.raises(ValueError, match="line-aligned"):
         paired_bootstrap_p(good[:2], worse, refs)
     with pytest.raises(ValueError, match="resamples"):

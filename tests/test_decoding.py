@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -91,6 +93,68 @@ def test_batched_beam_equals_one_by_one(model: Transformer) -> None:
     batched = beam_search(model, src, beam=3)
     for row, hyp in zip(src, batched, strict=True):
         assert beam_search(model, row[row != 0][None], beam=3)[0] == hyp
+
+
+class _ScriptedModel:
+    """A decoder whose next-token distribution is a function of the prefix (``table``), for exact tests of the
+    search: ``encode`` and ``decode_step`` have the shapes ``greedy_decode`` / ``beam_search`` use."""
+
+    config = SimpleNamespace(pad_id=0, bos_id=2, eos_id=3, max_positions=64)
+
+    def __init__(self, table) -> None:
+        self.table = table
+
+    def encode(self, src: torch.Tensor):
+        return src.float()[:, :, None], (src != 0)[:, None, None, :]
+
+    def decode_step(self, tokens, memory, mask, cache, step):
+        history = tokens[:, None] if cache is None else torch.cat([cache, tokens[:, None]], dim=1)
+        rows = [torch.log(self.table(row[1:].tolist())) for row in history]
+        return torch.stack(rows), history
+
+    @staticmethod
+    def reorder_cache(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return cache.index_select(0, index)
+
+
+def _distribution(**probabilities: float) -> torch.Tensor:
+    p = torch.full((7,), 1e-4)
+    for token, value in probabilities.items():
+        p[int(token[1:])] = value
+    return p / p.sum()
+
+
+def test_a_hypothesis_cut_at_the_length_limit_pays_for_ending() -> None:
+    """A run-on (token 4 forever, EOS nearly impossible) must not beat a short finished translation (5, EOS) by
+    escaping the cost of EOS: at its limit it is ended with EOS and pays for it, as in fairseq."""
+
+    def table(prefix: list[int]) -> torch.Tensor:
+        if not prefix:
+            return _distribution(t4=0.5, t5=0.45)
+        if prefix == [5]:
+            return _distribution(t3=0.95)
+        if prefix[0] == 5:
+            return _distribution(t1=0.9)
+        return _distribution(t4=0.97, t1=0.02, t3=1e-6)
+
+    model, src = _ScriptedModel(table), torch.tensor([[6, 3]])
+    for limit in (2, 3, 5, 8):
+        assert beam_search(model, src, beam=2, max_len_a=0.0, max_len_b=limit) == [[5]]
+    # a sentence that only runs on still ends at its limit, with as many tokens as greedy gives it
+    run_on = _ScriptedModel(lambda prefix: _distribution(t4=0.99))
+    assert beam_search(run_on, src, beam=3, max_len_a=0.0, max_len_b=4) == [[4, 4, 4, 4]]
+    assert greedy_decode(run_on, src, max_len_a=0.0, max_len_b=4) == [[4, 4, 4, 4]]
+
+
+def test_decoders_never_emit_padding_or_bos() -> None:
+    """PAD and BOS are never generated, even when the model prefers them (a tied PAD row's logit is 0): greedy and
+    beam size 1 give the same ids."""
+    model = _ScriptedModel(
+        lambda prefix: _distribution(t0=0.5, t2=0.3, t5=0.15) if len(prefix) < 2 else _distribution(t3=0.9)
+    )
+    src = torch.tensor([[6, 3]])
+    assert greedy_decode(model, src) == beam_search(model, src, beam=1) == [[5, 5]]
+    assert beam_search(model, src, beam=3) == [[5, 5]]
 
 
 def test_bleu_helpers() -> None:

@@ -231,6 +231,9 @@ def test_tokenizer_round_trip_and_cache(tmp_path: Path) -> None:
     assert Tokenizer.load(tmp_path / "spm.model").encode("a dog") == cached.encode("a dog")
     with pytest.raises(ValueError, match="bpe"):
         train_tokenizer(CORPUS, model_type="word-ish")
+    (tmp_path / "spm.model").write_bytes(cached.model_proto[:40])  # a truncated (damaged) model file
+    with pytest.raises(ValueError, match="not a sentencepiece model"):
+        Tokenizer.load(tmp_path / "spm.model")
 
 
 def make_pairs(n: int) -> list[tuple[list[int], list[int]]]:

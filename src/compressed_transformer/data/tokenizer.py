@@ -26,11 +26,17 @@ class Tokenizer:
 
     Args:
         model_proto: the serialised sentencepiece model.
+
+    Raises:
+        ValueError: for bytes that are not a sentencepiece model, or one with other special ids.
     """
 
     def __init__(self, model_proto: bytes) -> None:
         self.model_proto = bytes(model_proto)
-        self._sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
+        except RuntimeError as error:  # sentencepiece's parse error
+            raise ValueError(f"not a sentencepiece model ({len(self.model_proto)} bytes): {error}") from None
         if (self._sp.pad_id(), self._sp.unk_id(), self._sp.bos_id(), self._sp.eos_id()) != (
             PAD_ID,
             UNK_ID,

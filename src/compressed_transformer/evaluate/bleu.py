@@ -89,8 +89,10 @@ def paired_bootstrap_p(
 ) -> float:
     """p-value of ``system``'s sacreBLEU differing from ``baseline``'s by chance: Koehn's (2004) paired bootstrap
     resampling of the test sentences, as sacreBLEU's ``--paired-bs`` runs it (fixed seed); small values (e.g.
-    < 0.05) mean the difference is unlikely to come from which sentences happen to be in the test set. Identical
-    outputs give 1.0 (sacreBLEU's test would report ``1 / (resamples + 1)`` for them).
+    < 0.05) mean the difference is unlikely to come from which sentences happen to be in the test set. Outputs of
+    equal BLEU (identical ones, or ones that differ only in what BLEU does not see: spacing its tokeniser undoes, one
+    unmatched word for another) give 1.0: there is no difference to explain (sacreBLEU's test would report
+    ``1 / (resamples + 1)`` for them).
 
     Raises:
         ValueError: if the lists differ in length or ``resamples < 2``.
@@ -101,7 +103,7 @@ def paired_bootstrap_p(
     _check(system, references)
     if resamples < 2:
         raise ValueError(f"resamples must be >= 2, got {resamples}")
-    if list(baseline) == list(system):
+    if list(baseline) == list(system) or sacre_bleu(baseline, references)[0] == sacre_bleu(system, references)[0]:
         return 1.0
     test = PairedTest(
         [("baseline", list(baseline)), ("system", list(system))],

@@ -2,9 +2,10 @@
 
 Beam search keeps ``beam`` live hypotheses per sentence. At each step the ``2 * beam`` best expansions are taken;
 those ending in EOS become finished (scored ``logp / len^length_penalty``, fairseq's convention, ``len`` counting EOS),
-the best non-EOS ones stay live. A sentence stops when it has ``beam`` finished hypotheses or reaches its length limit
-``max_len_a * src_len + max_len_b`` (then its live hypotheses count as finished). With ``beam == 1`` this is exactly
-greedy decoding.
+the best non-EOS ones stay live. A sentence stops when it has ``beam`` finished hypotheses or its live hypotheses
+reach its length limit ``max_len_a * src_len + max_len_b`` tokens; then, as in fairseq, each is ended with EOS and pays
+its log-probability, so a run-on hypothesis does not escape the cost of ending. Neither decoder ever emits PAD or BOS.
+With ``beam == 1`` this is exactly greedy decoding.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ def _max_lengths(src: torch.Tensor, pad_id: int, max_len_a: float, max_len_b: in
     return (src_len.float() * max_len_a + max_len_b).long().clamp(min=1, max=limit)
 
 
+def _never_special(logp: torch.Tensor, cfg) -> torch.Tensor:
+    """``logp`` ``(N, V)`` with PAD and BOS ruled out (in place): a decoder emits neither (fairseq rules out PAD)."""
+    logp[:, [cfg.pad_id, cfg.bos_id]] = float("-inf")
+    return logp
+
+
 @torch.no_grad()
 def greedy_decode(
     model: Transformer, src: torch.Tensor, max_len_a: float = 1.5, max_len_b: int = 10
@@ -40,7 +47,7 @@ def greedy_decode(
     cache = None
     for step in range(int(limits.max())):
         logp, cache = model.decode_step(tokens, memory, mask, cache, step)
-        tokens = logp.argmax(dim=-1)
+        tokens = _never_special(logp, cfg).argmax(dim=-1)
         tokens = torch.where(done, torch.full_like(tokens, cfg.pad_id), tokens)
         out.append(tokens)
         done |= (tokens == cfg.eos_id) | (step + 1 >= limits)
@@ -83,9 +90,21 @@ def beam_search(
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
     done = [False] * batch
     cache = None
-    for step in range(max(limits)):
+    for step in range(max(limits) + 1):  # the step after a sentence's limit only ends its hypotheses
         logp, cache = model.decode_step(tokens, memory, mask, cache, step)
+        logp = _never_special(logp, cfg)
         vocab = logp.shape[-1]
+        ending = [b for b in range(batch) if not done[b] and step == limits[b]]
+        if ending:  # EOS after each live hypothesis: (B, K) log-probabilities
+            eos_logp = logp.view(batch, beam, vocab)[..., cfg.eos_id].tolist()
+            current = scores.tolist()
+            for b in ending:
+                for k, hyp in enumerate(history[b]):
+                    if current[b][k] != float("-inf"):
+                        finished[b].append(((current[b][k] + eos_logp[b][k]) / (len(hyp) + 1) ** length_penalty, hyp))
+                done[b] = True
+            if all(done):
+                break
         candidates = scores.unsqueeze(-1) + logp.view(batch, beam, vocab)  # (B, K, V)
         top_scores, top_index = candidates.view(batch, -1).topk(2 * beam, dim=-1)  # (B, 2K)
         top_scores, top_index = top_scores.tolist(), top_index.tolist()
@@ -110,12 +129,7 @@ def beam_search(
                         finished[b].append((score / (len(hyp) + 1) ** length_penalty, hyp))
                 elif len(live) < beam:
                     live.append((score, origin, token))
-            last_step = step + 1 >= limits[b]
-            if last_step:
-                for score, origin, token in live:
-                    hyp = [*history[b][origin], token]
-                    finished[b].append((score / len(hyp) ** length_penalty, hyp))
-            if len(finished[b]) >= beam or last_step or not live:
+            if len(finished[b]) >= beam or not live:
                 done[b] = True
                 continue
             rows = []
