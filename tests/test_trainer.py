@@ -129,6 +129,72 @@ def test_run_folder_checks(tmp_path: Path) -> None:
         train(model_config(), config(data, tmp_path / "run", max_steps=4, lr=1e-4), resume=True)
     with pytest.raises(ValueError, match=r"nothing to resume|no checkpoint_last"):
         train(model_config(), config(data, tmp_path / "empty", max_steps=4), resume=True)
+    # validating on another subset would compare BLEU with the best checkpoint's on other sentences
+    with pytest.raises(ValueError, match=r"different run.*eval_max_sentences"):
+        train(model_config(), config(data, tmp_path / "run", max_steps=4, eval_max_sentences=2), resume=True)
+    # another number of processes would replay or skip batches and change the batch size mid-run (a run of two
+    # torchrun processes, as its checkpoint records it, resumed by one)
+    last = load_checkpoint(tmp_path / "run" / "checkpoint_last.pt")
+    assert last["position"]["world_size"] == 1 and last["position"]["accum_steps"] == 1
+    last["position"]["world_size"] = 2
+    save_checkpoint(tmp_path / "run" / "checkpoint_last.pt", last)
+    with pytest.raises(ValueError, match=r"2 process\(es\) x 1 accumulation steps per update.*now 1 x 1"):
+        train(model_config(), config(data, tmp_path / "run", max_steps=4), resume=True)
+    # a fresh run refuses a folder holding another run's checkpoints without a checkpoint_last.pt (killed early):
+    # averaging its last checkpoints would mix the two runs
+    stale = tmp_path / "stale"
+    train(model_config(), config(data, stale, max_steps=4, eval_every=2, keep_checkpoints=2))
+    (stale / "checkpoint_last.pt").unlink()
+    with pytest.raises(ValueError, match=r"checkpoints of an earlier run \(checkpoint_best.pt, checkpoint_step2.pt"):
+        train(model_config(), config(data, stale, max_steps=4, eval_every=2, keep_checkpoints=2))
+
+
+def test_a_time_budget_spent_in_validation_counts_and_resumes_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The saved training time is the clock the budget was checked against, validations included: a run whose
+    budget ran out during a validation is finished under the same budget (not trained further), and a resumed run
+    goes on from where the saved one stood."""
+    import time
+
+    from compressed_transformer.train import trainer
+
+    validate = trainer._validate
+
+    def slow(*args, **kwargs):
+        time.sleep(0.6)
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_validate", slow)
+    data = write_corpus(tmp_path / "data")
+    cfg = config(data, tmp_path / "run", max_minutes=0.01, eval_every=2)  # 0.6 s: the first validation spends it
+    summary = train(model_config(), cfg)
+    assert summary["train_seconds"] >= 0.6 and not trainer.budget_left(cfg, summary)
+    last = load_checkpoint(tmp_path / "run" / "checkpoint_last.pt")
+    assert last["trained_seconds"] >= 0.6 and last["last_eval_step"] == summary["steps"]
+    records = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    again = train(model_config(), cfg, resume=True)  # resumed as it is: no update, no validation again
+    assert again["steps"] == summary["steps"]
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() == records
+
+
+def test_resume_drops_the_records_a_killed_run_logged_after_its_checkpoint(tmp_path: Path) -> None:
+    data = write_corpus(tmp_path / "data")
+    run = tmp_path / "run"
+    train(model_config(), config(data, run, max_steps=4, eval_every=2, log_every=1))
+    metrics = run / "metrics.jsonl"
+    logged = metrics.read_text()
+    # what a process killed after update 4's checkpoint had logged before dying (the last line cut short)
+    metrics.write_text(logged + json.dumps({"step": 5, "loss": 1.0}) + "\n" + '{"step": 6, "lo')
+    train(model_config(), config(data, run, max_steps=6, eval_every=2, log_every=1), resume=True)
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "loss" in line]
+    validated = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "valid_bleu" in line]
+    assert steps == [1, 2, 3, 4, 5, 6] and validated == [2, 4, 6]
+    fresh = tmp_path / "fresh"  # a fresh run in a folder a killed run left records in starts a new log
+    fresh.mkdir()
+    (fresh / "metrics.jsonl").write_text(json.dumps({"step": 9, "loss": 1.0}) + "\n")
+    train(model_config(), config(data, fresh, max_steps=2, log_every=1))
+    assert [json.loads(line)["step"] for line in (fresh / "metrics.jsonl").read_text().splitlines()] == [1, 2, 2]
 
 
 def test_checkpoint_from_another_config_is_rejected(tmp_path: Path) -> None:
@@ -279,6 +345,9 @@ def test_average_checkpoints_rejects_different_models(tmp_path: Path) -> None:
         average_checkpoints([])
     with pytest.raises(ValueError, match="different model_config"):
         average_checkpoints([a, b])
+    train(model_config(), config(data, tmp_path / "seed", max_steps=2, seed=6))  # the same model, another run
+    with pytest.raises(ValueError, match=r"another run than checkpoint 0 \(training settings \['out_dir'|\['seed'\]"):
+        average_checkpoints([a, load_checkpoint(tmp_path / "seed" / "checkpoint_last.pt")])
     changed = {**a, "model": {**a["model"], "extra.weight": torch.zeros(2)}}
     with pytest.raises(ValueError, match="different parameters"):
         average_checkpoints([a, changed])

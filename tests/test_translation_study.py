@@ -461,7 +461,7 @@ def test_study_parallel_script(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "study_parallel.sh DATASET OUT" in bad.stderr
 
 
-def test_model_changes_and_checkpoint_averaging(tmp_path: Path) -> None:
+def test_model_changes_and_checkpoint_averaging(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = write_corpus(tmp_path / "data", pairs=16)
     out = tmp_path / "study"
     argv = [*study_argv(data, out, "original"), "--model", "dropout=0.2", "--model", "d_ff=48", "--average", "2"]
@@ -478,6 +478,11 @@ def test_model_changes_and_checkpoint_averaging(tmp_path: Path) -> None:
     assert average["averaged_steps"] == [s["position"]["global_step"] for s in kept]
     name = "tgt_embed.weight"
     torch.testing.assert_close(average["model"][name], (kept[0]["model"][name] + kept[1]["model"][name]) / 2)
+    # an average of 3 when the run kept 2 is refused (the result would say 3); --rescore keeps the stored result
+    capsys.readouterr()
+    assert run([*argv[:-1], "3", "--rescore"]) == 0
+    assert "kept only 2 validation checkpoint(s)" in capsys.readouterr().out
+    assert json.loads((folder / "result.json").read_text())["average"] == 2
     # the same folder with another model is another study
     with pytest.raises(ValueError, match=r"different model config.*dropout"):
         run([*study_argv(data, out, "original"), "--model", "dropout=0.1", "--model", "d_ff=48"])

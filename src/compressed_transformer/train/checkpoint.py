@@ -29,6 +29,7 @@ from compressed_transformer.models.transformer import Transformer, TransformerCo
 
 __all__ = [
     "EXPORT_WEIGHTS",
+    "RESUMABLE_KEYS",
     "STEP_CHECKPOINT",
     "average_checkpoints",
     "capture_rng",
@@ -75,6 +76,25 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 STEP_CHECKPOINT = "checkpoint_step{step}.pt"  # the model at a validation step (``TrainConfig.keep_checkpoints``)
 
 
+# Training settings that may change between a run and its resumption (and between checkpoints of one run that
+# :func:`average_checkpoints` may average): where things are, how long it runs, how it logs and checkpoints.
+RESUMABLE_KEYS = (
+    "out_dir",
+    "data_dir",
+    "max_steps",
+    "max_epochs",
+    "max_minutes",
+    "device",
+    "progress",
+    "log_every",
+    "eval_every",
+    "save_every",
+    "download",
+    "precision",
+    "keep_checkpoints",
+)
+
+
 def step_checkpoints(run_dir: str | Path) -> list[Path]:
     """A run folder's ``checkpoint_step<N>.pt`` files, oldest (lowest ``N``) first."""
     prefix, suffix = STEP_CHECKPOINT.split("{step}")
@@ -96,7 +116,8 @@ def average_checkpoints(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     Raises:
         ValueError: for no states, or states of different models (config, compressed structure, tokenizer,
-            parameter names, shapes, or unequal non-float tensors).
+            parameter names, shapes, or unequal non-float tensors) or of different runs (training settings other
+            than :data:`RESUMABLE_KEYS`, e.g. another seed or learning rate).
     """
     if not states:
         raise ValueError("average_checkpoints needs at least one checkpoint")
@@ -105,6 +126,16 @@ def average_checkpoints(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
         for key in ("model_config", "structure", "tokenizer"):
             if other.get(key) != first.get(key):
                 raise ValueError(f"checkpoint {i} has a different {key} from checkpoint 0: not the same model")
+        ours, theirs = (
+            {k: v for k, v in (state.get("train_config") or {}).items() if k not in RESUMABLE_KEYS}
+            for state in (first, other)
+        )
+        if ours != theirs:
+            differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+            raise ValueError(
+                f"checkpoint {i} comes from another run than checkpoint 0 (training settings {differ} differ): "
+                "average checkpoints of one run"
+            )
         if other["model"].keys() != first["model"].keys():
             missing = sorted(set(first["model"]) ^ set(other["model"]))
             raise ValueError(f"checkpoint {i} has different parameters from checkpoint 0 (e.g. {missing[:3]})")

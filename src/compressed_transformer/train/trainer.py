@@ -48,6 +48,7 @@ from compressed_transformer.provenance import git_revision
 from compressed_transformer.serialization import layer_structure
 from compressed_transformer.train import distributed
 from compressed_transformer.train.checkpoint import (
+    RESUMABLE_KEYS,
     STEP_CHECKPOINT,
     capture_rng,
     check_same_config,
@@ -56,28 +57,12 @@ from compressed_transformer.train.checkpoint import (
     restore_rng,
     save_checkpoint,
     step_checkpoints,
+    write_text_atomic,
 )
 from compressed_transformer.train.schedule import InverseSqrtSchedule
 
 __all__ = ["TrainConfig", "TrainingDiverged", "budget_left", "compression_ratio", "train"]
 
-# Keys that may change between a run and its resumption.
-RESUMABLE_KEYS = (
-    "out_dir",
-    "data_dir",
-    "max_steps",
-    "max_epochs",
-    "max_minutes",
-    "device",
-    "progress",
-    "log_every",
-    "eval_every",
-    "save_every",
-    "download",
-    "eval_max_sentences",
-    "precision",
-    "keep_checkpoints",
-)
 PRECISIONS = ("auto", "bf16", "fp32")
 # Model settings a conversion run may change from its dense checkpoint's (FFN spec and regularisation).
 CONVERSION_MAY_CHANGE = ("ffn", "dropout", "attn_dropout", "activation_dropout")
@@ -198,6 +183,25 @@ def compression_ratio(config: TransformerConfig, model: nn.Module) -> dict[str, 
     }
 
 
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """Drop the records of ``metrics.jsonl`` past update ``step`` (all of them for a fresh run, ``step`` 0): what
+    a killed run logged after its last checkpoint is logged again by the resumed one."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if step > 0 and _logged_step(line) <= step]
+    if len(kept) != len(lines):
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _logged_step(line: str) -> float:
+    """The update a ``metrics.jsonl`` line records; infinity for a line cut short by a kill (dropped)."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
@@ -208,6 +212,13 @@ def _check_run_folder(out: Path, resolved: dict[str, Any], resume: bool) -> None
     if not resume:
         if (out / "checkpoint_last.pt").exists():
             raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        stale = sorted(p.name for p in out.glob("checkpoint_*.pt"))
+        if stale:  # a run that stopped before its first checkpoint_last: averaging would mix its files with ours
+            named = ", ".join(stale[:3]) + (", ..." if len(stale) > 3 else "")
+            raise ValueError(
+                f"{out} holds checkpoints of an earlier run ({named}) but no checkpoint_last.pt to resume from; "
+                "delete them or choose another --out"
+            )
         return
     if not (out / "checkpoint_last.pt").exists() or not saved_path.exists():
         raise ValueError(f"--resume: {out} has no checkpoint_last.pt/config.json to resume from")
@@ -443,6 +454,7 @@ def _train(
         from compressed_transformer.layers import model_kl as kl_fn
 
     epoch, step_in_epoch, global_step, best_bleu, trained_seconds = 0, 0, 0, float("-inf"), 0.0
+    resumed_eval_step = -1
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
@@ -450,15 +462,24 @@ def _train(
         restore_rng(resume_state["rng"])
         position = resume_state["position"]
         epoch, step_in_epoch, global_step = position["epoch"], position["step_in_epoch"], position["global_step"]
+        saved_world = position.get("world_size")  # (checkpoints before the field: not checked)
+        if saved_world is not None and saved_world * position.get("accum_steps", 1) != ctx.world_size * cfg.accum_steps:
+            raise ValueError(
+                f"--resume: {out} was trained with {saved_world} process(es) x {position.get('accum_steps', 1)} "
+                f"accumulation steps per update; resume it with the same number of batches per update (now "
+                f"{ctx.world_size} x {cfg.accum_steps}), or the data order and batch size change mid-run"
+            )
         best_bleu = resume_state.get("best_bleu", best_bleu)
         trained_seconds = resume_state.get("trained_seconds", 0.0)
+        resumed_eval_step = resume_state.get("last_eval_step", -1)
         log(f"resumed {out} at epoch {epoch}, step {global_step}")
 
     resolved = {"model": model_config.to_dict(), "train": cfg.to_dict()}
     metrics_path = out / "metrics.jsonl"
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(resolved, indent=1) + "\n")
+        _keep_metrics_until(metrics_path, global_step)  # a killed run's records past its checkpoint are replayed
+        write_text_atomic(out / "config.json", json.dumps(resolved, indent=1) + "\n")
         command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
         with open(out / "command.txt", "a", encoding="utf-8") as handle:
             handle.write(("# resumed\n" if resume else "") + command + "\n")
@@ -484,7 +505,10 @@ def _train(
             "scheduler": schedule.state_dict(),
             "rng": capture_rng(),
             "best_bleu": best_bleu,
-            "trained_seconds": trained_seconds,
+            # the clock the budget is checked against (validations included) as it reads now, so a resumed run
+            # goes on from exactly where the saved one stood
+            "trained_seconds": time.perf_counter() - run_start,
+            "last_eval_step": last_eval_step,
         }
 
     total_steps = cfg.max_steps or (cfg.max_epochs * steps_per_epoch if cfg.max_epochs else None)
@@ -499,7 +523,17 @@ def _train(
     model.train()
     window_tokens, window_loss, window_start = 0, 0.0, time.perf_counter()
     run_start = time.perf_counter() - trained_seconds
-    last_eval_step = -1
+    last_eval_step = resumed_eval_step  # a finished run resumed as it was is not validated again
+
+    def where() -> dict[str, int]:
+        """The position a checkpoint records (with the batches per update, which a resume must keep)."""
+        return {
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "global_step": global_step,
+            "world_size": ctx.world_size,
+            "accum_steps": cfg.accum_steps,
+        }
 
     def stop_now() -> bool:
         if cfg.max_steps and global_step >= cfg.max_steps:
@@ -538,7 +572,7 @@ def _train(
         if step_in_epoch >= steps_per_epoch:
             epoch, step_in_epoch = epoch + 1, 0
             if cfg.eval_every == 0:
-                evaluate_and_save({"epoch": epoch, "step_in_epoch": 0, "global_step": global_step})
+                evaluate_and_save(where())
             continue
         torch.manual_seed(step_seed(cfg.seed, ctx.rank, global_step))  # dropout of this update, on this rank
         micro = batcher.step_batches(epoch, step_in_epoch, ctx.rank, ctx.world_size, cfg.accum_steps)
@@ -609,19 +643,20 @@ def _train(
                 else:
                     print(json.dumps(record), flush=True)
             window_tokens, window_loss, window_start = 0, 0.0, time.perf_counter()
-        position = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step}
+        position = where()
         if cfg.eval_every and global_step % cfg.eval_every == 0:
             evaluate_and_save(position)
         if global_step % cfg.save_every == 0 and ctx.is_main:
             save_checkpoint(out / "checkpoint_last.pt", state(position))
 
     # ---- cleanup -----------------------------------------------------------------------------------------------
-    position = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step}
+    position = where()
     if last_eval_step != global_step:
         evaluate_and_save(position)
     if progress is not None:
         progress.close()
     summary: dict[str, Any] = {}
+    trained_seconds = time.perf_counter() - run_start  # the clock that stopped the run, final validation included
     if ctx.is_main:
         save_checkpoint(out / "checkpoint_last.pt", state(position))
         summary = {
@@ -636,7 +671,7 @@ def _train(
             "ffn": model_config.ffn.to_dict(),
             "skipped_train_pairs": {**train_corpus.skipped, "over_long": too_long},
         }
-        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     if ctx.distributed:
         dist.barrier()
     return summary

@@ -384,6 +384,12 @@ def _score_row(plan: _Plan, study: StudyConfig, data: _Data, device: torch.devic
         kept = step_checkpoints(folder)[-study.average :]
         if not kept:
             raise FileNotFoundError(f"{folder} has no checkpoint_step<N>.pt to average (it ran without --average)")
+        if len(kept) < study.average:  # the result would claim an average of N
+            raise ValueError(
+                f"--average {study.average}: {folder} kept only {len(kept)} validation checkpoint(s) "
+                f"({', '.join(p.name for p in kept)}); train it with --average {study.average} or score it with "
+                f"--average {len(kept)}"
+            )
         checkpoint = folder / "checkpoint_average.pt"
         state = average_checkpoints([load_checkpoint(path) for path in kept])
         save_checkpoint(checkpoint, state)
