@@ -30,6 +30,17 @@ def test_no_git_gives_none(monkeypatch) -> None:
     assert provenance.git_revision() is None
 
 
+def test_a_run_is_stamped_with_the_revision_it_started_from(monkeypatch) -> None:
+    """Commits landing while a long run trains do not change the revision stamped on its results."""
+    revisions = iter(["a" * 40, "b" * 40])
+    monkeypatch.setattr(provenance, "git_revision", lambda: next(revisions))
+    provenance.run_revision.cache_clear()
+    try:
+        assert provenance.run_revision() == provenance.run_revision() == "a" * 40
+    finally:
+        provenance.run_revision.cache_clear()
+
+
 def test_environment_names_the_software() -> None:
     from compressed_transformer.provenance import environment
 

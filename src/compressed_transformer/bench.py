@@ -42,7 +42,7 @@ from .functional.tt import factorize, tt_plan_candidates, tt_plan_macs
 from .functional.tucker import tucker_linear_rank
 from .layers import LowRankLinear, PrunedLinear, SparseLinear, SparseVDLinear, TTLinear, TuckerLinear
 from .layers._fast import cache_nbytes
-from .provenance import git_revision
+from .provenance import run_revision
 
 __all__ = ["BenchConfig", "main", "register", "run_bench"]
 
@@ -923,7 +923,7 @@ def run_bench(config: BenchConfig, argv: list[str] | None = None) -> dict:
         "clock": clock,
         "machine": machine_description(device),
         "costs": costs,
-        "git_revision": git_revision(),
+        "git_revision": run_revision(),
         "seconds": time.perf_counter() - start,
         "transformer": asdict(config.transformer) if config.transformer is not None else None,
     }

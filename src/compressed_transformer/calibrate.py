@@ -79,7 +79,7 @@ from .layers._fast import (
     to_csr,
 )
 from .layers.tt import _rebuild_seconds
-from .provenance import git_revision
+from .provenance import run_revision
 
 __all__ = ["CalibrateConfig", "main", "register", "run_calibration"]
 
@@ -531,7 +531,7 @@ def run_calibration(config: CalibrateConfig, argv: list[str] | None = None) -> d
         "command": command_line(argv, "calibrate"),
         "config": asdict(config),
         "machine": machine_description(device),
-        "git_revision": git_revision(),
+        "git_revision": run_revision(),
         "seconds": time.perf_counter() - start,
         "fit": {**report, "relative_error": relative},
         "decisions": {

@@ -55,6 +55,9 @@ def run_module(
 def run_reporting_errors(main: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
     """``main(args)``, with bad input (``ValueError``) and file-system errors (``OSError``: missing files, an
     ``--out`` that cannot be a folder, ...) reported in one line on stderr and exit status 2."""
+    from .provenance import run_revision
+
+    run_revision()  # the code this process loaded, stamped on what it writes however long it runs
     try:
         code = main(args)
     except (ValueError, OSError) as error:

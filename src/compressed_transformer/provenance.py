@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -10,7 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["environment", "git_revision"]
+__all__ = ["environment", "git_revision", "run_revision"]
 
 
 def git_revision() -> str | None:
@@ -30,6 +31,14 @@ def git_revision() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return rev.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
+
+
+@functools.cache
+def run_revision() -> str | None:
+    """:func:`git_revision` as it read when this process first asked: the code a run loaded. The command-line entry
+    points ask at start-up, so a result written hours later is stamped with that code, even when the checkout has
+    moved on meanwhile (a study row trained in the background while commits land)."""
+    return git_revision()
 
 
 def environment() -> dict[str, Any]:

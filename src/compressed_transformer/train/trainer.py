@@ -44,7 +44,7 @@ from compressed_transformer.models.transformer import (
     ffn_module_names,
     parameter_report,
 )
-from compressed_transformer.provenance import git_revision
+from compressed_transformer.provenance import run_revision
 from compressed_transformer.serialization import layer_structure
 from compressed_transformer.train import distributed
 from compressed_transformer.train.checkpoint import (
@@ -483,7 +483,7 @@ def _train(
         command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
         with open(out / "command.txt", "a", encoding="utf-8") as handle:
             handle.write(("# resumed\n" if resume else "") + command + "\n")
-        (out / "git_rev.txt").write_text((git_revision() or "unknown") + "\n")
+        (out / "git_rev.txt").write_text((run_revision() or "unknown") + "\n")
         report = parameter_report(model)
         log(f"parameters: {report}; compression ratio vs dense: {compression_ratio(model_config, model)}")
 

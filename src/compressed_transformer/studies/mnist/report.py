@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from ...provenance import environment, git_revision
+from ...provenance import environment, run_revision
 from ..plotting import mark_seed_point
 from .config import (
     SEED_TABLE,
@@ -88,7 +88,7 @@ def write_outputs(result: StudyResult, config: MNISTStudyConfig, argv: Sequence[
         "seconds": result.seconds,
         "config": config.to_dict(),
         "command": list(argv),
-        "git_revision": git_revision(),
+        "git_revision": run_revision(),
         "environment": environment(),
     }
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...evaluate.bleu import SeedProtocol
-from ...provenance import environment, git_revision
+from ...provenance import environment, run_revision
 from ...train.checkpoint import write_atomic, write_text_atomic
 from ..plotting import mark_seed_point
 from .budgets import StudyConfig
@@ -122,7 +122,7 @@ def write_outputs(
     command = shlex.join(["compressed-transformer", *argv]) if argv else ""
     title = {"multi30k": "Multi30k de→en (test_2016_flickr)", "iwslt14": "IWSLT'14 de→en", "plain": "plain corpus"}
     text = f"# Translation study: {title[study.dataset]}, budget `{study.budget}`\n\n"
-    text += (f"Command: `{command}`\n\n" if command else "") + f"Git revision: {git_revision() or 'unknown'}\n\n"
+    text += (f"Command: `{command}`\n\n" if command else "") + f"Git revision: {run_revision() or 'unknown'}\n\n"
     text += format_table(rows, study.dataset) + "\n\n" + _table_notes(rows, study) + "\n"
     write_text_atomic(out / "table.md", text)
     seed_key = "iwslt14" if study.dataset == "iwslt14" else "multi30k"
@@ -138,7 +138,7 @@ def write_outputs(
         "base_model": study.base_model.to_dict(),
         "row_definitions": {name: plan.row.to_dict() | {"same_as": plan.same_as} for name, plan in plans.items()},
         "command": list(argv),
-        "git_revision": git_revision(),
+        "git_revision": run_revision(),
         "seconds": seconds,
         "environment": environment(),
     }
