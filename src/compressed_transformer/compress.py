@@ -329,8 +329,13 @@ def _modes_of(method: str, linears, options: dict[str, Any], default_d: int) -> 
                 resolve_modes(linear.in_features, linear.out_features, *given, default_d, pad_out=method == "tt")
             )
         except ValueError as error:
-            raise ValueError(f"invalid options for method {method!r} on layer {name!r}: {error}") from None
+            raise _on_layer(method, name, error) from None
     return modes
+
+
+def _on_layer(method: str, name: str, error: Exception) -> ValueError:
+    """The error of options of ``method`` that do not fit the layer ``name``."""
+    return ValueError(f"invalid options for method {method!r} on layer {name!r}: {error}")
 
 
 def _allocate_tt(linears, ratio: float, options: dict[str, Any]) -> list[dict[str, Any]]:
@@ -482,7 +487,7 @@ def compress_(
             try:
                 layer = cls.from_linear(linear, **layer_options)
             except (TypeError, ValueError) as error:
-                raise ValueError(f"invalid options for method {method!r} on layer {name!r}: {error}") from None
+                raise _on_layer(method, name, error) from None
             new_layers.append(_keep_frozen(linear, layer))
         aliases = module_aliases(model)
         report = CompressionReport(method)

@@ -103,7 +103,7 @@ def paired_bootstrap_p(
     _check(system, references)
     if resamples < 2:
         raise ValueError(f"resamples must be >= 2, got {resamples}")
-    if list(baseline) == list(system) or sacre_bleu(baseline, references)[0] == sacre_bleu(system, references)[0]:
+    if sacre_bleu(baseline, references)[0] == sacre_bleu(system, references)[0]:  # identical outputs among them
         return 1.0
     test = PairedTest(
         [("baseline", list(baseline)), ("system", list(system))],

@@ -189,7 +189,7 @@ def _keep_metrics_until(path: Path, step: int) -> None:
     if not path.exists():
         return
     lines = path.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if step > 0 and _logged_step(line) <= step]
+    kept = [line for line in lines if _logged_step(line) <= step] if step > 0 else []
     if len(kept) != len(lines):
         write_text_atomic(path, "".join(line + "\n" for line in kept))
 
