@@ -611,3 +611,10 @@ def test_tt_out_modes_may_pad_an_output_size_that_factorises_badly() -> None:
         compress_(head(), "tt", filter="2", ranks=2, in_modes=[4, 4], out_modes=[6, 8])
     with pytest.raises(ValueError, match=r"on layer '2': out_modes=\[6, 8\] multiply to 48"):  # the same at a ratio
         compress_(head(), "tt", filter="2", ratio=4, in_modes=[4, 4], out_modes=[6, 8])
+    # without modes the same 37 stays one core (no padding within 10 % balances it), but 509 outputs pad to 525
+    prime = nn.Sequential(nn.Linear(32, 509))
+    x = torch.randn(5, 32)
+    compress_(prime, "tt", ratio=8)
+    layer = prime[0]
+    assert layer.padded and layer.out_modes == [7, 5, 5, 3] and len(layer.ranks) == 5
+    torch.testing.assert_close(layer(x), x @ layer.to_dense().T + layer.bias)

@@ -173,13 +173,15 @@ def test_default_modes_for_awkward_sizes(
 
 
 def test_a_full_tt_rank_list_fixes_the_number_of_cores() -> None:
-    """10 has two prime factors, but [1, 2, 2, 1] asks for three cores: modes of 1 fill the rest."""
-    linear = nn.Linear(64, 10)
-    layer = TTLinear(64, 10, ranks=[1, 2, 2, 1])
-    assert (len(layer.cores), layer.out_modes, math.prod(layer.in_modes)) == (3, [5, 2, 1], 64)
-    exact = TTLinear.from_linear(linear, ranks=[1, 20, 4, 1])  # the largest ranks these modes allow: exact
+    """6 has two prime factors, but [1, 2, 2, 1] asks for three cores: modes of 1 fill the rest ((3, 2, 1) is
+    balanced enough not to pad; 10's (5, 2, 1) is not, and pads to (3, 2, 2))."""
+    linear = nn.Linear(64, 6)
+    layer = TTLinear(64, 6, ranks=[1, 2, 2, 1])
+    assert (len(layer.cores), layer.out_modes, math.prod(layer.in_modes)) == (3, [3, 2, 1], 64)
+    exact = TTLinear.from_linear(linear, ranks=[1, 12, 4, 1])  # the largest ranks these modes allow: exact
     assert len(exact.cores) == 3
     assert_close(exact.to_dense(), linear.weight.detach(), atol=1e-5, rtol=1e-5)
+    assert TTLinear(64, 10, ranks=[1, 2, 2, 1]).out_modes == [3, 2, 2]
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -725,6 +727,29 @@ def test_padded_tt_from_linear_and_its_bounds() -> None:
         TTLinear(IN, 37, in_modes=[2, 2, 2], out_modes=[5, 4, 2])  # inputs are never padded
     with pytest.raises(ValueError, match="product is 8"):
         TuckerLinear(IN, OUT, in_modes=[3, 4], out_modes=[3, 3])  # nor are Tucker's outputs
+
+
+@pytest.mark.parametrize(
+    ("features", "ranks", "in_modes", "out_modes"),
+    [
+        ((32, 509), 2, [4, 2, 2, 2], [7, 5, 5, 3]),  # a prime: 525 rows, 16 of them padding
+        ((256, 1021), [1, 2, 2, 2, 2, 1], [4, 4, 4, 2, 2], [4, 4, 4, 4, 4]),  # the seed's 5 cores: 1024 rows
+        ((768, 50257), 2, [8, 6, 4, 4], [21, 19, 14, 9]),  # GPT-2's vocabulary
+        ((256, 1018), 2, [4, 4, 4, 4], [8, 8, 4, 4]),  # 2 x 509: as many cores as the inputs have
+        ((256, 1024), 2, [4, 4, 4, 4], [8, 8, 4, 4]),  # balanced already: never padded
+        ((256, 13), 2, [256], [13]),  # no padding within 10 % balances 13: one core, as before
+    ],
+)
+def test_default_out_modes_pad_a_size_that_factorises_badly(features, ranks, in_modes, out_modes) -> None:
+    """Omitted modes pad ``out_features`` where its own balanced factors are not balanced (a mode over twice the
+    balanced size) and padding by at most ``max_padding_rows`` balances them, instead of leaving one huge core."""
+    layer = TTLinear(*features, ranks=ranks, dtype=torch.float64)
+    assert (layer.in_modes, layer.out_modes) == (in_modes, out_modes)
+    rows = math.prod(out_modes)
+    assert layer.padded == (rows != features[1]) and rows - features[1] <= max_padding_rows(features[1])
+    if features[1] < 2000:  # the dense reconstruction of the large ones is slow in float64, and proven above
+        x = torch.randn(3, features[0], dtype=torch.float64)
+        assert_close(layer(x), x @ layer.to_dense().T + layer.bias)
 
 
 @pytest.mark.slow

@@ -788,7 +788,7 @@ above it (:func:`max_padding_rows`)."""
 
 
 def max_padding_rows(size: int, max_padding: float = MAX_PADDING) -> int:
-    """The most rows :func:`tt_vocab_modes` adds to ``size`` (``max_padding`` of it, at least one)."""
+    """The most rows :func:`tt_vocab_modes` adds to ``size``: ``max_padding`` of it, rounded down, plus one."""
     return int(size * (1 + max_padding)) + 1 - size
 
 

@@ -40,10 +40,11 @@ def resolve_modes(
     When a side is omitted it is factorised into as many balanced factors as the other side has (or
     ``default_d`` when both are omitted: lowered to the number of prime factors available, unless ``exact_d``,
     e.g. for a full list of TT ranks, which fixes the number of cores; modes of 1 then fill the rest). With
-    ``pad_out``, given ``out_modes`` may multiply to more than ``out_features``, by at most
-    :func:`~compressed_transformer.functional.tt.max_padding_rows`: the layer's last outputs are padding (a size
-    that factorises badly, such as a prime vocabulary, see :func:`~compressed_transformer.functional.tt.
-    tt_vocab_modes`).
+    ``pad_out``, ``out_modes`` may multiply to more than ``out_features``, by at most
+    :func:`~compressed_transformer.functional.tt.max_padding_rows`: the layer's last outputs are padding. Omitted
+    ``out_modes`` are then padded where ``out_features`` factorises badly (:func:`padded_modes`: a prime, say, or
+    any size with a mode more than twice the balanced ``out_features ** (1 / d)``), as a TT table pads a
+    vocabulary (:func:`~compressed_transformer.functional.tt.tt_vocab_modes`).
 
     Raises:
         ValueError: if a product differs from the features (or pads them by more than allowed), the lengths
@@ -52,12 +53,17 @@ def resolve_modes(
     if in_modes is None and out_modes is None and exact_d:
         d = default_d
     elif in_modes is None and out_modes is None:
-        # At most as many modes as prime factors, so that no mode is 1 unless d is forced by the caller.
-        d = max(1, min(default_d, len(_prime_factors(in_features)), len(_prime_factors(out_features))))
+        # At most as many modes as prime factors, so that no mode is 1 unless d is forced by the caller; a padded
+        # output side is not bound by its own prime factors.
+        d = max(1, min(default_d, len(_prime_factors(in_features))))
+        if not pad_out or padded_modes(out_features, d) is None:
+            d = max(1, min(d, len(_prime_factors(out_features))))
     else:
         d = len(in_modes if in_modes is not None else out_modes)
+    if out_modes is None:
+        out_modes = (pad_out and padded_modes(out_features, d)) or factorize(out_features, d)
     in_modes = list(in_modes) if in_modes is not None else factorize(in_features, d)
-    out_modes = list(out_modes) if out_modes is not None else factorize(out_features, d)
+    out_modes = list(out_modes)
     for name, modes, features in (("in_modes", in_modes, in_features), ("out_modes", out_modes, out_features)):
         if any(int(m) != m or m < 1 for m in modes):
             raise ValueError(f"{name} must be positive ints, got {modes}")
@@ -78,6 +84,17 @@ def resolve_modes(
     if len(in_modes) != len(out_modes):
         raise ValueError(f"in_modes and out_modes need the same length, got {in_modes} and {out_modes}")
     return [int(m) for m in in_modes], [int(m) for m in out_modes]
+
+
+def padded_modes(size: int, d: int) -> list[int] | None:
+    """``d`` balanced modes of a padded ``size`` (:func:`~compressed_transformer.functional.tt.tt_vocab_modes`)
+    when ``size``'s own ``d`` balanced factors are not balanced (a factor more than twice ``size ** (1 / d)``,
+    e.g. a prime or twice a prime) and padding by at most
+    :func:`~compressed_transformer.functional.tt.max_padding_rows` balances them; else ``None``."""
+    if factorize(size, d)[0] <= 2 * size ** (1.0 / d):
+        return None
+    modes = tt_vocab_modes(size, d)
+    return modes if math.prod(modes) != size else None
 
 
 def product_init_std(in_features: int, n_factors: int, n_paths: int) -> float:
