@@ -14,8 +14,6 @@ DATASETS = ("multi30k", "iwslt14", "plain")
 SEED_TT_RANKS = (1, 2, 2, 2, 2, 1)
 SEED_TUCKER_RANKS = 2
 
-# Qualified names of the attention projections (all nn.Linear) of every encoder and decoder layer.
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # The seed's figures (slides "Results: Multi30k" and "Results: IWSLT'14"), for comparison only
