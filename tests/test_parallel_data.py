@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import urllib.error
 from pathlib import Path
 
@@ -85,6 +86,28 @@ def test_read_lines_rejects_corrupt_files(tmp_path: Path) -> None:
         read_lines(tmp_path / "missing.txt")
 
 
+def test_corrupt_deflate_data_names_the_file(tmp_path: Path) -> None:
+    """A gzip file damaged inside its compressed data (not just cut short) raises zlib.error, which is no OSError."""
+    data = bytearray(gzip.compress(("ein satz\n" * 2000).encode()))
+    data[30:60] = bytes(b ^ 0xFF for b in data[30:60])
+    with pytest.raises(ValueError, match=r"damaged\.de\.gz is not a valid gzip file"):
+        read_lines(write(tmp_path / "damaged.de.gz", bytes(data)))
+
+
+def test_empty_files_and_a_file_for_the_data_dir(tmp_path: Path) -> None:
+    """A zero-byte .gz (an interrupted download) is no gzip file; a split without a single pair is an error naming
+    it, not an empty corpus that fails later; a file given as the data directory is not said not to exist."""
+    with pytest.raises(ValueError, match=r"train\.de\.gz is empty"):
+        read_lines(write(tmp_path / "train.de.gz", b""))
+    (tmp_path / "train.de.gz").unlink()
+    write(tmp_path / "train.de", "\n \n")
+    write(tmp_path / "train.en", "\n\n")
+    with pytest.raises(ValueError, match=r"train\.de and .*hold no sentence pairs"):
+        load_dataset("plain", tmp_path, "train")
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        load_dataset("plain", tmp_path / "train.de", "train")
+
+
 def test_read_pair_checks_counts_and_counts_empty_pairs(tmp_path: Path) -> None:
     src = write(tmp_path / "s.de", "a\n\nc\nd\n")
     tgt = write(tmp_path / "s.en", "A\nB\nC\n \n")
@@ -120,6 +143,17 @@ def test_iwslt_raw_layout_fixture(tmp_path: Path) -> None:
     assert valid.src == ["Satz 17."] and train.tgt[0] == "A title"
 
 
+def test_iwslt_raw_test_split_counts_its_empty_segments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pairs skipped in the raw XML test sets are reported in the concatenated test split."""
+    monkeypatch.setattr(parallel, "IWSLT_SEGMENTS", dict.fromkeys(parallel.IWSLT_SEGMENTS, 2))
+    empty_seg = XML.replace(" Zweiter Satz. ", " ")
+    for name in parallel.IWSLT_TEST_SETS:
+        write(tmp_path / f"IWSLT14.{name}.de-en.de.xml", empty_seg if name == "TED.tst2011" else XML)
+        write(tmp_path / f"IWSLT14.{name}.de-en.en.xml", XML)
+    test = load_dataset("iwslt14", tmp_path, "test")
+    assert len(test) == 9 and test.skipped == {"empty": 1}
+
+
 def test_iwslt_fairseq_layout_fixture(tmp_path: Path) -> None:
     folder = tmp_path / "fairseq_tok"
     folder.mkdir()
@@ -151,6 +185,41 @@ def test_download_fails_clearly_offline(tmp_path: Path, monkeypatch: pytest.Monk
         download("multi30k", tmp_path)
     with pytest.raises(FileNotFoundError, match=r"could not download .*de-en.tgz"):
         download("iwslt14", tmp_path)
+
+
+def test_download_skips_iwslt_files_already_there(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--download with the data already in place must not need the network (multi30k skips present files too)."""
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(parallel.urllib.request, "urlopen", offline)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    write(raw / "train.tags.de-en.de", TED_DE, compress=True)
+    write(raw / "train.tags.de-en.en", TED_EN, compress=True)
+    assert download("iwslt14", tmp_path) == []
+    fairseq = tmp_path / "fairseq"
+    fairseq.mkdir()
+    for lang in ("de", "en"):
+        write(fairseq / f"train.{lang}", "x\n")
+    assert download("iwslt14", fairseq) == []
+
+
+def test_download_refuses_a_wrong_multi30k_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A captive portal's page (or any wrong bytes) is not kept: it would never be fetched again."""
+
+    class Response(io.BytesIO):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *args) -> None:
+            pass
+
+    monkeypatch.setattr(parallel.urllib.request, "urlopen", lambda *a, **k: Response(b"<html>login</html>"))
+    with pytest.raises(ValueError, match=r"train\.de\.gz.*sha256"):
+        download("multi30k", tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 @needs_multi30k

@@ -22,6 +22,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import html
+import http.client
 import io
 import re
 import shutil
@@ -29,6 +30,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -202,9 +204,11 @@ def _open_bytes(path: Path) -> bytes:
     except OSError as error:
         raise ValueError(f"cannot read {path}: {error}") from error
     if path.suffix == ".gz":
+        if not data:
+            raise ValueError(f"{path} is empty (0 bytes), not a gzip file; re-download or re-compress it")
         try:
             data = gzip.decompress(data)
-        except (OSError, EOFError) as error:
+        except (OSError, EOFError, zlib.error) as error:
             raise ValueError(f"{path} is not a valid gzip file ({error}); re-download or re-compress it") from error
     return data
 
@@ -266,14 +270,20 @@ def read_pair(src_path: str | Path, tgt_path: str | Path, name: str = "", reader
     """Read aligned files and check their line counts; empty pairs are dropped and counted.
 
     Raises:
-        ValueError: if the two sides have different numbers of lines (or see :func:`read_lines`).
+        ValueError: if the two sides have different numbers of lines, or no non-empty pair (or see
+            :func:`read_lines`).
     """
     src, tgt = reader(src_path), reader(tgt_path)
     if len(src) != len(tgt):
         raise ValueError(
             f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}; the two sides must be line-aligned"
         )
-    return ParallelCorpus(src, tgt, name or str(src_path)).drop_empty()
+    corpus = ParallelCorpus(src, tgt, name or str(src_path)).drop_empty()
+    if not len(corpus):
+        raise ValueError(
+            f"{src_path} and {tgt_path} hold no sentence pairs ({len(src)} lines, each empty on one side or both)"
+        )
+    return corpus
 
 
 def _find(directory: Path, stem: str) -> Path | None:
@@ -375,6 +385,7 @@ def _iwslt(data_dir: Path, split: str, src_lang: str, tgt_lang: str) -> Parallel
         raise ValueError(f"unknown IWSLT'14 split {split!r}; use train, valid or test")
     src: list[str] = []
     tgt: list[str] = []
+    empty = 0
     for name in IWSLT_TEST_SETS:
         files = {lang: _find(root, f"IWSLT14.{name}.de-en.{lang}.xml") for lang in (src_lang, tgt_lang)}
         missing = [f"IWSLT14.{name}.de-en.{lang}.xml[.gz]" for lang, p in files.items() if p is None]
@@ -385,7 +396,8 @@ def _iwslt(data_dir: Path, split: str, src_lang: str, tgt_lang: str) -> Parallel
             raise ValueError(f"{files[src_lang]} has {len(part)} segments, expected {IWSLT_SEGMENTS[name]}")
         src += part.src
         tgt += part.tgt
-    return ParallelCorpus(src, tgt, "iwslt14/test")
+        empty += part.skipped.get("empty", 0)
+    return ParallelCorpus(src, tgt, "iwslt14/test", {"empty": empty} if empty else {})
 
 
 def _plain(data_dir: Path, split: str, src_lang: str, tgt_lang: str) -> ParallelCorpus:
@@ -407,22 +419,30 @@ def load_dataset(
     """Load one split (``train``, ``valid``, ``test``) of ``multi30k`` or ``iwslt14`` from ``data_dir``.
 
     Raises:
-        ValueError: for an unknown dataset, mismatched line counts, corrupt or non-UTF-8 files, checksum mismatch.
+        ValueError: for an unknown dataset, mismatched line counts, corrupt or non-UTF-8 files, checksum mismatch,
+            or a split without a single sentence pair.
         FileNotFoundError: if files are missing (the message says which and where to put them).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise FileNotFoundError(f"data directory {data_dir} is not a directory; pass the folder holding the files")
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data directory {data_dir} does not exist (pass --download to create and fill it)")
-    return DATASETS[name](data_dir, split, src_lang, tgt_lang)
+    corpus = DATASETS[name](data_dir, split, src_lang, tgt_lang)
+    if not len(corpus):
+        raise ValueError(
+            f"{corpus.describe()}: the {split} split in {data_dir} has no sentence pairs; are the files empty?"
+        )
+    return corpus
 
 
 def _fetch(url: str, timeout: float = 30.0) -> bytes:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             return response.read()
-    except (urllib.error.URLError, OSError, ValueError) as error:
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as error:
         raise FileNotFoundError(
             f"could not download {url} ({error}); this machine may be offline: fetch the file elsewhere and "
             "put it in the data directory"
@@ -446,11 +466,25 @@ def download(name: str, data_dir: str | Path) -> list[Path]:
             for lang in ("de", "en"):
                 target = data_dir / f"{stem}.{lang}.gz"
                 if not target.exists():
-                    target.write_bytes(_fetch(MULTI30K_URL.format(name=f"{stem}.{lang}")))
+                    url = MULTI30K_URL.format(name=f"{stem}.{lang}")
+                    data = _fetch(url)
+                    if hashlib.sha256(data).hexdigest() not in KNOWN_FILES[f"{stem}.{lang}"][0]:
+                        raise ValueError(
+                            f"{url} sent {len(data)} bytes that do not match the sha256 of {target.name} in "
+                            "SOURCES.md (a proxy or login page?); nothing was written"
+                        )
+                    target.write_bytes(data)
                     written.append(target)
         return written
     if name != "iwslt14":
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    try:
+        layout, root = _iwslt_layout(data_dir)
+    except FileNotFoundError:
+        layout, root = "", data_dir
+    stem = "train" if layout == "fairseq" else "train.tags.de-en"
+    if layout and all(_find(root, f"{stem}.{lang}") for lang in ("de", "en")):
+        return written  # the training text is there already (dev/test alone, as in /work/shared, is not enough)
     raw = data_dir / "raw"
     raw.mkdir(exist_ok=True)
     with (
