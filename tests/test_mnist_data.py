@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import io
 import struct
 import urllib.error
@@ -161,6 +162,33 @@ def test_download_verifies_and_keeps_good_files(tmp_path, monkeypatch):
     assert urls == ["http://first/tiny-labels.gz", "http://second/tiny-labels.gz"]
     np.testing.assert_array_equal(read_idx(fetched[0]), [3, 1, 4])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-labels.gz"]  # no temporary file left behind
+
+
+def test_download_cut_short_is_reported_and_cleaned_up(tmp_path, monkeypatch, capsys):
+    """A connection dropped mid-transfer (http.client.IncompleteRead, no OSError) tries the next mirror, leaves no
+    temporary file, and ends in the usual 'place the files' message; each attempt is announced on stderr."""
+
+    class CutShort(io.BytesIO):
+        def read(self, *args):
+            raise http.client.IncompleteRead(b"abc", 100)
+
+    monkeypatch.setattr(mnist.urllib.request, "urlopen", lambda url, timeout: CutShort())
+    with pytest.raises(FileNotFoundError, match=r"t10k-labels-idx1-ubyte\.gz.*IncompleteRead"):
+        mnist.download_mnist(tmp_path, mirrors=("http://first/", "http://second/"), files=[FILES["test_labels"]])
+    assert list(tmp_path.iterdir()) == []
+    err = capsys.readouterr().err
+    assert "http://first/t10k-labels-idx1-ubyte.gz" in err and "http://second/t10k-labels-idx1-ubyte.gz" in err
+
+
+def test_a_directory_in_place_of_a_file_is_named_as_such(tmp_path):
+    write_fake_mnist(tmp_path)
+    (tmp_path / FILES["train_images"].name).unlink()
+    (tmp_path / FILES["train_images"].name).mkdir()
+    for verify in (True, False):
+        with pytest.raises(FileNotFoundError, match=r"train-images-idx3-ubyte\.gz is a directory, not a file"):
+            load_mnist(tmp_path, download=True, verify=verify)
+    with pytest.raises(FileNotFoundError, match="is a directory, not a file"):
+        read_idx(tmp_path / FILES["train_images"].name)
 
 
 def test_resolve_data_dir_precedence(tmp_path, monkeypatch):

@@ -146,6 +146,7 @@ def test_iwslt_raw_layout_fixture(tmp_path: Path) -> None:
 def test_iwslt_raw_test_split_counts_its_empty_segments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Pairs skipped in the raw XML test sets are reported in the concatenated test split."""
     monkeypatch.setattr(parallel, "IWSLT_SEGMENTS", dict.fromkeys(parallel.IWSLT_SEGMENTS, 2))
+    monkeypatch.setattr(parallel, "IWSLT_RAW_KNOWN", {})
     empty_seg = XML.replace(" Zweiter Satz. ", " ")
     for name in parallel.IWSLT_TEST_SETS:
         write(tmp_path / f"IWSLT14.{name}.de-en.de.xml", empty_seg if name == "TED.tst2011" else XML)
@@ -165,6 +166,32 @@ def test_iwslt_fairseq_layout_fixture(tmp_path: Path) -> None:
     write(folder / "train.en", "only one line\n")
     with pytest.raises(ValueError, match="line-aligned"):
         load_dataset("iwslt14", tmp_path, "train")
+
+
+def test_iwslt_training_text_added_beside_dev_test_only_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/work/shared's layout (fairseq_tok/ with valid and test only) plus the missing training text: fairseq's
+    train.{de,en} put in the data directory, or the raw release unpacked into raw/ (what --download does)."""
+    monkeypatch.setattr(parallel, "IWSLT_KNOWN", {})  # one-line stand-ins for the release's valid/test files
+    tok = tmp_path / "fairseq_tok"
+    tok.mkdir()
+    for split in ("valid", "test"):
+        write(tok / f"{split}.de", f"{split} satz .\n")
+        write(tok / f"{split}.en", f"{split} sentence .\n")
+    write(tmp_path / "train.de", "ein satz .\n")
+    write(tmp_path / "train.en", "a sentence .\n")
+    assert [load_dataset("iwslt14", tmp_path, split).src for split in ("train", "valid", "test")] == [
+        ["ein satz ."],
+        ["valid satz ."],
+        ["test satz ."],
+    ]
+    for lang in ("de", "en"):
+        (tmp_path / f"train.{lang}").unlink()
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    write(raw / "train.tags.de-en.de", TED_DE + "".join(f"Satz {i}.\n" for i in range(25)))
+    write(raw / "train.tags.de-en.en", TED_EN + "".join(f"Sentence {i}.\n" for i in range(25)))
+    train = load_dataset("iwslt14", tmp_path, "train")
+    assert train.src[0] == "Ein Titel" and load_dataset("iwslt14", tmp_path, "valid").src == ["Satz 17."]
 
 
 def test_missing_files_say_where_to_put_them(tmp_path: Path) -> None:
@@ -272,6 +299,19 @@ def test_fairseq_iwslt_files_are_verified_in_every_layout(tmp_path: Path, kind: 
 
 
 @needs_iwslt
+def test_raw_iwslt_xml_files_are_verified(tmp_path: Path) -> None:
+    """The release's dev/test XML files are checked against SOURCES.md too, unpacked or not: an edited segment (same
+    number of segments) is refused."""
+    for path in (SHARED / "iwslt14/raw").glob("IWSLT14.*.xml.gz"):
+        (tmp_path / path.name.removesuffix(".gz")).write_bytes(gzip.decompress(path.read_bytes()))
+    assert len(load_dataset("iwslt14", tmp_path, "test")) == 6750
+    edited = tmp_path / "IWSLT14.TED.tst2011.de-en.en.xml"
+    edited.write_text(edited.read_text().replace("</seg>", " </seg>", 1))
+    with pytest.raises(ValueError, match=r"tst2011\.de-en\.en\.xml does not match the sha256"):
+        load_dataset("iwslt14", tmp_path, "test")
+
+
+@needs_iwslt
 def test_real_iwslt_dev_test_files() -> None:
     raw_test = load_dataset("iwslt14", SHARED / "iwslt14/raw", "test")
     assert len(raw_test) == 6750
@@ -303,6 +343,42 @@ def test_tokenizer_round_trip_and_cache(tmp_path: Path) -> None:
     (tmp_path / "spm.model").write_bytes(cached.model_proto[:40])  # a truncated (damaged) model file
     with pytest.raises(ValueError, match="not a sentencepiece model"):
         Tokenizer.load(tmp_path / "spm.model")
+
+
+def test_tokenizer_errors_say_what_is_wrong(tmp_path: Path) -> None:
+    """sentencepiece's failures get advice that fits them (the old hint, a smaller vocabulary, never did: training
+    with hard_vocab_limit=False does not fail for a large one); a bad model file is named."""
+    for texts in ([], ["", "  "]):
+        with pytest.raises(ValueError, match="no text to train"):
+            train_tokenizer(texts, vocab_size=60)
+    with pytest.raises(ValueError, match=r"vocab_size=8 is too small.*distinct character") as info:
+        train_tokenizer(CORPUS, vocab_size=8)
+    assert "try a smaller" not in str(info.value)
+    with pytest.raises(ValueError, match="vocab_size=3 is too small"):
+        train_tokenizer(CORPUS, vocab_size=3)
+    with pytest.raises(ValueError, match=r"not a sentencepiece model \(0 bytes\)"):
+        Tokenizer(b"")
+    (tmp_path / "spm.model").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"spm\.model: not a sentencepiece model"):
+        Tokenizer.load(tmp_path / "spm.model")
+
+
+def test_tokenizer_cache_survives_an_interrupted_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run killed while caching its tokenizer neither breaks the next run (a cut spm.json) nor leaves a model
+    that an older spm.json vouches for (a new spm.model beside the settings of the one it replaced)."""
+    first = load_or_train_tokenizer(tmp_path, CORPUS * 4, 60)
+    (tmp_path / "spm.json").write_text('{"vocab_size": 6')
+    assert load_or_train_tokenizer(tmp_path, CORPUS * 4, 60).model_proto == first.model_proto
+    from compressed_transformer.data import tokenizer as tokenizer_module
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tokenizer_module.json, "dumps", killed)
+        with pytest.raises(KeyboardInterrupt):
+            load_or_train_tokenizer(tmp_path, CORPUS * 4, 40)  # other settings: a new spm.model, then killed
+    assert load_or_train_tokenizer(tmp_path, CORPUS * 4, 60).model_proto == first.model_proto
 
 
 def make_pairs(n: int) -> list[tuple[list[int], list[int]]]:

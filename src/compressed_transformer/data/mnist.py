@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import os
 import shutil
 import struct
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -184,6 +186,13 @@ def resolve_data_dir(directory: str | os.PathLike[str] | None = None) -> Path:
     return DEFAULT_DATA_DIR
 
 
+def _require_file(path: Path) -> None:
+    if path.is_dir():
+        raise FileNotFoundError(f"{path} is a directory, not a file; remove it and place the file there")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+
+
 def sha256sum(path: str | os.PathLike[str]) -> str:
     """Hex SHA-256 of a file's bytes."""
     digest = hashlib.sha256()
@@ -201,8 +210,7 @@ def verify_file(path: str | os.PathLike[str], spec: MNISTFile) -> None:
         ValueError: naming the file, if its size or checksum differs.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+    _require_file(path)
     size = path.stat().st_size
     digest = sha256sum(path)
     if digest != spec.sha256:
@@ -228,8 +236,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
             code, or a length that disagrees with the header.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+    _require_file(path)
     try:
         if path.suffix == ".gz":
             with gzip.open(path, "rb") as handle:
@@ -330,23 +337,28 @@ def download_mnist(
             continue
         for mirror in mirrors:
             url = mirror + spec.name
+            print(f"MNIST: {target} is missing; downloading {url}", file=sys.stderr, flush=True)
+            tmp_path = None
             try:
                 directory.mkdir(parents=True, exist_ok=True)
                 with (
                     urllib.request.urlopen(url, timeout=timeout) as response,
                     tempfile.NamedTemporaryFile(dir=directory, prefix=f".{spec.name}.", delete=False) as tmp,
                 ):
+                    tmp_path = Path(tmp.name)
                     shutil.copyfileobj(response, tmp)
-                tmp_path = Path(tmp.name)
                 if sha256sum(tmp_path) != spec.sha256:
-                    tmp_path.unlink()
                     errors.append(f"{url}: checksum mismatch")
                     continue
                 tmp_path.replace(target)
+                tmp_path = None
                 fetched.append(target)
                 break
-            except (urllib.error.URLError, OSError, TimeoutError) as error:
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
                 errors.append(f"{url}: {error}")
+            finally:
+                if tmp_path is not None:
+                    tmp_path.unlink(missing_ok=True)
         else:
             missing.append(spec)
     if missing:
@@ -407,6 +419,9 @@ def load_mnist(
             inconsistent counts.
     """
     folder = resolve_data_dir(directory)
+    for spec in FILES.values():
+        if (folder / spec.name).is_dir():
+            _require_file(folder / spec.name)
     missing = [spec for spec in FILES.values() if not (folder / spec.name).is_file()]
     if missing:
         if not download:

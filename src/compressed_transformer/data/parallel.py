@@ -5,13 +5,15 @@ Layouts under a user-chosen data directory (see ``/work/shared/data/*/SOURCES.md
 * **Multi30k**: ``{train,val,test_2016_flickr}.{de,en}[.gz]`` (the multi30k/dataset ``data/task1/raw`` files).
 * **IWSLT'14, fairseq layout**: ``{train,valid,test}.{de,en}[.gz]`` as written by fairseq's
   ``prepare-iwslt14.sh`` (Moses-tokenised, lowercased; ``@@ `` BPE markers, if any, are removed), in the data
-  directory or its ``fairseq_tok/`` or ``fairseq_bpe/`` subfolder.
+  directory or its ``fairseq_tok/``, ``fairseq/``, ``iwslt14.tokenized.de-en/`` or ``fairseq_bpe/`` subfolder (each
+  split from the first of these that holds it).
 * **IWSLT'14, raw layout**: the release's ``train.tags.de-en.{de,en}`` (TED metadata tag lines skipped, title and
-  description text kept, as fairseq does) and the ``IWSLT14.TED*.de-en.{de,en}.xml`` dev/test files, in the data
-  directory or its ``raw/`` or ``de-en/`` subfolder. Validation is every 23rd training pair (fairseq's rule; fairseq
-  applies it after Moses tokenisation and its length / ratio cleaning, which the raw text has not had, so these are
-  not fairseq's 7,283 pairs: use the fairseq layout for that split), test the concatenation dev2010, TEDX.dev2012,
-  tst2010, tst2011, tst2012 (6,750 pairs).
+  description text kept, as fairseq does) and the ``IWSLT14.TED*.de-en.{de,en}.xml[.gz]`` dev/test files, in the
+  data directory or its ``raw/``, ``de-en/`` or ``orig/de-en/`` subfolder. The layout holding training text wins,
+  so the raw release unpacked beside fairseq's dev/test-only files (``/work/shared``'s) is used whole. Validation
+  is every 23rd training pair (fairseq's rule; fairseq applies it after Moses tokenisation and its length / ratio
+  cleaning, which the raw text has not had, so these are not fairseq's 7,283 pairs: use the fairseq layout for that
+  split), test the concatenation dev2010, TEDX.dev2012, tst2010, tst2011, tst2012 (6,750 pairs).
 
 Every reader checks that both sides have the same number of lines; files listed in ``SOURCES.md`` are checked against
 their sha256 and line counts; empty pairs are skipped and counted, never silently.
@@ -152,6 +154,49 @@ IWSLT_KNOWN: dict[str, tuple[set[str], int]] = {
         },
         7283,
     ),
+}
+# sha256 of the release's dev/test XML files (gzipped as in SOURCES.md, and uncompressed), by set and language.
+IWSLT_RAW_KNOWN: dict[str, set[str]] = {
+    "TED.dev2010.de": {
+        "157b184cbd3cf748439ed397e0673bd2229f33b95a9600301c996da73be45416",
+        "6bb2e8272bc49a4f19df2150a482a1b856fa6a2d6b289d3a80ac6b4ff66070fe",
+    },
+    "TED.dev2010.en": {
+        "b753294b6817474672eec2c40f6caaf327ec9c80d565840021a36ff9b0d9c2a9",
+        "5c860ebb64d4ecdc65800c7ba59732d27cff8b296fa7eeafbcd4614a2c572700",
+    },
+    "TED.tst2010.de": {
+        "0f5402387805da7959de0a525a1bc02c67a89cdb402bd23f612595cf4f67b707",
+        "5648c0a3a6e5eb3ab6fbdfbdeca69a20a1637a37361e337ab47418d71972880d",
+    },
+    "TED.tst2010.en": {
+        "02e5c2c5f67325766f4b1e81c17c05e17d707bd6fdb1321f912e59fafea843e5",
+        "fa9ce190959320cb5a5a68358ad793e5863621f87a28e9f4312110ac5b842efc",
+    },
+    "TED.tst2011.de": {
+        "0bc0efcfff455de92e6f7597425b7eea3bd33ee54071fb6234033f8ab36fcbd0",
+        "a70163216273ab5622cbbb19fea6dfde42ab6d3ad70374444323e65f71837735",
+    },
+    "TED.tst2011.en": {
+        "db687386e95a0098a3c3ae1997d9ac244910ac21d2662d771c0d554363466c3f",
+        "d350eac4cb6f0cf3e787c9e82b8074bdc7e58c4ca7d650c9b97de8a677068695",
+    },
+    "TED.tst2012.de": {
+        "9b71a34d313fc35bb7186d2daf13361dceee3fd3db7407fad885eb11cc4aeeff",
+        "edf69bd9e41acd93e13d01f55a2906b7be0f69cd90a46e343294dfd3190db952",
+    },
+    "TED.tst2012.en": {
+        "fe65e05a84ae6033343a4e21b490bc0599c9e0c7fcc256bf3974d5321c4e4861",
+        "cd73e997ce078699863278daef06b9a226d1adbec4c3cac91a0894d7eab5c1f8",
+    },
+    "TEDX.dev2012.de": {
+        "3a672acb319e45f2a9ad9509542fa1e10786197c9cc6ecfe3ff0f83991d9510c",
+        "e818a77a43e18ec4726a698e5aa9c438e0cd4b82d4edd27286163bee44e85604",
+    },
+    "TEDX.dev2012.en": {
+        "3b1d9b6e947ed64051ba7c6fb104b4b4f57c63bb3e6c402fff0499a9ae705453",
+        "a5de03e0e18cf5ad4b2b4ba66f11510a8576fa1a7c172190860cabfd17bff99a",
+    },
 }
 IWSLT_TEST_SETS = ("TED.dev2010", "TEDX.dev2012", "TED.tst2010", "TED.tst2011", "TED.tst2012")
 IWSLT_SEGMENTS = {
@@ -304,6 +349,10 @@ def _verify(path: Path, known: tuple[set[str], int] | None, lines: int) -> None:
     digests, count = known
     if lines != count:
         raise ValueError(f"{path} has {lines} lines, expected {count}; the file is truncated or not the release file")
+    _verify_sha256(path, digests)
+
+
+def _verify_sha256(path: Path, digests: set[str]) -> None:
     if (
         digests
         and _sha256(path, False) not in digests
@@ -331,12 +380,25 @@ def _strip_bpe(lines: list[str]) -> list[str]:
     return [re.sub(r"@@( |$)", "", line) for line in lines]
 
 
+_IWSLT_DIRS = {
+    "fairseq": (".", "fairseq_tok", "fairseq", "iwslt14.tokenized.de-en", "fairseq_bpe"),
+    "raw": (".", "raw", "de-en", "orig/de-en"),
+}
+
+
 def _iwslt_layout(data_dir: Path) -> tuple[str, Path]:
-    for sub in (".", "fairseq_tok", "fairseq", "iwslt14.tokenized.de-en", "fairseq_bpe"):
-        if any(_find(data_dir / sub, f"{split}.de") for split in ("train", "valid", "test")):
+    """The layout (``fairseq`` or ``raw``) and its folder: the first one holding training text, else the first
+    holding any IWSLT'14 file, so that training text added beside dev/test-only files of the other layout is used."""
+    train = {"fairseq": "train.de", "raw": "train.tags.de-en.de"}
+    for layout, subs in _IWSLT_DIRS.items():
+        for sub in subs:
+            if _find(data_dir / sub, train[layout]):
+                return layout, data_dir / sub
+    for sub in _IWSLT_DIRS["fairseq"]:
+        if any(_find(data_dir / sub, f"{split}.de") for split in ("valid", "test")):
             return "fairseq", data_dir / sub
-    for sub in (".", "raw", "de-en", "orig/de-en"):
-        if _find(data_dir / sub, "train.tags.de-en.de") or list((data_dir / sub).glob("IWSLT14.*.xml*")):
+    for sub in _IWSLT_DIRS["raw"]:
+        if list((data_dir / sub).glob("IWSLT14.*.xml*")):
             return "raw", data_dir / sub
     raise FileNotFoundError(
         f"no IWSLT'14 de-en files found in {data_dir}. Put fairseq's prepared train/valid/test.{{de,en}} there "
@@ -345,10 +407,19 @@ def _iwslt_layout(data_dir: Path) -> tuple[str, Path]:
     )
 
 
+def _iwslt_dir(data_dir: Path, layout: str, root: Path, stem: str) -> Path:
+    """``root`` if it holds ``stem``, else the first other folder of the layout that does (else ``root``)."""
+    for folder in (root, *(data_dir / sub for sub in _IWSLT_DIRS[layout])):
+        if _find(folder, stem):
+            return folder
+    return root
+
+
 def _iwslt(data_dir: Path, split: str, src_lang: str, tgt_lang: str) -> ParallelCorpus:
     layout, root = _iwslt_layout(data_dir)
     split = {"val": "valid", "dev": "valid"}.get(split, split)
     if layout == "fairseq":
+        root = _iwslt_dir(data_dir, layout, root, f"{split}.{src_lang}")
         paths = {lang: _find(root, f"{split}.{lang}") for lang in (src_lang, tgt_lang)}
         missing = [f"{root / split}.{lang}" for lang, p in paths.items() if p is None]
         if missing:
@@ -387,6 +458,7 @@ def _iwslt(data_dir: Path, split: str, src_lang: str, tgt_lang: str) -> Parallel
     tgt: list[str] = []
     empty = 0
     for name in IWSLT_TEST_SETS:
+        root = _iwslt_dir(data_dir, layout, root, f"IWSLT14.{name}.de-en.{src_lang}.xml")
         files = {lang: _find(root, f"IWSLT14.{name}.de-en.{lang}.xml") for lang in (src_lang, tgt_lang)}
         missing = [f"IWSLT14.{name}.de-en.{lang}.xml[.gz]" for lang, p in files.items() if p is None]
         if missing:
@@ -394,6 +466,8 @@ def _iwslt(data_dir: Path, split: str, src_lang: str, tgt_lang: str) -> Parallel
         part = read_pair(files[src_lang], files[tgt_lang], name, reader=read_xml_segments)
         if len(part) + part.skipped.get("empty", 0) != IWSLT_SEGMENTS[name]:
             raise ValueError(f"{files[src_lang]} has {len(part)} segments, expected {IWSLT_SEGMENTS[name]}")
+        for lang, path in files.items():
+            _verify_sha256(path, IWSLT_RAW_KNOWN.get(f"{name}.{lang}", set()))
         src += part.src
         tgt += part.tgt
         empty += part.skipped.get("empty", 0)
@@ -450,13 +524,15 @@ def _fetch(url: str, timeout: float = 30.0) -> bytes:
 
 
 def download(name: str, data_dir: str | Path) -> list[Path]:
-    """Fetch the public files of ``name`` into ``data_dir`` (Multi30k raw ``.gz``; IWSLT'14 ``de-en.tgz``).
+    """Fetch the public files of ``name`` into ``data_dir`` (Multi30k raw ``.gz``; IWSLT'14 ``de-en.tgz``, unpacked
+    into ``raw/``). Files already there are kept: Multi30k's one by one, IWSLT'14's when its training text is found.
 
     Returns:
         The files written.
 
     Raises:
         FileNotFoundError: when a download fails (e.g. no internet), naming the URL.
+        ValueError: when a downloaded Multi30k file does not match its sha256 (it is not written).
     """
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)

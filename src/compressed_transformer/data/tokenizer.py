@@ -33,6 +33,8 @@ class Tokenizer:
 
     def __init__(self, model_proto: bytes) -> None:
         self.model_proto = bytes(model_proto)
+        if not self.model_proto:
+            raise ValueError("not a sentencepiece model (0 bytes)")
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
         except RuntimeError as error:  # sentencepiece's parse error
@@ -47,7 +49,16 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        return cls(Path(path).read_bytes())
+        """The tokenizer saved at ``path``.
+
+        Raises:
+            FileNotFoundError: if ``path`` does not exist.
+            ValueError: naming ``path``, if it is not a sentencepiece model with this class's special ids.
+        """
+        try:
+            return cls(Path(path).read_bytes())
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
 
     def save(self, path: str | Path) -> None:
         Path(path).write_bytes(self.model_proto)
@@ -82,15 +93,24 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, model_type: st
         seed: unused by BPE; recorded for unigram's sampling (which sentencepiece seeds itself).
 
     Raises:
-        ValueError: for an unknown model type, or a vocabulary too large for the text.
+        ValueError: for an unknown model type, no non-empty text, or a vocabulary smaller than the special ids plus
+            the distinct characters of the text.
     """
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"sentencepiece model_type must be 'bpe' or 'unigram', got {model_type!r}")
     del seed
+    texts = list(texts)
+    if not any(text.strip() for text in texts):
+        raise ValueError(f"no text to train the tokenizer on ({len(texts)} sentences, all empty)")
+    too_small = (
+        f"vocab_size={vocab_size} is too small: it needs the 4 special ids plus every distinct character of the text"
+    )
+    if vocab_size <= 4:
+        raise ValueError(too_small)
     stream = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(list(texts)),
+            sentence_iterator=iter(texts),
             model_writer=stream,
             vocab_size=vocab_size,
             hard_vocab_limit=False,  # small corpora get fewer pieces instead of an error
@@ -106,7 +126,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, model_type: st
             minloglevel=2,
         )
     except RuntimeError as error:
-        raise ValueError(f"sentencepiece training failed ({error}); try a smaller --vocab-size") from error
+        if "required_chars" in str(error):
+            raise ValueError(f"{too_small} (sentencepiece: {error})") from None
+        raise ValueError(f"sentencepiece training failed ({error})") from error
     return Tokenizer(stream.getvalue())
 
 
@@ -118,10 +140,16 @@ def load_or_train_tokenizer(
     digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()
     settings = {"vocab_size": vocab_size, "model_type": model_type, "text_sha256": digest}
     model_path, meta_path = directory / "spm.model", directory / "spm.json"
-    if model_path.exists() and meta_path.exists() and json.loads(meta_path.read_text()) == settings:
-        return Tokenizer.load(model_path)
+    if model_path.exists() and meta_path.exists():
+        try:
+            cached = json.loads(meta_path.read_text()) == settings
+        except json.JSONDecodeError:  # cut short by an interrupted run: train again
+            cached = False
+        if cached:
+            return Tokenizer.load(model_path)
     tokenizer = train_tokenizer(texts, vocab_size, model_type)
     directory.mkdir(parents=True, exist_ok=True)
+    meta_path.unlink(missing_ok=True)  # no spm.json may vouch for a model being replaced, if this is interrupted
     tokenizer.save(model_path)
     meta_path.write_text(json.dumps(settings, indent=1) + "\n")
     return tokenizer
