@@ -370,3 +370,85 @@ def test_corrupt_packed_layers_and_aliases_get_clear_errors(tmp_path) -> None:
         load_compressed_(mlp(1), tmp_path / "not-pruned.safetensors")
     with pytest.raises(ValueError, match="reserved"):
         save_compressed(model, path, metadata={"aliases": "{}"})
+
+
+def test_a_saved_compressed_layer_that_is_the_whole_model_is_refused_on_a_dense_one(tmp_path) -> None:
+    torch.manual_seed(0)
+    path = tmp_path / "layer.safetensors"
+    save_compressed(TTLinear.from_linear(nn.Linear(16, 32), ranks=2), path)
+    dense = nn.Linear(16, 32)
+    with pytest.raises(ValueError, match=r"the saved model is itself a 'tt' layer.*TTLinear\(16, 32"):
+        load_compressed_(dense, path)
+    assert list(dense.named_children()) == []  # not given a child named ''
+    same = TTLinear(16, 32, **layer_structure(TTLinear.from_linear(nn.Linear(16, 32), ranks=2))[""]["options"])
+    load_compressed_(same, path)  # the same structure loads
+
+
+def _rewrite_header(path, out, **changes: str) -> None:
+    save_file(load_file(path), str(out), metadata={**read_structure(path)[1], **changes})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("compressed_layers", "[]", "compressed-layer structure .* must be a JSON object"),
+        ("compressed_layers", '"x"', "compressed-layer structure .* must be a JSON object"),
+        ("compressed_layers", '{"0": {"method": ["tt"]}}', "invalid structure entry for layer '0'"),
+        ("packed_layers", "{}", "packed-layer list .* must be a JSON list of names"),
+        ("packed_layers", "null", "packed-layer list .* must be a JSON list of names"),
+        ("aliases", "[]", "alias list .* must be a JSON object of names"),
+        ("aliases", '{"0.bias": 5}', "alias list .* must be a JSON object of names"),
+    ],
+)
+def test_headers_of_the_wrong_json_type_get_clear_errors(tmp_path, key: str, value: str, message: str) -> None:
+    model = mlp(0)
+    compress_(model, "prune", filter="^0$", sparsity=0.8)
+    path, tampered = tmp_path / "m.safetensors", tmp_path / "tampered.safetensors"
+    save_compressed(model, path)
+    _rewrite_header(path, tampered, **{key: value})
+    with pytest.raises(ValueError, match=message):
+        load_compressed_(mlp(1), tampered)
+
+
+def test_a_projection_tied_to_an_unrecorded_table_names_it(tmp_path) -> None:
+    model = TinyLM(0)
+    compress_embeddings_(model, rank=4)
+    path, tampered = tmp_path / "lm.safetensors", tmp_path / "tampered.safetensors"
+    save_compressed(model, path)
+    structure = read_structure(path)[0]
+    structure["head"]["tied_to"] = "hidden"
+    _rewrite_header(path, tampered, compressed_layers=json.dumps(structure))
+    fresh = TinyLM(1)
+    with pytest.raises(ValueError, match="'head' is recorded as tied to 'hidden', which the file does not record as"):
+        load_compressed_(fresh, tampered)
+    assert isinstance(fresh.embed, nn.Embedding)  # left untouched
+
+
+def test_bad_devices_are_reported_before_the_model_changes(tmp_path) -> None:
+    model = encoder_layer(0)
+    compress_(model, "svd", filter="linear1", rank=4)
+    path = tmp_path / "m.safetensors"
+    save_compressed(model, path)
+    fresh = encoder_layer(1)
+    with pytest.raises(ValueError, match=r"cannot load onto device 'gpu0': Invalid device string"):
+        load_compressed_(fresh, path, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"cannot load onto device 'cuda'"):
+            load_compressed_(fresh, path, device="cuda")
+    assert isinstance(fresh.linear1, nn.Linear)
+    load_compressed_(fresh, path, device=torch.device("cpu"))
+    assert torch.equal(fresh.linear1.left, model.linear1.left)
+
+
+def test_compressed_layers_the_file_stores_dense_are_named(tmp_path) -> None:
+    path = tmp_path / "m.safetensors"
+    model = encoder_layer(0)
+    compress_(model, "svd", filter="linear1", rank=4)
+    save_compressed(model, path)
+    other = encoder_layer(1)
+    compress_(other, "tt", ranks=2)  # linear2 too, which the file stores as an nn.Linear
+    with pytest.raises(ValueError, match=r"'linear2' \(TTLinear\).*stores them dense"):
+        load_compressed_(other, path)
+    assert isinstance(other.linear1, TTLinear)  # refused before any change
+    load_compressed_(other, path, strict=False)  # as load_state_dict(strict=False): the rest is left as it is
+    assert isinstance(other.linear1, LowRankLinear) and isinstance(other.linear2, TTLinear)

@@ -139,3 +139,61 @@ def test_a_two_process_run_resumes_exactly(tmp_path: Path) -> None:
     assert straight["position"] == resumed["position"]
     for name, value in straight["model"].items():
         torch.testing.assert_close(resumed["model"][name], value, atol=0, rtol=0, msg=name)
+
+
+MAIN_FIRST_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from compressed_transformer.train import distributed
+
+    ctx = distributed.setup("cpu")
+    out = Path(sys.argv[1])
+
+    def write() -> str:
+        if sys.argv[2] == "fail":
+            raise OSError("no route to host")
+        (out / "file.txt").write_text("written by rank 0")
+        return "done"
+
+    try:
+        result = distributed.main_first(ctx, write)
+        # the other ranks read what rank 0 wrote, and only rank 0 gets fn's result
+        print(f"rank {ctx.rank}: {result} {(out / 'file.txt').read_text()}", flush=True)
+    except Exception as error:
+        print(f"rank {ctx.rank} raised {type(error).__name__}: {error}", flush=True)
+    finally:
+        distributed.cleanup()
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outcome", ["ok", "fail"])
+def test_main_first_runs_on_rank_0_and_stops_every_rank_when_it_fails(tmp_path: Path, outcome: str) -> None:
+    """What rank 0 writes (the downloaded data, the tokenizer) is there when the others read it; when rank 0 fails
+    (no internet for a download), every rank stops with its error instead of waiting until the collective timeout."""
+    script = tmp_path / "main_first.py"
+    script.write_text(MAIN_FIRST_SCRIPT)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            str(script),
+            str(tmp_path),
+            outcome,
+        ],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    if outcome == "ok":
+        assert "rank 0: done written by rank 0" in run.stdout and "rank 1: None written by rank 0" in run.stdout
+    else:
+        assert "rank 0 raised OSError: no route to host" in run.stdout
+        assert "rank 1 raised RuntimeError: rank 0 failed, so rank 1 stops too: OSError: no route to host" in run.stdout

@@ -322,3 +322,58 @@ def test_a_study_row_folder_resumes_with_translate_train(tmp_path: Path, capsys:
         state = load_checkpoint(folder / "checkpoint_last.pt")
         assert state["position"]["global_step"] == steps + 2
         assert type(load_model(state).src_embed).__name__ == table
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-steps", "-5"], "--max-steps must be >= 0, got -5"),
+        (["--vocab-size", "0"], "--vocab-size must be >= 1, got 0"),
+        (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+        (["--max-minutes", "inf"], "--max-minutes must be a finite number >= 0, got inf"),
+        (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+        (["--kl-weight", "-0.5"], "--kl-weight must be a finite number >= 0, got -0.5"),
+        (["--device", "gpu0"], "--device 'gpu0' is not a device: use auto, cpu, cuda or cuda:N"),
+        (["--attn-opt", "rank=3"], "--attn-opt needs --attn METHOD"),
+        (["--embed-opt", "rank=3"], "--embed-opt needs --embed METHOD"),
+        (["--ffn-opt", "rank=3"], "--ffn-opt needs a compressed --ffn METHOD; the FFN is dense"),
+        (["--config", "."], "config file . is a folder, not a file"),
+    ],
+)
+def test_bad_training_flags_get_one_line_errors_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, flags: list[str], message: str
+) -> None:
+    monkeypatch.setattr("compressed_transformer.train.trainer.train", lambda *a, **k: pytest.fail("training started"))
+    data = write_corpus(tmp_path / "data")
+    argv = ["translate", "train", "--dataset", "plain", "--data-dir", str(data), "--out", str(tmp_path / "r")]
+    assert cli.main([*argv, "--max-steps", "1", *flags]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("action", ["eval", "translate"])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--beam", "0"], "--beam must be >= 1, got 0"),
+        (["--max-tokens", "0"], "--max-tokens must be >= 1, got 0"),
+        (["--length-penalty", "nan"], "--length-penalty must be a finite number, got nan"),
+        (["--device", "cuda:x"], "--device 'cuda:x' is not a device: use auto, cpu, cuda or cuda:N"),
+    ],
+)
+def test_bad_decoding_flags_get_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture, action: str, flags: list[str], message: str
+) -> None:
+    text = tmp_path / "a.de"
+    text.write_text("ein hund\n")
+    files = ["--src", str(text), "--ref", str(text)] if action == "eval" else ["--input", str(text)]
+    assert cli.main(["translate", action, "--checkpoint", str(tmp_path / "none.pt"), *files, *flags]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_the_ffn_help_lists_every_method(capsys: pytest.CaptureFixture) -> None:
+    from compressed_transformer.models.transformer import FFN_METHODS
+
+    with pytest.raises(SystemExit):
+        parser().parse_args(["translate", "train", "--help"])
+    assert f"--ffn FFN FFN method: {', '.join(FFN_METHODS)} " in " ".join(capsys.readouterr().out.split())

@@ -147,9 +147,12 @@ def _first_factor(module: nn.Module) -> torch.Tensor | None:
 
 def _fields(name: str, spec: Any, keys: tuple[str, ...]) -> tuple:
     try:
-        return (*(spec[k] for k in keys), dict(spec["options"]))
+        fields = (*(spec[k] for k in keys), spec["options"])
     except (KeyError, TypeError) as error:
         raise ValueError(f"invalid structure entry for layer {name!r}: {spec!r} ({error!r} missing)") from None
+    if not isinstance(fields[-1], dict):
+        raise ValueError(f"invalid structure entry for layer {name!r}: {spec!r} (options must be an object)")
+    return (*fields[:-1], dict(fields[-1]))
 
 
 def _build(name: str, module: nn.Module, what: str, build: Callable[..., nn.Module]) -> nn.Module:
@@ -178,6 +181,8 @@ def _new_embedding(name: str, module: nn.Module, spec: dict[str, Any]) -> nn.Mod
 def _new_linear(name: str, module: nn.Module, spec: dict[str, Any]) -> nn.Module:
     in_features, out_features, bias, options = _fields(name, spec, ("in_features", "out_features", "bias"))
     method = spec["method"]
+    if not isinstance(bias, bool):
+        raise ValueError(f"invalid structure entry for layer {name!r}: {spec!r} (bias must be true or false)")
     if method not in METHODS:
         raise ValueError(
             f"layer {name!r}: unknown method {method!r}; known: {', '.join([*METHODS, *EMBEDDING_METHODS])}"
@@ -185,12 +190,12 @@ def _new_linear(name: str, module: nn.Module, spec: dict[str, Any]) -> nn.Module
     if not isinstance(module, (nn.Linear, *COMPRESSED_LAYERS)):
         raise ValueError(f"module {name!r} is a {type(module).__name__}; expected nn.Linear or a compressed layer")
     found = (module.in_features, module.out_features, module.bias is not None)
-    if found != (in_features, out_features, bool(bias)):
+    if found != (in_features, out_features, bias):
         raise ValueError(
             f"module {name!r} is {type(module).__name__}(in={found[0]}, out={found[1]}, bias={found[2]}) but the "
             f"saved layer is {in_features}->{out_features}, bias={bias}"
         )
-    build = functools.partial(METHODS[method], in_features, out_features, bool(bias), **options)
+    build = functools.partial(METHODS[method], in_features, out_features, bias, **options)
     return _build(name, module, f"{method!r} with options {options}", build)
 
 
@@ -205,8 +210,9 @@ def restructure_(model: nn.Module, structure: dict[str, dict[str, Any]]) -> nn.M
         ``model``.
 
     Raises:
-        ValueError: for a name that ``model`` lacks, a module there of another kind or size, or an invalid
-            structure entry.
+        ValueError: for a name that ``model`` lacks, a module there of another kind or size, an invalid
+            structure entry, or a compressed layer recorded as the whole model (``""``: a module cannot replace
+            itself) that ``model`` does not already have.
     """
     modules = dict(model.named_modules())
     current = _structure_by_module(model)
@@ -214,7 +220,7 @@ def restructure_(model: nn.Module, structure: dict[str, dict[str, Any]]) -> nn.M
     swaps = []
     ordered = sorted(structure.items(), key=lambda item: not isinstance(item[1], dict) or "tied_to" in item[1])
     for name, spec in ordered:  # tables before the projections tied to them
-        if not isinstance(spec, dict) or "method" not in spec:
+        if not isinstance(spec, dict) or not isinstance(spec.get("method"), str):
             raise ValueError(f"invalid structure entry for layer {name!r}: {spec!r}")
         module = modules.get(name)
         if module is None:
@@ -226,8 +232,18 @@ def restructure_(model: nn.Module, structure: dict[str, dict[str, Any]]) -> nn.M
             layer = _new_embedding(name, module, spec)
         else:
             layer = _new_linear(name, module, spec)
+        if name == "":
+            raise ValueError(
+                f"the saved model is itself a {spec['method']!r} layer, which this {type(module).__name__} cannot "
+                f"become in place: build {_signature(layer, spec)} and load the file into it"
+            )
         if "tied_to" in spec:
-            _tie(name, layer, built.get(spec["tied_to"]), spec["tied_to"])
+            if spec["tied_to"] not in built:
+                raise ValueError(
+                    f"layer {name!r} is recorded as tied to {spec['tied_to']!r}, which the file does not record as "
+                    "a compressed table"
+                )
+            _tie(name, layer, built[spec["tied_to"]], spec["tied_to"])
         built[name] = layer
         swaps.append((module, layer))
     aliases = module_aliases(model)
@@ -236,7 +252,17 @@ def restructure_(model: nn.Module, structure: dict[str, dict[str, Any]]) -> nn.M
     return model
 
 
-def _tie(name: str, layer: nn.Module, table: nn.Module | None, table_name: str) -> None:
+def _signature(layer: nn.Module, spec: dict[str, Any]) -> str:
+    """The constructor call that builds ``layer`` of ``spec``, for messages."""
+    if spec["method"] in EMBEDDING_METHODS:
+        args = [layer.num_embeddings, layer.embedding_dim, f"padding_idx={layer.padding_idx}"]
+    else:
+        args = [layer.in_features, layer.out_features, f"bias={layer.bias is not None}"]
+    options = [f"{key}={value!r}" for key, value in spec["options"].items()]
+    return f"{type(layer).__name__}({', '.join(map(str, [*args, *options]))})"
+
+
+def _tie(name: str, layer: nn.Module, table: nn.Module, table_name: str) -> None:
     """Make the projection ``layer`` share the factors / cores of ``table``."""
     try:
         tie_projection_(layer, table)
@@ -376,6 +402,9 @@ def read_structure(path: str | os.PathLike) -> tuple[dict[str, dict[str, Any]], 
         structure = json.loads(header[_LAYERS_KEY])
     except (KeyError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: unreadable compressed-layer structure in the header ({error})") from None
+    if not isinstance(structure, dict):
+        kind = type(structure).__name__
+        raise ValueError(f"{path}: the compressed-layer structure in the header must be a JSON object, got {kind}")
     return structure, header
 
 
@@ -387,7 +416,8 @@ def load_compressed_(
     Args:
         model: the original architecture (dense where the saved model was compressed) or the same compressed model.
         path: a file written by :func:`save_compressed`.
-        strict: require every tensor of the file and of ``model`` to match, as ``load_state_dict`` does.
+        strict: require every tensor of the file and of ``model`` to match, as ``load_state_dict`` does (and so
+            refuse a ``model`` with compressed layers that the file stores dense).
         device: where the tensors are read to before they are copied into ``model``.
 
     Returns:
@@ -395,33 +425,90 @@ def load_compressed_(
 
     Raises:
         FileNotFoundError, ValueError: see :func:`read_structure` and :func:`restructure_` (which leave ``model``
-            untouched); ``ValueError`` also when the weights do not fit (missing or unexpected tensors under
-            ``strict``, other shapes), after ``model`` has been given its new layers.
+            untouched), as for a ``device`` the tensors cannot be read to, a header that does not describe the
+            file's tensors, or (under ``strict``) compressed layers of ``model`` that the file stores dense;
+            ``ValueError`` also when the weights do not fit (missing or unexpected tensors under ``strict``, other
+            shapes), after ``model`` has been given its new layers.
     """
     structure, header = read_structure(path)
-    restructure_(model, structure)
-    path = os.fspath(path)
+    path, device = os.fspath(path), _device(device)
+    if strict:
+        _check_recorded(model, structure, path)
+    if header[_FORMAT_KEY] == _DENSE_FORMAT:
+        restructure_(model, structure)
+        state = None
+    else:
+        tensors, packed = _read_tensors(path, header, device)
+        restructure_(model, structure)
+        state = _unpack(model, path, tensors, packed)
     try:
-        if header[_FORMAT_KEY] == _DENSE_FORMAT:
+        if state is None:
             load_model(model, path, strict=strict, device=str(device))
         else:
-            model.load_state_dict(_read_state(model, path, header, str(device)), strict=strict)
+            model.load_state_dict(state, strict=strict)
     except RuntimeError as error:
         raise ValueError(f"the weights in {path} do not fit the model: {error}") from error
     return model
 
 
-def _read_state(model: nn.Module, path: str, header: dict[str, str], device: str) -> dict[str, torch.Tensor]:
-    """The ``state_dict`` stored in a file of the current format: pruned layers unpacked, aliases restored."""
-    state = load_file(path, device=device)
+def _device(device: str | torch.device) -> torch.device:
+    """``device``, checked to hold tensors here.
+
+    Raises:
+        ValueError: for a malformed device or one this machine lacks.
+    """
+    try:
+        resolved = torch.device(device)
+        torch.empty(0, device=resolved)
+    except (RuntimeError, AssertionError, TypeError) as error:  # torch asserts a backend it was not built with
+        raise ValueError(f"cannot load onto device {device!r}: {error}") from None
+    return resolved
+
+
+def _check_recorded(model: nn.Module, structure: dict[str, Any], path: str) -> None:
+    """Refuse the compressed layers of ``model`` that ``structure`` does not record (the file stores them dense):
+    their factors would be missing from the file, and its dense weights unexpected.
+
+    Raises:
+        ValueError: naming them.
+    """
+    modules = dict(model.named_modules())
+    dense = [f"{name!r} ({type(modules[name]).__name__})" for name in layer_structure(model) if name not in structure]
+    if dense:
+        raise ValueError(
+            f"{path}: the model's layers {', '.join(dense)} are compressed, but the file stores them dense; load "
+            "into a model built dense there (or pass strict=False to leave them as they are)"
+        )
+
+
+def _read_tensors(path: str, header: dict[str, str], device: torch.device) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The tensors of a file of the current format, each under all its names (aliases restored), and the names of
+    its packed pruned layers.
+
+    Raises:
+        ValueError: for a header that does not describe the tensors, or tensors that cannot be read to ``device``.
+    """
     try:
         packed, aliases = json.loads(header[_PACKED_KEY]), json.loads(header[_ALIASES_KEY])
     except (KeyError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: unreadable packed-layer or alias list in the header ({error})") from None
+    if not isinstance(packed, list) or not all(isinstance(name, str) for name in packed):
+        raise ValueError(f"{path}: the packed-layer list in the header must be a JSON list of names, got {packed!r}")
+    if not isinstance(aliases, dict) or not all(isinstance(name, str) for name in aliases.values()):
+        raise ValueError(f"{path}: the alias list in the header must be a JSON object of names, got {aliases!r}")
+    try:
+        state = load_file(path, device=str(device))
+    except Exception as error:  # safetensors and the device backends raise their own error types
+        raise ValueError(f"cannot read the tensors of {path} onto device {str(device)!r}: {error}") from error
     for alias, name in aliases.items():
         if name not in state:
             raise ValueError(f"{path}: {alias!r} is recorded as an alias of {name!r}, which the file lacks")
         state[alias] = state[name]
+    return state, packed
+
+
+def _unpack(model: nn.Module, path: str, state: dict[str, torch.Tensor], packed: list[str]) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` of a file of the current format with its packed pruned layers unpacked into ``model``'s."""
     modules = dict(model.named_modules(remove_duplicate=False))
     for name in packed:
         module, prefix = modules.get(name), _prefix(name)

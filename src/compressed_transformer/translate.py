@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 import tomllib
@@ -46,6 +47,55 @@ def parse_option(text: str) -> tuple[str, Any]:
     return key.strip().replace("-", "_"), value
 
 
+# Numeric flags of ``translate train`` and of the decoding actions -> the least value each takes.
+_TRAIN_BOUNDS = {
+    "--vocab-size": 1,
+    "--max-steps": 0,
+    "--max-epochs": 0,
+    "--max-minutes": 0,
+    "--max-tokens": 1,
+    "--accum-steps": 1,
+    "--warmup": 0,
+    "--kl-weight": 0,
+    "--eval-every": 0,
+    "--save-every": 1,
+    "--log-every": 1,
+    "--keep-checkpoints": 0,
+}
+_DECODING_BOUNDS = {"--beam": 1, "--max-tokens": 1}
+
+
+def _check_flags(args: argparse.Namespace, bounds: dict[str, int]) -> None:
+    """Check the numeric flags of ``bounds`` (those given) and ``--device``, ``--lr``, ``--length-penalty`` where the
+    action has them, so that bad values fail in one line before any work.
+
+    Raises:
+        ValueError: naming the first bad flag.
+    """
+    for flag, least in bounds.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is None:
+            continue
+        if isinstance(value, float) and not (math.isfinite(value) and value >= least):
+            raise ValueError(f"{flag} must be a finite number >= {least}, got {value}")
+        if value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
+    lr = getattr(args, "lr", None)
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"--lr must be a finite number > 0, got {lr}")
+    penalty = getattr(args, "length_penalty", None)
+    if penalty is not None and not math.isfinite(penalty):
+        raise ValueError(f"--length-penalty must be a finite number, got {penalty}")
+    device = getattr(args, "device", None)
+    if device not in (None, "auto"):
+        import torch
+
+        try:
+            torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+
+
 def build_configs(args: argparse.Namespace):
     """Resolve preset < ``--config`` file < command-line flags into ``(TransformerConfig, TrainConfig)``.
 
@@ -53,13 +103,17 @@ def build_configs(args: argparse.Namespace):
 
     Raises:
         ValueError: for unknown keys, presets or bad values.
+        FileNotFoundError: for a ``--config`` file that does not exist.
     """
     from compressed_transformer.models.transformer import FFNSpec, TransformerConfig, preset
     from compressed_transformer.train.trainer import TrainConfig
 
+    _check_flags(args, _TRAIN_BOUNDS)
     file: dict[str, Any] = {}
     if args.config:
         path = Path(args.config)
+        if path.is_dir():
+            raise FileNotFoundError(f"config file {path} is a folder, not a file")
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         try:
@@ -84,7 +138,7 @@ def build_configs(args: argparse.Namespace):
     for text in args.model or []:
         key, value = parse_option(text)
         model_changes[key] = value
-    if args.vocab_size:
+    if args.vocab_size is not None:
         model_changes["vocab_size"] = args.vocab_size
     ffn = dict(base.pop("ffn"))
     if "ffn" in file:
@@ -94,6 +148,8 @@ def build_configs(args: argparse.Namespace):
         if args.ffn != ffn.get("method"):
             ffn["options"] = {}
         ffn["method"] = args.ffn
+    if args.ffn_opt and ffn.get("method") == "dense":  # a dense FFN would ignore them
+        raise ValueError("--ffn-opt needs a compressed --ffn METHOD; the FFN is dense")
     for text in args.ffn_opt or []:
         key, value = parse_option(text)
         ffn["options"][key] = value
@@ -156,6 +212,8 @@ def _compression_spec(flag: str, method: str | None, texts: list[str] | None, sa
         ValueError: for a method not in ``known``.
     """
     method = method or saved.get("method")
+    if method is None:
+        raise ValueError(f"--{flag}-opt needs --{flag} METHOD")
     if method not in known:
         raise ValueError(f"--{flag} must be one of {', '.join(known)}, got {method!r}")
     options = dict(saved.get("options", {})) if method == saved.get("method") else {}
@@ -224,6 +282,7 @@ def _eval(args: argparse.Namespace) -> int:
     from compressed_transformer.models.transformer import parameter_report
     from compressed_transformer.train.trainer import compression_ratio
 
+    _check_flags(args, _DECODING_BOUNDS)
     if args.src and args.ref:
         src, ref = read_lines(args.src), read_lines(args.ref)
         if len(src) != len(ref):
@@ -298,6 +357,7 @@ def _translate(args: argparse.Namespace) -> int:
     from compressed_transformer.data.parallel import read_lines, split_lines
     from compressed_transformer.evaluate.decoding import translate
 
+    _check_flags(args, _DECODING_BOUNDS)
     lines = split_lines(sys.stdin.read()) if args.input in (None, "-") else read_lines(args.input)
     model, tokenizer, device = _load(args)
     hyps, _ = translate(
@@ -378,6 +438,7 @@ def _decoding_flags(parser: argparse.ArgumentParser) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``translate`` subcommand (with ``train``, ``eval``, ``translate``) to the main parser."""
+    from compressed_transformer.models.transformer import FFN_METHODS
     from compressed_transformer.train.trainer import PRECISIONS  # the trainer itself loads only when training
 
     parser = subparsers.add_parser("translate", help="train / evaluate / run the German-English Transformer")
@@ -391,7 +452,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--model", action="append", metavar="KEY=VALUE", help="override a model setting, e.g. d_ff=512")
     train.add_argument("--vocab-size", type=int, help="sentencepiece vocabulary size (upper bound)")
     train.add_argument("--spm-type", choices=("bpe", "unigram"), help="sentencepiece model type (default bpe)")
-    train.add_argument("--ffn", help="FFN method: dense, tt, tucker, svd, prune, svd-o")
+    train.add_argument("--ffn", help=f"FFN method: {', '.join(FFN_METHODS)}")
     train.add_argument("--ffn-opt", action="append", metavar="KEY=VALUE", help="FFN option, e.g. ranks=1,2,2,2,2,1")
     train.add_argument("--ffn-blocks", help="all, none, encoder, decoder, 1/2, 'enc:0,1;dec:2' or '0,1,7'")
     train.add_argument(

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "cleanup", "process_group_backend", "resolve_device", "setup"]
+__all__ = ["DistContext", "cleanup", "main_first", "process_group_backend", "resolve_device", "setup"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,32 @@ def process_group_backend(device: torch.device) -> str:
     """The process-group backend for training on ``device``: gloo on CPU; on CUDA, NCCL for CUDA tensors and gloo
     for any CPU tensor (NCCL alone refuses CPU tensors, e.g. a small flag or counter kept on the host)."""
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+def main_first(ctx: DistContext, fn: Callable[[], T]) -> T | None:
+    """Run ``fn`` on rank 0 while the other ranks wait, e.g. to write files they then read.
+
+    Returns:
+        ``fn()`` on rank 0, ``None`` on the others.
+
+    Raises:
+        RuntimeError: on the other ranks, naming rank 0's error, if ``fn`` raised there (rank 0 re-raises it):
+            every rank stops instead of waiting on rank 0 until the collective timeout.
+    """
+    if not ctx.distributed:
+        return fn()
+    result, failure = None, [None]
+    if ctx.is_main:
+        try:
+            result = fn()
+        except BaseException as error:
+            failure = [f"{type(error).__name__}: {error}"]
+            dist.broadcast_object_list(failure, src=0)
+            raise
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise RuntimeError(f"rank 0 failed, so rank {ctx.rank} stops too: {failure[0]}")
+    return result
 
 
 def cleanup() -> None:

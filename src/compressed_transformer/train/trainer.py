@@ -395,8 +395,8 @@ def _train(
         _check_run_folder(out, {}, resume=False)
     log = print if ctx.is_main else (lambda *a, **k: None)
 
-    if cfg.download and ctx.is_main:
-        download(cfg.dataset, cfg.data_dir)
+    if cfg.download:  # rank 0 fetches, the others wait for the files
+        distributed.main_first(ctx, lambda: download(cfg.dataset, cfg.data_dir))
     train_corpus = load_dataset(cfg.dataset, cfg.data_dir, "train", cfg.src_lang, cfg.tgt_lang)
     valid_corpus = load_dataset(cfg.dataset, cfg.data_dir, "valid", cfg.src_lang, cfg.tgt_lang)
     log(train_corpus.describe())
@@ -407,12 +407,12 @@ def _train(
     elif init_state is not None:
         tokenizer = Tokenizer(init_state["tokenizer"])
     else:
-        if ctx.is_main:
-            tokenizer = load_or_train_tokenizer(
+        tokenizer = distributed.main_first(
+            ctx,
+            lambda: load_or_train_tokenizer(
                 out, train_corpus.src + train_corpus.tgt, model_config.vocab_size, cfg.spm_type
-            )
-        if ctx.distributed:
-            dist.barrier()
+            ),
+        )
         if not ctx.is_main:
             tokenizer = Tokenizer.load(out / "spm.model")
     model_config = model_config.replace(vocab_size=tokenizer.vocab_size)
