@@ -63,6 +63,24 @@ def test_train_config_needs_a_stopping_rule() -> None:
         TrainConfig()
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"lr": float("nan")}, "learning rate must be a finite number > 0, got nan"),
+        ({"lr": 0.0}, "learning rate must be a finite number > 0"),
+        ({"max_minutes": float("inf")}, "max_minutes must be a finite number >= 0, got inf"),
+        ({"warmup_steps": -1}, "warmup_steps must be a finite number >= 0, got -1"),
+        ({"kl_weight": -0.5}, "kl_weight must be"),
+        ({"eval_every": -1}, "eval_every must be"),
+        ({"clip_norm": float("nan")}, "clip_norm must be"),
+    ],
+)
+def test_train_config_refuses_values_that_are_never_settings(setting: dict, message: str) -> None:
+    """As the command line does (a ``[train]`` table of a config file reaches ``TrainConfig`` directly)."""
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(max_steps=1, **setting)
+
+
 def test_precision_setting() -> None:
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(max_steps=1, precision="fp16")
@@ -357,7 +375,7 @@ def test_average_checkpoints_rejects_different_models(tmp_path: Path) -> None:
         average_checkpoints([mask, other])
     same = average_checkpoints([mask, mask])
     assert torch.equal(same["model"]["mask"], torch.tensor([1, 0]))
-    with pytest.raises(ValueError, match="keep_checkpoints must be >= 0"):
+    with pytest.raises(ValueError, match="keep_checkpoints must be a finite number >= 0"):
         config(data, tmp_path / "c", max_steps=2, keep_checkpoints=-1)
 
 

@@ -154,10 +154,23 @@ class TrainConfig:
         for name in ("max_tokens", "accum_steps", "max_len", "log_every", "save_every", "eval_beam"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.keep_checkpoints < 0:
-            raise ValueError(f"TrainConfig.keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
-        if self.lr <= 0:
-            raise ValueError(f"learning rate must be positive, got {self.lr}")
+        for name in (
+            "keep_checkpoints",
+            "max_steps",
+            "max_epochs",
+            "max_minutes",
+            "warmup_steps",
+            "eval_every",
+            "eval_max_sentences",
+            "kl_weight",
+            "weight_decay",
+            "clip_norm",
+        ):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):  # nan, inf or negative: never a setting
+                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {value}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"learning rate must be a finite number > 0, got {self.lr}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
 
