@@ -618,3 +618,67 @@ def test_tt_out_modes_may_pad_an_output_size_that_factorises_badly() -> None:
     layer = prime[0]
     assert layer.padded and layer.out_modes == [7, 5, 5, 3] and len(layer.ranks) == 5
     torch.testing.assert_close(layer(x), x @ layer.to_dense().T + layer.bias)
+
+
+def test_a_shared_linear_is_selected_by_any_of_its_names() -> None:
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(nn.Linear(8, 8), shared, nn.Sequential(shared))
+    report = compress_(model, "svd", filter=r"^2\.0$", rank=2)
+    assert [row.name for row in report.rows] == ["1"] and type(model[0]) is nn.Linear
+    assert model[1] is model[2][0] and isinstance(model[1], LowRankLinear)
+    other = nn.Sequential(shared := nn.Linear(8, 8), shared)
+    report = compress_(other, "prune", filter=lambda name, _: name == "1", sparsity=0.5)
+    assert [row.name for row in report.rows] == ["0"] and other[0] is other[1]
+
+
+def test_layers_on_the_meta_device_are_refused_clearly() -> None:
+    with torch.device("meta"):
+        model = nn.ModuleDict({"emb": nn.Embedding(10, 8), "fc": nn.Linear(8, 8)})
+    for method in ALL:
+        with pytest.raises(ValueError, match=r"but fc has its weight on the meta device"):
+            compress_(model, method, **OPTIONS[method])
+    with pytest.raises(ValueError, match=r"but emb has its weight on the meta device"):
+        compress_embeddings_(model, rank=2)
+    assert type(model["fc"]) is nn.Linear and type(model["emb"]) is nn.Embedding
+
+
+def test_hooks_on_a_replaced_linear_warn() -> None:
+    model = mlp()
+    model[2].register_forward_hook(lambda *args: None)
+    with pytest.warns(UserWarning, match=r"replaces 2, which has hooks registered"):
+        compress_(model, "svd", rank=2)
+
+
+class _SharedTables(nn.Module):
+    """Encoder and decoder tables that are two modules holding one weight, tied to the output (as in BART / T5)."""
+
+    def __init__(self, decoder_padding: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder_embed = nn.Embedding(40, 12, padding_idx=0)
+        self.decoder_embed = nn.Embedding(40, 12, padding_idx=decoder_padding)
+        self.decoder_embed.weight = self.encoder_embed.weight
+        self.head = nn.Linear(12, 40, bias=False)
+        self.head.weight = self.encoder_embed.weight
+
+
+@pytest.mark.parametrize(("method", "options"), [("svd", {"rank": 3}), ("tt", {"ranks": 2}), ("svd", {"ratio": 4})])
+def test_embedding_modules_sharing_one_weight_become_one_table(method: str, options: dict) -> None:
+    model = _SharedTables()
+    dense = stored_params(model)
+    report = compress_embeddings_(model, method, filter="encoder", **options)
+    assert model.encoder_embed is model.decoder_embed
+    assert [row.name for row in report.rows] == ["encoder_embed"] and report.params_before == 40 * 12
+    assert report.rows[0].options["shared"] == ["decoder_embed"] and report.rows[0].options["tied"] == ["head"]
+    assert stored_params(model) == report.params_after < dense
+    with pytest.raises(ValueError, match=r"'encoder_embed' and 'decoder_embed' share one weight but differ in padding"):
+        compress_embeddings_(_SharedTables(decoder_padding=1), method, **options)
+
+
+def test_compress_embeddings_keeps_a_frozen_table_frozen() -> None:
+    for method, options in (("svd", {"rank": 3}), ("tt", {"ranks": 2})):
+        model = _TiedLM()
+        model.embed.weight.requires_grad_(False)
+        compress_embeddings_(model, method, **options)
+        assert not any(p.requires_grad for p in model.embed.parameters())
+        assert model.head.bias.requires_grad and model.proj.weight.requires_grad

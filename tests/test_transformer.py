@@ -237,3 +237,48 @@ def test_compress_embeddings_of_an_untied_model_compresses_the_output_projection
     assert prime.output.in_modes == prime.tgt_embed.emb_modes and prime(src % 61, tgt % 61).shape == (2, 4, 61)
     with pytest.raises(ValueError, match="unknown embedding method"):
         Transformer(preset("tiny")).compress_embeddings_("prune", sparsity=0.5)
+
+
+def test_compress_embeddings_of_an_untied_model_to_a_ratio_and_its_failures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ratio=`` reaches the separate output projection too; a failure there puts the original tables back."""
+    import compressed_transformer.compress as library
+
+    for method in ("svd", "tt"):
+        model = Transformer(preset("tiny", tie_output=False))
+        model.compress_embeddings_(method, ratio=2)
+        dense = model.config.vocab_size * model.config.d_model
+        assert model.output.num_stored_params() <= dense / 2 and model.src_embed.num_stored_params() <= dense / 2
+
+    def failing(*args, **kwargs):
+        raise ValueError("output projection failed")
+
+    model = Transformer(preset("tiny", share_embeddings=False, tie_output=False))
+    tables = model.src_embed, model.tgt_embed
+    monkeypatch.setattr(library, "compress_", failing)
+    with pytest.raises(ValueError, match="output projection failed"):
+        model.compress_embeddings_("svd", rank=2)
+    assert (model.src_embed, model.tgt_embed) == tables and type(model.output) is torch.nn.Linear
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"pad_id": 64}, r"pad_id must be a token id in \[0, vocab_size=64\), got 64"),
+        ({"bos_id": -1}, r"bos_id must be a token id"),
+        ({"vocab_size": 3, "eos_id": 3}, r"eos_id must be a token id"),
+        ({"d_model": 32.0}, r"d_model must be an int, got 32\.0"),
+        ({"heads": True}, r"heads must be an int, got True"),
+    ],
+)
+def test_special_ids_and_sizes_are_validated(changes: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        tiny(**changes)
+
+
+def test_malformed_token_ids_are_a_value_error() -> None:
+    model = Transformer(tiny()).eval()
+    tgt = torch.tensor([[2, 5]])
+    for src in (torch.zeros(1, 0, dtype=torch.long), torch.tensor([5, 6, 7])):
+        with pytest.raises(ValueError, match=r"shape \(batch, length\) with length >= 1"):
+            model(src, tgt)
+    assert model(torch.tensor([[5]]), torch.tensor([[2]])).shape == (1, 1, 64)  # a batch of one, one token

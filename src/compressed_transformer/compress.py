@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -153,15 +154,17 @@ def _select(model: nn.Module, filter: Filter, kind: type[nn.Module]) -> list[tup
         raise ValueError(f"the model ({type(model).__name__}) has no {what} module to compress")
     if filter is None:
         return candidates
+    # A module shared by several parents is selected by any of its names (and reported under its first one).
+    aliases = module_aliases(model)
     if isinstance(filter, str):
         try:
             pattern = re.compile(filter)
         except re.error as error:
             raise ValueError(f"filter {filter!r} is not a valid regular expression: {error}") from None
-        chosen = [(n, m) for n, m in candidates if pattern.search(n)]
+        chosen = [(n, m) for n, m in candidates if any(pattern.search(a) for a in aliases[id(m)])]
         others = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if n and pattern.search(n)]
     elif callable(filter):
-        chosen = [(n, m) for n, m in candidates if filter(n, m)]
+        chosen = [(n, m) for n, m in candidates if any(filter(a, m) for a in aliases[id(m)])]
         others = []
     else:
         raise ValueError(f"filter must be None, a regex string or a callable (name, module) -> bool, got {filter!r}")
@@ -188,6 +191,22 @@ def _check_untied(model: nn.Module, linears: list[tuple[str, nn.Linear]]) -> Non
                     "untie them and keep the shared tensor. Compress the table with compress_embeddings_ (a tied "
                     "projection stays tied) or leave this layer out with filter="
                 )
+
+
+def _check_materialised(modules: list[tuple[str, nn.Module]], caller: str) -> None:
+    """Refuse selected modules whose weight has no data (the meta device): their factors come from that data.
+
+    Raises:
+        ValueError: naming the modules.
+    """
+    meta = [name for name, module in modules if module.weight.is_meta]
+    if meta:
+        raise ValueError(
+            f"{caller} computes the compressed layers from the trained weights, but {', '.join(meta[:8])}"
+            f"{' ...' if len(meta) > 8 else ''} {'has its weight' if len(meta) == 1 else 'have their weights'} on the "
+            "meta device (no data): load or initialise the weights first (to build untrained compressed layers, use "
+            "compressed_transformer.layers.build_linear)"
+        )
 
 
 def _check_ratio(ratio: object) -> None:
@@ -438,13 +457,16 @@ def compress_(
     split of singular components; for ``tt`` the better of a bisection on the TT-SVD tolerance ``eps`` and a
     uniform rank cap; for ``tucker`` greedy per-layer uniform ranks.
 
+    The new layers hold new parameters: create optimisers (and register hooks on the layers) afterwards. Hooks
+    registered on a replaced ``nn.Linear`` stay on it and no longer run (a warning names such layers).
+
     Args:
         model: any ``nn.Module``; its submodules are replaced.
         method: ``"tt"``, ``"tucker"``, ``"svd"``, ``"prune"``, ``"sparse"`` (pruned as ``prune``, storing the
             kept weights only: :class:`~compressed_transformer.layers.SparseLinear`) or ``"svd-o"`` (Sparse
             Variational Dropout).
         filter: which ``nn.Linear`` modules: ``None`` for all, a regex searched in the qualified name, or a
-            callable ``(name, module) -> bool``.
+            callable ``(name, module) -> bool`` (a module shared by several parents is selected by any of its names).
         ratio: target compression ratio of the selected layers together (``>= 1``), instead of size options.
         **options: forwarded to ``from_linear`` (e.g. ``ranks=``, ``eps=``, ``rank=``, ``energy=``,
             ``sparsity=``, ``threshold=``, ``in_modes=``, ``out_modes=``, ``n_iter=``). For ``prune`` and ``sparse``,
@@ -456,11 +478,12 @@ def compress_(
 
     Raises:
         ValueError: for an unknown method, options the method does not take, options that clash with
-            ``ratio``, an unreachable ratio, or a filter that selects nothing.
+            ``ratio``, an unreachable ratio, a filter that selects nothing, or a selected layer on the meta device.
     """
     _check_options(method, options, ratio)
     linears = select_linears(model, filter)
     _check_untied(model, linears)
+    _check_materialised(linears, "compress_")
     if any(name == "" for name, _ in linears):
         raise ValueError(
             "compress_ replaces submodules, but the model itself is an nn.Linear; "
@@ -491,6 +514,7 @@ def compress_(
             new_layers.append(_keep_frozen(linear, layer))
         aliases = module_aliases(model)
         report = CompressionReport(method)
+        _warn_about_hooks(linears)
         for (name, linear), layer in zip(linears, new_layers, strict=True):
             weight = linear.weight.detach()
             report.rows.append(
@@ -507,6 +531,20 @@ def compress_(
             )
             replace_module(model, aliases[id(linear)], layer)
     return report
+
+
+def _warn_about_hooks(linears: list[tuple[str, nn.Linear]]) -> None:
+    """Warn that the hooks registered on the replaced layers stop running (they stay on the old modules)."""
+    kinds = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+    hooked = [name for name, linear in linears if any(getattr(linear, kind, None) for kind in kinds)]
+    if hooked:
+        warnings.warn(
+            f"compress_ replaces {', '.join(hooked[:8])}{' ...' if len(hooked) > 8 else ''}, which "
+            f"{'has' if len(hooked) == 1 else 'have'} hooks registered: they stay on the replaced nn.Linear and no "
+            "longer run; register them on the new layers",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _keep_frozen(linear: nn.Linear, layer: nn.Module) -> nn.Module:
@@ -673,7 +711,9 @@ def compress_embeddings_(
     An ``nn.Linear`` whose weight *is* a selected table (a tied output projection) becomes a
     :class:`~compressed_transformer.layers.LowRankLinear` / :class:`~compressed_transformer.layers.TTLinear` that
     shares the new table's factors / cores, so the tie holds through training and they are stored once (its bias,
-    if any, is kept). A table shared by several parents is replaced everywhere.
+    if any, is kept). A table shared by several parents is replaced everywhere, and so is every other
+    ``nn.Embedding`` holding the same weight (``options["shared"]`` of its row names them). A frozen table's
+    factors / cores are created frozen.
 
     Args:
         model: any ``nn.Module``; its submodules are replaced.
@@ -689,7 +729,8 @@ def compress_embeddings_(
 
     Raises:
         ValueError: for an unknown method or options, options out of range, a malformed filter or one that selects
-            nothing, or a model without ``nn.Embedding``; a failure leaves ``model`` untouched.
+            nothing, a model without ``nn.Embedding``, a table on the meta device, or tables sharing a weight with
+            different ``padding_idx`` (or other lookup settings); a failure leaves ``model`` untouched.
     """
     if method not in EMBEDDING_METHODS:
         raise ValueError(f"unknown embedding method {method!r}; choose one of {', '.join(EMBEDDING_METHODS)}")
@@ -708,7 +749,15 @@ def compress_embeddings_(
             "compress_embeddings_ replaces submodules, but the model itself is an nn.Embedding; "
             "use LowRankEmbedding.from_embedding / TTEmbedding.from_embedding instead"
         )
+    _check_materialised(embeddings, "compress_embeddings_")
     aliases = module_aliases(model)
+    # A selected table's weight may be held by other nn.Embedding modules too (an encoder's and a decoder's table
+    # sharing one tensor): the table is compressed once and the one new module replaces all of them.
+    unique: dict[int, tuple[str, nn.Embedding]] = {}
+    for name, table in embeddings:
+        unique.setdefault(id(table.weight), (name, table))
+    embeddings = list(unique.values())
+    sharing = {id(table): _sharing_tables(model, name, table) for name, table in embeddings}
     tied = {
         id(table): [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and m.weight is table.weight]
         for _, table in embeddings
@@ -719,24 +768,56 @@ def compress_embeddings_(
         for name, table in embeddings:
             picked = _embedding_budget(method, table, ratio, options) if ratio is not None else {}
             layer = build(table, **{**options, **picked})
+            for param in layer.parameters():  # a frozen table stays frozen (its tied projections share these)
+                param.requires_grad_(table.weight.requires_grad)
             projections = [(n, linear, _tied_projection(method, layer, linear, n)) for n, linear in tied[id(table)]]
+            for _, linear, projection in projections:
+                if linear.bias is not None:
+                    projection.bias.requires_grad_(linear.bias.requires_grad)
             plan.append((name, table, layer, projections))
         report = CompressionReport(f"{method}-embedding")
         for name, table, layer, projections in plan:
             chosen = {"rank": layer.rank} if method == "svd" else {"ranks": layer.ranks, "voc_modes": layer.voc_modes}
+            shared = {"shared": [n for n, _ in sharing[id(table)]]} if sharing[id(table)] else {}
             report.rows.append(
                 LayerReport(
                     name=name,
                     method=f"{method}-embedding",
                     in_features=table.num_embeddings,
                     out_features=table.embedding_dim,
-                    options={**chosen, "tied": [n for n, _, _ in projections]},
+                    options={**chosen, "tied": [n for n, _, _ in projections], **shared},
                     params_before=table.weight.numel(),
                     params_after=layer.num_stored_params(),
                     rel_error=_relative(table.weight.detach().double(), layer.to_dense().detach().double()),
                 )
             )
-            replace_module(model, aliases[id(table)], layer)
+            for module in (table, *(other for _, other in sharing[id(table)])):
+                replace_module(model, aliases[id(module)], layer)
             for _, linear, projection in projections:
                 replace_module(model, aliases[id(linear)], projection)
     return report
+
+
+def _sharing_tables(model: nn.Module, name: str, table: nn.Embedding) -> list[tuple[str, nn.Embedding]]:
+    """The other ``nn.Embedding`` modules of ``model`` that hold ``table``'s weight (one compressed table will
+    replace them all).
+
+    Raises:
+        ValueError: if one of them looks up differently (``padding_idx``, ``max_norm``, ...), which one compressed
+            table cannot reproduce for both.
+    """
+    keys = ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+    others = [
+        (n, m)
+        for n, m in model.named_modules()
+        if type(m) is nn.Embedding and m is not table and m.weight is table.weight
+    ]
+    for other_name, other in others:
+        differ = [k for k in keys if getattr(other, k) != getattr(table, k)]
+        if differ:
+            settings = ", ".join(f"{k}={getattr(table, k)!r} vs {getattr(other, k)!r}" for k in differ)
+            raise ValueError(
+                f"{name!r} and {other_name!r} share one weight but differ in {settings}: one compressed table "
+                "cannot replace both; give them the same settings first"
+            )
+    return others

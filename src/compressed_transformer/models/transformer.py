@@ -171,8 +171,11 @@ class TransformerConfig:
         if isinstance(self.ffn, Mapping):
             object.__setattr__(self, "ffn", FFNSpec(**self.ffn))
         for name in ("vocab_size", "d_model", "heads", "enc_layers", "dec_layers", "d_ff", "max_positions"):
-            if int(getattr(self, name)) < (0 if name.endswith("layers") else 1):
-                raise ValueError(f"TransformerConfig.{name} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"TransformerConfig.{name} must be an int, got {value!r}")
+            if value < (0 if name.endswith("layers") else 1):
+                raise ValueError(f"TransformerConfig.{name} must be positive, got {value}")
         if self.d_model % self.heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
         if self.d_model % 2:
@@ -182,6 +185,12 @@ class TransformerConfig:
                 raise ValueError(f"TransformerConfig.{name} must be in [0, 1), got {getattr(self, name)}")
         if len({self.pad_id, self.bos_id, self.eos_id}) != 3:
             raise ValueError("pad_id, bos_id and eos_id must differ")
+        for name in ("pad_id", "bos_id", "eos_id"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < self.vocab_size:
+                raise ValueError(
+                    f"TransformerConfig.{name} must be a token id in [0, vocab_size={self.vocab_size}), got {value!r}"
+                )
         resolve_blocks(self.ffn.blocks, self.enc_layers, self.dec_layers)
 
     def to_dict(self) -> dict[str, Any]:
@@ -506,22 +515,29 @@ class Transformer(nn.Module):
         compress_embeddings_`: ``"svd"`` with ``rank=``, ``"tt"`` with ``ranks=`` / ``eps=``): a shared source /
         target table stays one module, the tied logits go through its factors or cores (``attend``), and a separate
         output projection (``tie_output=False``) gets the same method (``svd`` of ``rank``, ``tt`` of ``ranks`` /
-        ``eps`` over the target table's modes). Returns ``self``.
+        ``eps`` over the target table's modes, or either at ``ratio=``). Returns ``self``.
 
         Raises:
             ValueError: for an unknown method or bad options (the model is then unchanged).
         """
         from compressed_transformer.compress import compress_, compress_embeddings_  # the library, when needed
 
+        tables = self.src_embed, self.tgt_embed
         compress_embeddings_(self, method, filter=r"^(src|tgt)_embed$", **options)
         if self.output is not None:
-            linear = {k: v for k, v in options.items() if k in ("rank", "ranks", "eps")}
+            linear = {k: v for k, v in options.items() if k in ("rank", "ranks", "eps", "ratio")}
             if method == "tt":  # the target table's modes (a vocabulary that factorises badly is padded the same way)
                 linear |= {"in_modes": self.tgt_embed.emb_modes, "out_modes": self.tgt_embed.voc_modes}
-            compress_(self, method, filter=r"^output$", **linear)
+            try:
+                compress_(self, method, filter=r"^output$", **linear)
+            except ValueError:
+                self.src_embed, self.tgt_embed = tables  # compress_ left the output alone: undo the tables too
+                raise
         return self
 
     def _embed(self, embed: nn.Embedding, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        if tokens.dim() != 2 or tokens.shape[1] == 0:
+            raise ValueError(f"expected token ids of shape (batch, length) with length >= 1, got {tuple(tokens.shape)}")
         length = tokens.shape[1]
         if offset + length > self.config.max_positions:
             raise ValueError(f"sequence of {offset + length} tokens exceeds max_positions={self.config.max_positions}")
@@ -534,8 +550,8 @@ class Transformer(nn.Module):
 
     def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode source ids ``(B, S)``; returns ``memory`` ``(B, S, d)`` and its mask ``(B, 1, 1, S)``."""
-        mask = self.padding_mask(src)
         x = self._embed(self.src_embed, src)
+        mask = self.padding_mask(src)
         for layer in self.encoder:
             x = layer(x, mask)
         return self.enc_norm(x), mask
