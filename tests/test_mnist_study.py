@@ -94,6 +94,7 @@ def test_unreachable_ratio_is_a_clear_error():
         ({"rows": ("original", "bogus")}, "unknown row"),
         ({"ratios": (("svd-o", 10.0),)}, "no target ratio"),
         ({"ratios": (("tt", 0.5),)}, "finite number >= 1"),
+        ({"rows": ("svd",), "ratios": (("tt", 100.0),)}, r"--ratio names row 'tt', which is not among the rows built"),
         ({"distill": "sometimes"}, "distill must be one of"),
         ({"hidden": 0}, "positive int"),
         ({"kd_alpha": 2.0}, "kd_alpha"),
@@ -122,6 +123,12 @@ def test_impossible_options_fail_before_training(tmp_path, capsys):
     assert time.perf_counter() - start < 20 and not (tmp_path / "o").exists()
     assert cli_main(["mnist", "--rows", "original,tt++", "--out", str(tmp_path / "o")]) == 2
     assert "unknown row" in capsys.readouterr().err
+    (tmp_path / "o-file").write_text("x")  # refused before the data are read (or downloaded), in words
+    assert (
+        cli_main(["mnist", "--data-dir", str(tmp_path / "absent"), "--no-download", "--out", str(tmp_path / "o-file")])
+        == 2
+    )
+    assert "o-file is a file, not an output folder" in capsys.readouterr().err
     # an --out that cannot be a folder: one line, no traceback
     (tmp_path / "file").write_text("x")
     assert cli_main(["bench", "--quick", "--no-transformer", "--out", str(tmp_path / "file")]) == 2

@@ -387,6 +387,61 @@ def test_unknown_rows_fail_before_any_training(tmp_path: Path, monkeypatch: pyte
     assert not (tmp_path / "out").exists()
 
 
+def test_bad_out_rows_and_threads_fail_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(translation.study, "train", lambda *a, **k: pytest.fail("trained despite bad input"))
+    data = tmp_path / "no-data"  # never read: every error comes first
+    (tmp_path / "file").write_text("x")
+    for extra in ([], ["--report-only"], ["--rescore"]):
+        with pytest.raises(NotADirectoryError, match=r"--out .*file is a file, not a study folder"):
+            run([*study_argv(data, tmp_path / "file", "original"), *extra])
+    # a mistyped --out is no study to score again either (it would be created, with an empty table)
+    with pytest.raises(FileNotFoundError, match=r"typo does not exist: no study to score again there"):
+        run([*study_argv(data, tmp_path / "typo", "all"), "--rescore"])
+    assert not (tmp_path / "typo").exists()
+    with pytest.raises(ValueError, match=r"--rows ' , ' names no row"):  # not every row of the study
+        run(study_argv(data, tmp_path / "out", " , "))
+    for threads in ("0", "-1"):  # -1 was a RuntimeError traceback from torch, 0 silently ignored
+        with pytest.raises(ValueError, match=f"--threads must be >= 1, got {threads}"):
+            run([*study_argv(data, tmp_path / "out", "original"), "--threads", threads])
+    assert not (tmp_path / "out").exists()
+
+
+def test_row_files_are_checked_before_a_row_is_scored(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = write_corpus(tmp_path / "data", pairs=16)
+    out = tmp_path / "study"
+    assert run(study_argv(data, out, "original")) == 0
+    folder = out / "rows" / "original"
+    result = folder / "result.json"
+    good = result.read_text()
+    # trained, not yet scored (killed while decoding), then asked for with another seed: refused, not scored under
+    # the new config's name
+    result.unlink()
+    with pytest.raises(
+        ValueError, match=r"config\.json was run with a different training config \(seed: 1 != 2\); delete .*original"
+    ):
+        run([*study_argv(data, out, "original"), "--seed", "2"])
+    assert not result.exists()
+    # files that are not what the study wrote: named, not a bare JSON error or a traceback
+    result.write_text(good)
+    for path, text, problem in (
+        (result, '{"bleu": ', "not valid JSON"),
+        (result, "{}", "lacks 'name'"),
+        (result, json.dumps({k: v for k, v in json.loads(good).items() if k != "train"}), "lacks 'train'"),
+        (out / "study.json", "[1]", "holds a list"),
+        (folder / "summary.json", '{"steps": 4}', "lacks 'epochs'"),
+    ):
+        saved = path.read_text()
+        path.write_text(text)
+        with pytest.raises(ValueError, match=rf"{path.name} is not a readable .*: {problem}.*; delete it"):
+            run(study_argv(data, out, "original"))
+        if path.name != "summary.json":  # --report-only reads no summary
+            with pytest.raises(ValueError, match=rf"{path.name} is not a readable .*: {problem}"):
+                run([*study_argv(data, out, "original"), "--report-only"])
+        path.write_text(saved)
+    capsys.readouterr()
+    assert run(study_argv(data, out, "original")) == 0 and "finished earlier, skipped" in capsys.readouterr().out
+
+
 def test_iwslt_without_training_text_fails_early(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -248,6 +248,8 @@ class MNISTStudyConfig:
             if RECIPES[row].ratio is None:
                 fixed = [name for name, recipe in RECIPES.items() if recipe.ratio is None]
                 raise ValueError(f"row {row!r} has no target ratio to change (rows without one: {fixed})")
+            if row not in self.rows:  # a typo in --rows or --ratio would otherwise go unnoticed
+                raise ValueError(f"--ratio names row {row!r}, which is not among the rows built ({list(self.rows)})")
             if not (math.isfinite(ratio) and ratio >= 1.0):
                 raise ValueError(f"the ratio of row {row!r} must be a finite number >= 1, got {ratio}")
         if self.distill not in DISTILL_MODES:

@@ -318,6 +318,9 @@ def run_study(config: MNISTStudyConfig, data: MNIST | None = None, *, argv: Sequ
         ValueError: for impossible options (raised before any training) or corrupt data files.
         FileNotFoundError: if the data files are missing and cannot be downloaded.
     """
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():  # before the data are read (or downloaded)
+        raise NotADirectoryError(f"--out {out} is a file, not an output folder; choose another --out")
     _check_feasible(config)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -325,7 +328,6 @@ def run_study(config: MNISTStudyConfig, data: MNIST | None = None, *, argv: Sequ
     if data is None:
         data = load_mnist(config.data_dir, download=config.download, verify=config.verify)
     tensors = to_tensors(data, config.train_limit, config.test_limit)
-    out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
 
     rows: list[RowResult] = []

@@ -32,20 +32,27 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
     """The study config of parsed arguments.
 
     Raises:
-        ValueError: for unknown rows or budgets, or a ``plain`` study without ``--data-dir``.
+        ValueError: for unknown rows or budgets, a ``--rows`` list of no row, ``--threads`` below 1, or a ``plain``
+            study without ``--data-dir``.
     """
     if args.dataset == "plain" and not args.data_dir:
         raise ValueError("a 'plain' study needs --data-dir (a folder of train/valid/test.{de,en} files)")
     from ...translate import parse_option
 
     model = dict(parse_option(text) for text in args.model or [])
-    rows = () if args.rows in (None, "", "all") else tuple(dict.fromkeys(r.strip() for r in args.rows.split(",")))
+    rows: tuple[str, ...] = ()
+    if args.rows not in (None, "", "all"):
+        rows = tuple(dict.fromkeys(r.strip() for r in args.rows.split(",") if r.strip()))
+        if not rows:  # e.g. an empty shell variable between commas: not "all" (hours of training)
+            raise ValueError(f"--rows {args.rows!r} names no row; omit --rows (or give 'all') for every row")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads} (omit it for PyTorch's default)")
     return StudyConfig(
         dataset=args.dataset,
         out=args.out,
         data_dir=args.data_dir or _default_data_dir(args.dataset),
         budget=args.budget,
-        rows=tuple(r for r in rows if r),
+        rows=rows,
         device=args.device,
         precision=args.precision,
         max_minutes=args.max_minutes,

@@ -178,7 +178,8 @@ def plot_validation_curves(rows: Sequence[RowResult], dataset: str, path: Path) 
     by_time.set_ylabel("validation sacreBLEU (greedy)")
     for ax in (by_time, by_step):
         ax.grid(True, alpha=0.3)
-    by_time.legend(fontsize=7, loc="lower right")
+    if by_time.lines:  # no run has validation records yet (a fresh study folder): no legend to draw
+        by_time.legend(fontsize=7, loc="lower right")
     fig.suptitle(f"{dataset}: validation BLEU during training")
     fig.tight_layout()
     write_atomic(path, lambda handle: fig.savefig(handle, dpi=120, format=Path(path).suffix.lstrip(".") or "png"))

@@ -9,7 +9,7 @@ import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,6 @@ from ...models.transformer import (
 from ...size import stored_params
 from ...train.checkpoint import (
     average_checkpoints,
-    check_same_config,
     load_checkpoint,
     save_checkpoint,
     step_checkpoints,
@@ -379,7 +378,7 @@ def _score_row(plan: _Plan, study: StudyConfig, data: _Data, device: torch.devic
     """Decode the test set with the row's best checkpoint (or the average of its last ``study.average``); sizes,
     ratios, BLEU (with its bootstrap interval, and the seed's own validation protocol) and timings."""
     folder = plan.folder
-    summary = json.loads((folder / "summary.json").read_text())
+    summary = _read_json(folder / "summary.json", "training summary", _SUMMARY_KEYS)
     if study.average:
         kept = step_checkpoints(folder)[-study.average :]
         if not kept:
@@ -447,13 +446,57 @@ def _score_row(plan: _Plan, study: StudyConfig, data: _Data, device: torch.devic
     )
 
 
+def _read_json(path: Path, what: str, keys: Sequence[str] = ()) -> dict[str, Any]:
+    """The JSON object in ``path`` (one of the study's own files), with at least ``keys``.
+
+    Raises:
+        ValueError: naming the file, when it is not such an object (hand-edited, cut short, of another version).
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        problem = f"not valid JSON ({error})"
+    else:
+        missing = [key for key in keys if key not in data] if isinstance(data, dict) else None
+        if missing == []:
+            return data
+        problem = f"lacks {', '.join(map(repr, missing))}" if missing else f"holds a {type(data).__name__}"
+    raise ValueError(f"{path} is not a readable {what}: {problem}; delete it and run again")
+
+
+_SUMMARY_KEYS = ("steps", "epochs", "train_seconds", "best_valid_bleu")  # what a row's result takes from its run
+# what reading a result back needs: RowResult's fields without a default, and the configuration it was run with
+_RESULT_KEYS = (
+    *(f.name for f in fields(RowResult) if f.default is MISSING and f.default_factory is MISSING),
+    "model",
+    "train",
+)
+
+
+def _read_result(path: Path) -> dict[str, Any]:
+    """A row's ``result.json``: its stored figures and the configuration they were measured with."""
+    return _read_json(path, "row result", _RESULT_KEYS)
+
+
 def _check_same_run(plan: _Plan, saved: Mapping[str, Any], path: Path) -> None:
-    """A row's folder is reused (skipped or resumed) only when it holds what this invocation would run."""
-    what, hint = f"{path} was run with a different", f"; delete {path.parent} to rerun it, or choose another --out"
-    check_same_config(saved["model"], plan.model.to_dict(), f"{what} model config{hint}", ignore=("vocab_size",))
+    """A row's folder is reused (skipped, resumed or scored) only when it holds what this invocation would run.
+
+    Raises:
+        ValueError: naming the file, the settings that differ and what to do.
+    """
     # Paths are not part of a run's identity: a study folder copied to another machine (or renamed) is still itself.
-    ignore = (*RESUMABLE_KEYS, "init_from")
-    check_same_config(saved["train"], plan.train.to_dict(), f"{what} training config{hint}", ignore=ignore)
+    checks = (
+        ("model", saved["model"], plan.model.to_dict(), ("vocab_size",)),
+        ("training", saved["train"], plan.train.to_dict(), (*RESUMABLE_KEYS, "init_from")),
+    )
+    for kind, stored, current, ignore in checks:
+        keys = sorted((set(stored) | set(current)) - set(ignore))
+        diff = [f"{k}: {stored.get(k)!r} != {current.get(k)!r}" for k in keys if stored.get(k) != current.get(k)]
+        if diff:
+            raise ValueError(
+                f"{path} was run with a different {kind} config ({'; '.join(diff)}); delete {path.parent} to rerun "
+                "it, or choose another --out"
+            )
 
 
 def _copy_result(source: RowResult, plan: _Plan, dataset: str) -> RowResult:
@@ -503,18 +546,20 @@ def _run_row(
         if rescore:
             return _rescore_row(plan, study, data, device)
         # a finished row whose budget was raised since (--max-minutes / --max-steps) trains on from its last checkpoint
-        extend = summary_path.exists() and budget_left(plan.train, json.loads(summary_path.read_text()))
+        summary = _read_json(summary_path, "training summary", _SUMMARY_KEYS) if summary_path.exists() else None
+        extend = summary is not None and budget_left(plan.train, summary)
         if result_path.exists():
-            stored = json.loads(result_path.read_text())
+            stored = _read_result(result_path)
             _check_same_run(plan, stored, result_path)
             if not extend and _scored_as_asked(stored, study):
                 _log(f"{name}: finished earlier, skipped ({result_path})")
                 return RowResult.from_dict(stored)
             if not extend:
                 _log(f"{name}: finished earlier; scoring it again with this invocation's --beam / --average")
-        if extend or not summary_path.exists():
-            if (folder / "config.json").exists():  # written before the first checkpoint: a clear message now
-                _check_same_run(plan, json.loads((folder / "config.json").read_text()), folder / "config.json")
+        config_path = folder / "config.json"  # written before the first checkpoint: what is there to resume or score
+        if config_path.exists():
+            _check_same_run(plan, _read_json(config_path, "run config", ("model", "train")), config_path)
+        if extend or summary is None:
             resume = (folder / "checkpoint_last.pt").exists()
             how = "continuing (budget raised)" if extend else "resuming" if resume else "training"
             _log(f"{name}: {how} in {folder}")
@@ -531,7 +576,7 @@ def _rescore_row(plan: _Plan, study: StudyConfig, data: _Data, device: torch.dev
     if not (folder / "summary.json").exists():
         _log(f"{name}: not trained (or not finished) in {folder}; skipped (--rescore trains nothing)")
         return None
-    config = json.loads((folder / "config.json").read_text())
+    config = _read_json(folder / "config.json", "run config", ("model", "train"))
     _check_same_run(plan, config, folder / "config.json")
     _log(f"{name}: decoding the test set again ({len(data.test)} sentences)")
     try:
@@ -539,7 +584,7 @@ def _rescore_row(plan: _Plan, study: StudyConfig, data: _Data, device: torch.dev
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         kept = result_path.exists()
         _log(f"{name}: could not decode it again ({error}); {'its stored result is kept' if kept else 'left out'}")
-        return RowResult.from_dict(json.loads(result_path.read_text())) if kept else None
+        return RowResult.from_dict(_read_result(result_path)) if kept else None
     result.train = config["train"]  # the budget it was trained under, not this invocation's
     return _save_result(result, study, result_path)
 
@@ -608,18 +653,21 @@ def run_study(
     if report_only and rescore:
         raise ValueError("report_only and rescore exclude each other (report_only decodes nothing)")
     out = Path(study.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a study folder; choose another --out")
     marker = out / "study.json"
     identity = {"dataset": study.dataset, "budget": study.budget}
     if marker.exists():
-        saved = json.loads(marker.read_text())
+        saved = _read_json(marker, "study marker", tuple(identity))
         if {k: saved.get(k) for k in identity} != identity:
             raise ValueError(
                 f"{out} holds a {saved.get('dataset')} study at budget {saved.get('budget')!r}, not "
                 f"{study.dataset} at {study.budget!r}; choose another --out"
             )
     plans = _plan(study, out.resolve())  # absolute paths: a conversion row's init_from must not depend on the cwd
-    if report_only and not out.is_dir():
-        raise FileNotFoundError(f"{out} does not exist: no study to report there (check --out)")
+    if (report_only or rescore) and not out.is_dir():
+        what = "report" if report_only else "score again"
+        raise FileNotFoundError(f"{out} does not exist: no study to {what} there (check --out)")
     if not report_only:
         data = _load_data(study)
         device = resolve_device(study.device)
@@ -636,7 +684,7 @@ def run_study(
     table: list[RowResult] = []
     for name, plan in plans.items():  # rows finished by earlier invocations belong to the table too
         if name not in results and (plan.folder / "result.json").exists():
-            saved = json.loads((plan.folder / "result.json").read_text())
+            saved = _read_result(plan.folder / "result.json")
             if plan.same_as is None:  # one table, one configuration (a duplicate holds its source's result)
                 _check_same_run(plan, saved, plan.folder / "result.json")
             if plan.same_as in results:
