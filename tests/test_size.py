@@ -71,6 +71,11 @@ def test_dense_model_counts_every_parameter_once() -> None:
     assert compression_ratio(model) == 1.0
 
 
+def test_a_module_without_parameters_has_ratio_one() -> None:
+    for module in (nn.ReLU(), nn.Sequential()):
+        assert compression_ratio(module) == 1.0 and compression_ratio(module, by="bytes") == 1.0
+
+
 def test_shared_modules_and_tied_parameters_count_once() -> None:
     shared = nn.Linear(4, 4)
     tied = nn.Linear(4, 4)

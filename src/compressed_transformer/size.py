@@ -122,7 +122,9 @@ def compression_ratio(module: nn.Module, *, by: str = "params") -> float:
         ValueError: for any other ``by``.
     """
     if by == "params":
-        return dense_params(module) / max(stored_params(module), 1)
-    if by == "bytes":
-        return dense_bytes(module) / max(stored_bytes(module), 1)
-    raise ValueError(f"by must be 'params' or 'bytes', got {by!r}")
+        dense, stored = dense_params(module), stored_params(module)
+    elif by == "bytes":
+        dense, stored = dense_bytes(module), stored_bytes(module)
+    else:
+        raise ValueError(f"by must be 'params' or 'bytes', got {by!r}")
+    return 1.0 if dense == 0 else dense / max(stored, 1)  # a module without parameters is not compressed
