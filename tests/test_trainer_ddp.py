@@ -37,6 +37,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run`` with two CPU processes on a free port, one thread each."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=120)
+
+
 def write_corpus(folder: Path) -> Path:
     words = [("hund", "dog"), ("katze", "cat"), ("haus", "house"), ("baum", "tree"), ("rot", "red")]
     folder.mkdir()
@@ -63,24 +70,7 @@ def test_two_process_gloo_matches_one_process(tmp_path: Path, method: str) -> No
         timeout=120,
     )
     assert single.returncode == 0, single.stderr
-    ddp = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            f"--master_port={free_port()}",
-            str(script),
-            str(data),
-            str(tmp_path / "two"),
-            "1",
-            method,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    ddp = torchrun(str(script), str(data), str(tmp_path / "two"), "1", method)
     assert ddp.returncode == 0, ddp.stderr
     one = load_checkpoint(tmp_path / "one" / "checkpoint_last.pt")
     two = load_checkpoint(tmp_path / "two" / "checkpoint_last.pt")
@@ -123,12 +113,9 @@ def test_a_two_process_run_resumes_exactly(tmp_path: Path) -> None:
     data = write_corpus(tmp_path / "data")
     script = tmp_path / "run.py"
     script.write_text(RESUME_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def launch(out: str, steps: int, resume: bool = False) -> None:
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
-        args = [str(script), str(data), str(tmp_path / out), str(steps), "resume" if resume else "new"]
-        done = subprocess.run([*torchrun, *args], env=env, capture_output=True, text=True, timeout=120)
+        done = torchrun(str(script), str(data), str(tmp_path / out), str(steps), "resume" if resume else "new")
         assert done.returncode == 0, done.stderr
 
     launch("straight", 4)
@@ -175,22 +162,7 @@ def test_main_first_runs_on_rank_0_and_stops_every_rank_when_it_fails(tmp_path: 
     (no internet for a download), every rank stops with its error instead of waiting until the collective timeout."""
     script = tmp_path / "main_first.py"
     script.write_text(MAIN_FIRST_SCRIPT)
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            f"--master_port={free_port()}",
-            str(script),
-            str(tmp_path),
-            outcome,
-        ],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    run = torchrun(str(script), str(tmp_path), outcome)
     assert run.returncode == 0, run.stderr
     if outcome == "ok":
         assert "rank 0: done written by rank 0" in run.stdout and "rank 1: None written by rank 0" in run.stdout
