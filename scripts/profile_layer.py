@@ -13,12 +13,19 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from compressed_transformer.bench import BenchConfig, _shapes, build_layer, check_grid, layer_path, resolve_device
+from compressed_transformer.bench import (
+    BenchConfig,
+    _shapes,
+    build_layer,
+    check_grid,
+    layer_path,
+    output_folder,
+    resolve_device,
+)
 
 
 def one_pass(layer: torch.nn.Module, x: torch.Tensor, train: bool) -> None:
@@ -60,7 +67,7 @@ def main() -> None:
         # the benchmark's own checks: device and dtype (auto: bf16 on CUDA), the layer's name and setting
         config = BenchConfig(
             shapes=((in_features, out_features),),
-            layers=("dense", args.layer),
+            layers=tuple(dict.fromkeys(("dense", args.layer))),  # --layer dense: profiled once
             device=args.device,
             dtype=args.dtype,
             compile="off",
@@ -68,19 +75,20 @@ def main() -> None:
         )
         device, dtype, _ = resolve_device(config)
         check_grid(config)
-    except ValueError as error:
+        # built before any profiling: a tltorch layer without tensorly-torch fails here
+        layers = {n: build_layer(n, in_features, out_features, device=device, dtype=dtype) for n in config.layers}
+        out = output_folder(args.out)
+    except (ValueError, ImportError, OSError) as error:
         parser.error(str(error))
     cuda = device.type == "cuda"
     train = args.pass_name == "train"
     x = torch.randn(args.tokens, in_features, device=device, dtype=dtype)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"{args.layer}-{args.pass_name}-{args.tokens}"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     report = []
-    for name in ("dense", args.layer):
-        layer = build_layer(name, in_features, out_features, device=device, dtype=dtype).train(train)
+    for name, layer in layers.items():
+        layer.train(train)
         for _ in range(args.steps):  # warm-up: kernel choices, caches, the layer's plan memo
             one_pass(layer, x, train)
         if cuda:

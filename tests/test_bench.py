@@ -22,6 +22,10 @@ def seed() -> None:
     torch.manual_seed(0)
 
 
+def strict_json(constant: str) -> None:
+    raise AssertionError(f"{constant} is not JSON")
+
+
 def test_bench_writes_rows_table_and_plot(tmp_path) -> None:
     config = BenchConfig(
         shapes=((16, 32),),
@@ -36,7 +40,7 @@ def test_bench_writes_rows_table_and_plot(tmp_path) -> None:
     )
     result = run_bench(config, argv=["compressed-transformer", "bench", "--quick"])
     assert result["meta"]["command"] == "compressed-transformer bench --quick"
-    saved = json.loads((tmp_path / "bench.json").read_text())
+    saved = json.loads((tmp_path / "bench.json").read_text(), parse_constant=strict_json)
     assert saved["rows"] == result["rows"]
     assert (tmp_path / "bench.md").read_text().count("|") > 10
     assert (tmp_path / "ratio.png").stat().st_size > 0
@@ -116,6 +120,11 @@ def test_cli_has_bench_and_parses_quick() -> None:
         (["--repeats", "0"], "repeats must be >= 1"),
         (["--budget", "0"], "budget_s > 0"),
         (["--passes", "backward"], "forward and/or train"),
+        (["--budget", "inf"], "budget_s > 0 and finite"),
+        (["--tokens", "1,4,1"], "tokens must not repeat a value, got 1 more"),
+        (["--shapes", "16x32,16x32"], r"shapes must not repeat a value, got \(16, 32\)"),
+        (["--layers", "tt-r2,dense,tt-r2"], "layers must not repeat a value, got tt-r2"),
+        (["--passes", "train,train"], "passes must not repeat"),
     ],
 )
 def test_cli_refuses_an_empty_or_bad_grid_before_measuring(flags: list[str], message: str) -> None:
@@ -210,11 +219,17 @@ def test_time_interleaved_warms_up_in_turns() -> None:
         (["--layers", "tt-rX"], "unknown benchmark layer 'tt-rX'"),
         (["--layers", "svd-r300", "--shapes", "2048x512,256x1024"], "'svd-r300' at 256x1024: rank must be"),
         (["--transformer-preset", "bogus"], "unknown preset 'bogus'"),
+        (["--layers", "tltorch-cp-r2"], "unknown benchmark layer 'tltorch-cp-r2'"),
+        (["--layers", "tltorch-tt-rX"], "unknown benchmark layer 'tltorch-tt-rX'"),
     ],
 )
-def test_bad_options_fail_in_one_line_before_any_timing(tmp_path, capsys, argv, message) -> None:
+def test_bad_options_fail_in_one_line_before_any_timing(tmp_path, capsys, monkeypatch, argv, message) -> None:
     from compressed_transformer.cli import main
 
+    def never(*args, **kwargs):
+        raise AssertionError("timing started")
+
+    monkeypatch.setattr(bench, "bench_layers", never)
     out = tmp_path / "out"
     assert main(["bench", "--quick", *argv, "--out", str(out)]) == 2
     err = capsys.readouterr().err
@@ -247,7 +262,11 @@ def test_compile_passes() -> None:
 
 @pytest.mark.parametrize(
     "argv, message",
-    [(["--shape", "512"], "--shape looks like 512x2048"), (["--layer", "svd-r9999"], "rank must be an int in")],
+    [
+        (["--shape", "512"], "--shape looks like 512x2048"),
+        (["--layer", "svd-r9999"], "rank must be an int in"),
+        (["--layer", "tltorch-cp-r2"], "unknown benchmark layer 'tltorch-cp-r2'"),
+    ],
 )
 def test_profile_layer_script_refuses_bad_options_before_profiling(tmp_path, argv, message) -> None:
     import subprocess
@@ -301,3 +320,61 @@ def test_closed_form_multiply_adds_of_each_layer() -> None:
     )
     assert fewest <= core_by_core < 512 * 2048 // 10  # ~14x fewer than dense
     assert bench.layer_macs(linear, 7, train=True) == (3 * 7 * 512 * 2048,) * 2
+
+
+def test_a_layer_that_cannot_run_is_reported_in_the_json_and_the_table(tmp_path, monkeypatch) -> None:
+    """A layer that cannot be built here (tensorly-torch missing) is listed in ``meta["skipped"]`` and named in
+    bench.md, not silently left out."""
+    real = bench.build_layer
+
+    def without_tltorch(name: str, *args, **kwargs) -> nn.Module:
+        if name.startswith("tltorch-"):
+            raise ImportError("No module named 'tltorch'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "build_layer", without_tltorch)
+    config = BenchConfig(
+        shapes=((16, 32),), tokens=(1,), layers=("dense", "tltorch-tt-r2"), passes=("forward",), repeats=1,
+        budget_s=0.01, transformer=None, out=str(tmp_path),
+    )  # fmt: skip
+    result = run_bench(config, argv=[])
+    assert {r["layer"] for r in result["rows"]} == {"dense"}
+    skipped = json.loads((tmp_path / "bench.json").read_text())["meta"]["skipped"]
+    assert skipped == [{"layer": "tltorch-tt-r2", "in": 16, "out": 32, "reason": "No module named 'tltorch'"}]
+    assert "Not run here: tltorch-tt-r2 at 16→32 (No module named 'tltorch')" in (tmp_path / "bench.md").read_text()
+
+
+def test_pruned_training_at_a_few_tokens_counts_the_dense_weight_gradient() -> None:
+    """At most DENSE_GRAD_TOKENS tokens and a density of at least 5 %, a pruned layer's CSR training computes its
+    weight gradient as a dense outer product times the mask: CSR forward and input gradient (nnz each) + the
+    dense product (in x out), not three CSR products."""
+    from compressed_transformer.layers._fast import DENSE_GRAD_TOKENS
+
+    pruned = PrunedLinear.from_linear(nn.Linear(512, 2048), sparsity=0.9)
+    nnz, dense = int(pruned.mask.sum()), 512 * 2048
+    for tokens in (1, DENSE_GRAD_TOKENS, DENSE_GRAD_TOKENS + 1):
+        assert pruned.forward_path(tokens, train=True) == "csr"
+        taken, fewest = bench.layer_macs(pruned, tokens, train=True)
+        small = tokens <= DENSE_GRAD_TOKENS
+        assert taken == tokens * ((2 * nnz + dense) if small else 3 * nnz) and fewest == 3 * tokens * nnz
+    assert bench.layer_macs(pruned, 1, train=False)[0] in (nnz, dense)  # forward: no weight gradient
+    sparse = SparseLinear.from_pruned(pruned)  # its value gradient is sampled at every token count
+    assert bench.layer_macs(sparse, 1, train=True)[0] in (3 * nnz, 3 * dense)
+    very_sparse = PrunedLinear.from_linear(nn.Linear(512, 2048), sparsity=0.98)  # below 5 % density: sampled
+    nnz = int(very_sparse.mask.sum())
+    if very_sparse.forward_path(1, train=True) == "csr":
+        assert bench.layer_macs(very_sparse, 1, train=True)[0] == 3 * nnz
+
+
+def test_out_as_a_file_fails_in_one_line_before_any_timing(tmp_path, capsys, monkeypatch) -> None:
+    from compressed_transformer.cli import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("timing started")
+
+    monkeypatch.setattr(bench, "bench_layers", never)
+    target = tmp_path / "file"
+    target.write_text("x")
+    assert main(["bench", "--quick", "--no-transformer", "--out", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --out {target} is a file, not a folder\n"

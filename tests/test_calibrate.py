@@ -287,12 +287,45 @@ def test_calibrate_command_writes_a_model_bench_can_use(tmp_path: Path, capsys: 
 
 @pytest.mark.parametrize(
     ("flags", "message"),
-    [(["--tokens", "0"], "token counts"), (["--tt-ranks", "0"], "tt_ranks"), (["--repeats", "0"], "repeats")],
+    [
+        (["--tokens", "0"], "token counts"),
+        (["--tt-ranks", "0"], "tt_ranks"),
+        (["--repeats", "0"], "repeats"),
+        (["--tokens", "1,8,1"], "tokens must not repeat a value, got 1 more"),
+        (["--tt-ranks", "2,2"], "tt_ranks must not repeat"),
+    ],
 )
 def test_calibrate_refuses_a_bad_grid(flags: list[str], message: str) -> None:
     args = cli.build_parser().parse_args(["calibrate", "--quick", *flags])
     with pytest.raises(ValueError, match=message):
         calibrate.config_from_args(args)
+
+
+@pytest.mark.parametrize("change", [{"budget_s": math.inf}, {"max_slowdown": math.inf}, {"low_rank_ratio": math.nan}])
+def test_calibrate_config_refuses_what_strict_json_cannot_hold(tmp_path: Path, change: dict[str, float]) -> None:
+    """Settings are written to costs.json: an infinite one would be ``Infinity``, not JSON (and an infinite budget
+    overflows the round count); and the file itself is strict JSON or not written."""
+    with pytest.raises(ValueError, match="finite"):
+        calibrate.CalibrateConfig(**change)
+    target = tmp_path / "out" / "costs.json"
+    with pytest.raises(ValueError, match="Out of range float"):
+        save_cost_models(target, {"cpu": CPU_COSTS}, seconds=math.nan)
+    assert not target.parent.exists()
+
+
+def test_calibrate_refuses_an_out_that_is_a_file_before_timing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The folder is made before minutes of timing, not after them."""
+
+    def never(*args, **kwargs):
+        raise AssertionError("timing started")
+
+    monkeypatch.setattr(calibrate, "_measure", never)
+    target = tmp_path / "file"
+    target.write_text("x")
+    assert cli.main(["calibrate", "--quick", "--threads", "1", "--out", str(target)]) == 2
+    assert capsys.readouterr().err == f"error: --out {target} is a file, not a folder\n"
 
 
 def test_tuning_on_measured_decisions_fixes_a_wrong_pick_and_never_worsens() -> None:

@@ -41,7 +41,7 @@ from .functional.costs import COSTS_ENV_VAR, cost_model_source, device_kind, loa
 from .functional.tt import factorize, tt_plan_candidates, tt_plan_macs
 from .functional.tucker import tucker_linear_rank
 from .layers import LowRankLinear, PrunedLinear, SparseLinear, SparseVDLinear, TTLinear, TuckerLinear
-from .layers._fast import cache_nbytes
+from .layers._fast import DENSE_GRAD_MIN_DENSITY, DENSE_GRAD_TOKENS, cache_nbytes
 from .provenance import run_revision
 
 __all__ = ["BenchConfig", "main", "register", "run_bench"]
@@ -153,8 +153,24 @@ class BenchConfig:
             raise ValueError(f"token counts must be >= 1, got {self.tokens}")
         if not self.passes or any(p not in ("forward", "train") for p in self.passes):
             raise ValueError(f"passes must list forward and/or train, got {self.passes}")
-        if self.repeats < 1 or not self.budget_s > 0:
-            raise ValueError(f"repeats must be >= 1 and budget_s > 0, got {self.repeats} and {self.budget_s}")
+        if self.repeats < 1 or not 0 < self.budget_s < math.inf:
+            raise ValueError(
+                f"repeats must be >= 1 and budget_s > 0 and finite, got {self.repeats} and {self.budget_s}"
+            )
+        check_unique(shapes=self.shapes, tokens=self.tokens, layers=self.layers, passes=self.passes)
+
+
+def check_unique(**grids: Iterable[Any]) -> None:
+    """Refuse a grid that lists a value twice (it would time and report the same rows twice).
+
+    Raises:
+        ValueError: naming the first grid with a repeated value.
+    """
+    for name, values in grids.items():
+        listed = list(values)
+        repeated = sorted({str(v) for v in listed if listed.count(v) > 1})
+        if repeated:
+            raise ValueError(f"{name} must not repeat a value, got {', '.join(repeated)} more than once")
 
 
 def quick_config(**changes: Any) -> BenchConfig:
@@ -177,6 +193,33 @@ def _tltorch_modes(in_features: int, out_features: int) -> tuple[list[int], list
     return factorize(in_features, 4), factorize(out_features, 4)
 
 
+def check_layer_name(name: str) -> None:
+    """Refuse a name :func:`build_layer` does not know, without building anything (tltorch names included).
+
+    Raises:
+        ValueError: for an unknown name or setting.
+    """
+    kind, _, setting = name.rpartition("-")
+    unknown = ValueError(
+        f"unknown benchmark layer {name!r}; use dense, tt-r<R>, tucker-r<R>, svd-r<R>, prune-<S>, sparse-<S>, "
+        "svd-o-<S>, tltorch-tt-r<R>, tltorch-tucker-r<R> (R a positive int, S a sparsity in [0, 1))"
+    )
+    if name == "dense":
+        return
+    if kind in ("tt", "tucker", "svd", "tltorch-tt", "tltorch-tucker"):
+        if not re.fullmatch(r"r[1-9]\d*", setting):
+            raise unknown
+    elif kind in ("prune", "sparse", "svd-o"):
+        try:
+            sparsity = float(setting)
+        except ValueError:
+            raise unknown from None
+        if not 0.0 <= sparsity < 1.0:
+            raise unknown
+    else:
+        raise unknown
+
+
 def build_layer(
     name: str, in_features: int, out_features: int, *, device: torch.device, dtype: torch.dtype
 ) -> nn.Module:
@@ -191,21 +234,9 @@ def build_layer(
     Raises:
         ValueError: for an unknown name; ImportError: for a tltorch layer without tensorly-torch.
     """
+    check_layer_name(name)
     factory = {"device": device, "dtype": dtype}
     kind, _, setting = name.rpartition("-")
-    unknown = ValueError(
-        f"unknown benchmark layer {name!r}; use dense, tt-r<R>, tucker-r<R>, svd-r<R>, prune-<S>, sparse-<S>, "
-        "svd-o-<S>, tltorch-tt-r<R>, tltorch-tucker-r<R> (R a positive int, S a sparsity in [0, 1))"
-    )
-    if kind in ("tt", "tucker", "svd", "tltorch-tt", "tltorch-tucker") and not re.fullmatch(r"r[1-9]\d*", setting):
-        raise unknown
-    if kind in ("prune", "sparse", "svd-o"):
-        try:
-            sparsity = float(setting)
-        except ValueError:
-            raise unknown from None
-        if not 0.0 <= sparsity < 1.0:
-            raise unknown
     if name == "dense":
         return nn.Linear(in_features, out_features, **factory)
     if kind == "tt" and setting.startswith("r"):
@@ -247,7 +278,7 @@ def build_layer(
             implementation="factorized",
             **factory,
         )
-    raise unknown
+    raise AssertionError(f"check_layer_name accepted {name!r} but build_layer has no case for it")
 
 
 def layer_path(layer: nn.Module, tokens: int, train: bool) -> str:
@@ -270,7 +301,9 @@ def layer_macs(layer: nn.Module, tokens: int, train: bool) -> tuple[int | None, 
     """Closed-form multiply-adds of one pass: ``(of the path taken, fewest of the method)`` (``None`` for peers).
 
     Forward: the product itself; train: three times it (the backward's two products per matmul), which is exact
-    for GEMMs and the usual estimate for chains. Rebuilding a weight and elementwise work are not counted.
+    for GEMMs and the usual estimate for chains, except a pruned layer's CSR training at a few tokens, whose weight
+    gradient is a dense outer product (see ``_MaskedCSRLinear``). Rebuilding a weight and elementwise work are not
+    counted.
     """
     dense = layer.in_features * layer.out_features if hasattr(layer, "in_features") else 0
     factor = 3 if train else 1
@@ -289,6 +322,10 @@ def layer_macs(layer: nn.Module, tokens: int, train: bool) -> tuple[int | None, 
         taken = fewest if path == "csr" else dense
         if path == "sampled":
             taken = 2 * dense
+        dense_grad = tokens <= DENSE_GRAD_TOKENS and fewest >= DENSE_GRAD_MIN_DENSITY * dense
+        if train and path == "csr" and isinstance(layer, PrunedLinear) and dense_grad:
+            # CSR forward and input gradient, the weight gradient a dense outer product times the mask
+            return tokens * (2 * fewest + dense), factor * tokens * fewest
     elif isinstance(layer, nn.Linear):
         fewest = taken = layer.in_features * layer.out_features
     else:  # a peer: its contraction order is its own; no closed form here
@@ -462,9 +499,15 @@ def _allow_recompiles(limit: int = 512) -> None:
 
 
 def bench_layers(
-    config: BenchConfig, device: torch.device, dtype: torch.dtype, compiled: frozenset[str], clock: str = "wall"
+    config: BenchConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    compiled: frozenset[str],
+    clock: str = "wall",
+    skipped: list[dict[str, Any]] | None = None,
 ) -> list[dict]:
-    """Rows of the layer grid (see the module docstring)."""
+    """Rows of the layer grid (see the module docstring); a layer that cannot run here (tensorly-torch missing)
+    is appended to ``skipped`` as ``{"layer", "in", "out", "reason"}``."""
     rows = []
     names = ["dense", *[n for n in config.layers if n != "dense"]]
     for in_features, out_features in config.shapes:
@@ -472,8 +515,10 @@ def bench_layers(
         for name in names:
             try:
                 layers[name] = build_layer(name, in_features, out_features, device=device, dtype=dtype)
-            except ImportError:
-                print(f"  skipping {name}: tensorly-torch is not installed (pip install tensorly-torch)")
+            except ImportError as error:
+                print(f"  skipping {name}: {error} (pip install 'compressed-transformer[tltorch]')")
+                if skipped is not None:
+                    skipped.append({"layer": name, "in": in_features, "out": out_features, "reason": str(error)})
         for pass_name in config.passes:
             train = pass_name == "train"
             for tokens in config.tokens:
@@ -744,6 +789,12 @@ def markdown(result: dict) -> str:
         + (f", load average {meta['machine']['load_average'][0]:.1f}" if "load_average" in meta["machine"] else ""),
         "",
     ]
+    if meta.get("skipped"):
+        lines += [
+            "Not run here: "
+            + "; ".join(f"{s['layer']} at {s['in']}→{s['out']} ({s['reason']})" for s in meta["skipped"]),
+            "",
+        ]
     layer_rows = [r for r in rows if not r["layer"].startswith("transformer-")]
     tokens = sorted({r["tokens"] for r in layer_rows})
     for pass_name in ("forward", "train"):
@@ -902,14 +953,14 @@ def run_bench(config: BenchConfig, argv: list[str] | None = None) -> dict:
     clock = resolve_clock(config, device)
     check_grid(config)
     torch.manual_seed(config.seed)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(config.out)
     command = command_line(sys.argv if argv is None else argv, "bench")
     if compiled:  # any pass
         _allow_recompiles()
     start = time.perf_counter()
+    skipped: list[dict[str, Any]] = []
     with using_costs(config.costs, device) as costs:
-        rows = bench_layers(config, device, dtype, compiled, clock)
+        rows = bench_layers(config, device, dtype, compiled, clock, skipped)
         if config.transformer is not None:
             repeats = max(3, config.repeats // 2)
             rows += bench_transformer(
@@ -926,9 +977,10 @@ def run_bench(config: BenchConfig, argv: list[str] | None = None) -> dict:
         "git_revision": run_revision(),
         "seconds": time.perf_counter() - start,
         "transformer": asdict(config.transformer) if config.transformer is not None else None,
+        "skipped": skipped,
     }
     result = {"meta": meta, "rows": rows}
-    (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "bench.json").write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
     (out / "bench.md").write_text(markdown(result) + "\n")
     plot(result, out / "ratio.png")
     return result
@@ -945,7 +997,8 @@ def check_grid(config: BenchConfig) -> None:
     meta = torch.device("meta")
     for name in config.layers:
         if name.startswith("tltorch-"):
-            continue  # the optional peer builds on real devices only; its name is checked by build_layer later
+            check_layer_name(name)  # the optional peer builds on real devices only: its name is checked here
+            continue
         for in_features, out_features in config.shapes:
             try:
                 build_layer(name, in_features, out_features, device=meta, dtype=torch.float32)
@@ -955,6 +1008,19 @@ def check_grid(config: BenchConfig) -> None:
         from .models.transformer import preset
 
         preset(config.transformer.preset, vocab_size=config.transformer.vocab_size)
+
+
+def output_folder(path: str | Path) -> Path:
+    """``--out``, created if missing.
+
+    Raises:
+        ValueError: if it is a file; OSError: if it cannot be created.
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def set_threads(threads: int | None) -> None:

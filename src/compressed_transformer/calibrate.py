@@ -35,10 +35,12 @@ from .bench import (
     CLOCKS,
     _ints,
     _shapes,
+    check_unique,
     command_line,
     device_and_dtype,
     machine_description,
     median,
+    output_folder,
     resolve_clock,
     set_threads,
     time_interleaved,
@@ -133,10 +135,16 @@ class CalibrateConfig:
             raise ValueError(f"tt_ranks must be >= 1, got {self.tt_ranks}")
         if any(not 0.0 < s < 1.0 for s in self.sparsities):
             raise ValueError(f"sparsities must lie in (0, 1), got {self.sparsities}")
-        if self.low_rank_ratio < 1 or self.max_slowdown < 1:
-            raise ValueError("low_rank_ratio and max_slowdown must be >= 1")
-        if self.repeats < 1 or not self.budget_s > 0:
-            raise ValueError(f"repeats must be >= 1 and budget_s > 0, got {self.repeats} and {self.budget_s}")
+        if not (1 <= self.low_rank_ratio < math.inf and 1 <= self.max_slowdown < math.inf):
+            raise ValueError(
+                f"low_rank_ratio and max_slowdown must be >= 1 and finite, got {self.low_rank_ratio} and "
+                f"{self.max_slowdown}"
+            )
+        if self.repeats < 1 or not 0 < self.budget_s < math.inf:
+            raise ValueError(
+                f"repeats must be >= 1 and budget_s > 0 and finite, got {self.repeats} and {self.budget_s}"
+            )
+        check_unique(shapes=self.shapes, tokens=self.tokens, tt_ranks=self.tt_ranks, sparsities=self.sparsities)
 
 
 def quick_config(**changes: Any) -> CalibrateConfig:
@@ -503,6 +511,7 @@ def run_calibration(config: CalibrateConfig, argv: list[str] | None = None) -> d
     """
     device, dtype = device_and_dtype(config.device, config.dtype)
     clock = resolve_clock(config, device)
+    out = output_folder(config.out)  # before the timing: an --out that cannot be written fails now
     torch.manual_seed(config.seed)
     threads = 1 if device.type == "cuda" else torch.get_num_threads()
     start = time.perf_counter()
@@ -555,7 +564,6 @@ def run_calibration(config: CalibrateConfig, argv: list[str] | None = None) -> d
             for s in samples
         ],
     }
-    out = Path(config.out)
     save_cost_models(out / "costs.json", {kind: model}, **meta)
     result = {**json.loads((out / "costs.json").read_text()), "model": model}
     (out / "calibrate.md").write_text(markdown(result) + "\n")

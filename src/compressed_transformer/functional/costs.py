@@ -366,9 +366,10 @@ def save_cost_models(path: str | Path, models: Mapping[str, CostModel], **meta: 
     if {"format", "models"} & set(meta):
         raise ValueError("meta cannot hold the keys 'format' and 'models'")
     data = {"format": COSTS_FORMAT, "models": {k: cost_model_to_dict(m) for k, m in models.items()}, **meta}
+    text = json.dumps(data, indent=1, allow_nan=False)  # strict JSON: no NaN / Infinity (raises ValueError)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    path.write_text(text + "\n")
     return path
 
 
