@@ -251,6 +251,11 @@ def test_tiny_study_end_to_end_then_skips_finished_rows(tmp_path: Path, capsys: 
     reported = {r["name"]: r for r in json.loads((moved / "results.json").read_text())["rows"]}
     assert list(reported) == list(rows) and reported["tt-3/4"]["seed"] == rows["tt-3/4"]["seed"]
     assert (moved / "table.md").is_file() and not (moved / "rows" / "tucker-all").exists()
+    # a row trained but never scored (killed while decoding) is left out of the table, and the report says so
+    (moved / "rows" / "original" / "result.json").unlink()
+    assert run([*study_argv(moved_data, moved, "all"), "--report-only"]) == 0
+    assert "not in the table (trained, not scored yet: run the study again): original" in capsys.readouterr().out
+    assert "original" not in {r["name"] for r in json.loads((moved / "results.json").read_text())["rows"]}
 
     # another --beam (or --average) scores a finished row again, without training it again
     last = out / "rows" / "original" / "checkpoint_last.pt"

@@ -693,6 +693,9 @@ def run_study(
                 results[name] = RowResult.from_dict(saved)
         if name in results:
             table.append(results[name])
+    unscored = [name for name, plan in plans.items() if name not in results and (plan.folder / "summary.json").exists()]
+    if report_only and unscored:  # trained (or training) but never scored: not in the table, and said so
+        print(f"[study] not in the table (trained, not scored yet: run the study again): {', '.join(unscored)}")
     test = _test_split_if_present(study) if report_only else data.test
     if test is not None:
         _pair_with_original(table, test)
