@@ -60,6 +60,29 @@ def test_global_threshold_spans_all_weights() -> None:
     assert not magnitude_mask(small, threshold).any()  # every small weight is below every large one here
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_magnitude_mask_is_exact_for_thresholds_between_the_dtypes_values(dtype: torch.dtype) -> None:
+    """``1[|w| > threshold]`` exactly, where ``threshold`` rounds up to a weight in the weight's dtype: bfloat16
+    ``1.0 > 0.999`` (a plain comparison rounds the threshold to 1.0 first and drops the weight), also for a global
+    threshold taken among float64 weights and for ``PrunedLinear.from_linear(threshold=)``."""
+    from compressed_transformer.layers import PrunedLinear
+
+    weight = torch.tensor([[1.0, -1.0, 0.5, 2.0]], dtype=dtype)
+    below = float(torch.nextafter(torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)))
+    for threshold in (0.999, below):
+        assert magnitude_mask(weight, threshold).tolist() == [[True, True, False, True]]
+    assert magnitude_mask(weight, 1.0).tolist() == [[False, False, False, True]]  # ties at lambda are dropped
+    other = torch.tensor([0.25, below], dtype=torch.float64)
+    assert global_magnitude_threshold([weight, other], 0.5) == below  # drops 0.25, 0.5 and `below`
+    assert magnitude_mask(weight, global_magnitude_threshold([weight, other], 0.5)).sum() == 3
+    linear = torch.nn.Linear(4, 1, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    assert PrunedLinear.from_linear(linear, threshold=0.999).mask.tolist() == [[True, True, False, True]]
+    with pytest.raises(ValueError, match="threshold must be a number"):
+        magnitude_mask(weight, math.nan)
+
+
 @pytest.mark.parametrize("sparsity", [1.0, -0.1, 1.5])
 def test_sparsity_outside_half_open_unit_interval_raises(sparsity: float) -> None:
     with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):

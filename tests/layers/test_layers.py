@@ -337,6 +337,30 @@ def test_set_mask_zeroes_newly_pruned_weights() -> None:
         layer.set_mask_(torch.ones(IN, OUT, dtype=torch.bool))
 
 
+def test_set_mask_refuses_values_other_than_zero_and_one() -> None:
+    layer = PrunedLinear(IN, OUT)
+    layer.set_mask_((torch.rand(OUT, IN) > 0.5).float())  # a 0/1 mask of another dtype is fine
+    soft = torch.rand(OUT, IN)  # e.g. a weight or scores passed by mistake: .to(bool) would keep everything
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        layer.set_mask_(soft)
+
+
+@pytest.mark.parametrize("method", ["prune", "sparse", "svd-o"])
+def test_sparse_layers_keep_the_input_gradient_at_zero_tokens(monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """An empty batch through a frozen layer in eval mode (the cached CSR path when the cost model prefers it,
+    which it does at any sparsity for 0 tokens on large layers) still depends on the input, as through nn.Linear."""
+    for module in ("pruned", "sparse", "sparse_vd"):
+        monkeypatch.setattr(f"compressed_transformer.layers.{module}.sparse_is_faster", lambda *args: True)
+    layer = make(method, dtype=torch.float64).eval().requires_grad_(False)
+    for lead in [(0,), (2, 0)]:
+        x = torch.randn(*lead, IN, dtype=torch.float64, requires_grad=True)
+        y = layer(x)
+        assert y.shape == (*lead, OUT) and y.requires_grad
+        (grad,) = torch.autograd.grad(y.sum(), x)
+        assert grad.shape == x.shape
+    assert layer.forward_path(0) == "dense" and layer.forward_path(3) == "csr"
+
+
 @pytest.mark.parametrize("sparsity", [0.0, 0.25, 0.9])
 def test_pruned_from_linear_keeps_the_largest_weights(sparsity: float) -> None:
     linear = nn.Linear(IN, OUT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -54,8 +55,26 @@ def global_magnitude_threshold(weights: Sequence[torch.Tensor], sparsity: float)
 
 
 def magnitude_mask(weight: torch.Tensor, threshold: float) -> torch.Tensor:
-    """The mask ``1[|w| > threshold]`` as a ``bool`` tensor of ``weight``'s shape."""
-    return weight.detach().abs() > threshold
+    """The mask ``1[|w| > threshold]`` as a ``bool`` tensor of ``weight``'s shape, exact for any ``threshold``.
+
+    (A Python ``float`` compared with a tensor is first rounded to the tensor's dtype, to the nearest value: a
+    ``bfloat16`` weight of ``1.0`` would not count as above ``0.999``. The comparison is made with the largest
+    value of ``weight``'s dtype not above ``threshold`` instead, which no weight exceeds unless it exceeds
+    ``threshold``.)
+
+    Raises:
+        ValueError: if ``threshold`` is NaN (no weight would be kept).
+    """
+    threshold = float(threshold)
+    if math.isnan(threshold):
+        raise ValueError("threshold must be a number, got nan")
+    magnitudes = weight.detach().abs()
+    if magnitudes.is_floating_point():
+        rounded = torch.tensor(threshold, dtype=magnitudes.dtype)
+        if float(rounded) > threshold:
+            rounded = torch.nextafter(rounded, rounded.new_tensor(-math.inf))
+        threshold = float(rounded)
+    return magnitudes > threshold
 
 
 def log_alpha(theta: torch.Tensor, log_sigma2: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -122,6 +122,9 @@ class PrunedLinear(nn.Module):
         """Replace the mask (``bool``, ``(out_features, in_features)``) and zero the newly pruned weights."""
         if mask.shape != self.weight.shape:
             raise ValueError(f"mask must have shape {tuple(self.weight.shape)}, got {tuple(mask.shape)}")
+        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            # e.g. a weight or a soft mask passed by mistake: ``.to(bool)`` would keep every nonzero entry
+            raise ValueError(f"mask must be a bool tensor (or hold only 0 and 1), got {mask.dtype} with other values")
         self.mask.copy_(mask.to(torch.bool))
         self.weight.mul_(self.mask)
         return self
@@ -156,7 +159,8 @@ class PrunedLinear(nn.Module):
         return self._use_sparse(tokens, train, tensor_attr(self, "weight"), tensor_attr(self, "mask"))
 
     def _use_sparse(self, tokens: int, train: bool, weight: torch.Tensor, mask: torch.Tensor) -> bool:
-        if not sparse_supported(weight):
+        # no input vectors: csr_linear's empty output would not be attached to an input needing its gradient
+        if not sparse_supported(weight) or tokens == 0:
             return False
         nnz = mask_cache(self).get("nnz", [mask], lambda: int(mask.sum()))
         decide = sparse_train_is_faster if train else sparse_is_faster

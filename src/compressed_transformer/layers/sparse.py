@@ -218,7 +218,7 @@ class SparseLinear(nn.Module):
         return self._use_sparse(tokens, train, tensor_attr(self, "values"))
 
     def _use_sparse(self, tokens: int, train: bool, values: torch.Tensor) -> bool:
-        if torch.compiler.is_compiling() or not sparse_supported(values):
+        if torch.compiler.is_compiling() or not sparse_supported(values) or tokens == 0:  # see PrunedLinear
             return False
         decide = values_train_is_faster if train else sparse_is_faster
         return decide(device_key(values), tokens, self.in_features, self.out_features, values.numel())

@@ -168,7 +168,7 @@ class SparseVDLinear(nn.Module):
 
     def use_sparse(self, tokens: int) -> bool:
         """Whether an eval-mode forward without autograd uses the CSR kernel for ``tokens`` input vectors."""
-        if not sparse_supported(self.theta):
+        if not sparse_supported(self.theta) or tokens == 0:  # see PrunedLinear
             return False
         nnz = self._eval_weight()[1]
         return sparse_is_faster(device_key(self.theta), tokens, self.in_features, self.out_features, nnz)
