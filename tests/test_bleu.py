@@ -189,3 +189,36 @@ def test_protocol_counts_short_outputs_as_nltk_does() -> None:
     expected = math.exp(1 - 8 / 7) * (1 * 1 * 1 * 0.5) ** 0.25  # 7/7, 5/5, 3/3, 1/2; 7 output tokens for 8
     assert result["bleu_all"] == pytest.approx(expected, abs=1e-12)
     assert result["offsets"] == [0.0, 1.0]  # "a b c" alone: no 4-gram match, 0 without smoothing
+
+
+def test_one_string_is_not_taken_for_a_list_of_sentences() -> None:
+    # a bare string would otherwise be scored as one "sentence" per character
+    with pytest.raises(ValueError, match="list of sentences"):
+        sacre_bleu("the cat sat", "the dog sat")
+    with pytest.raises(ValueError, match="list of sentences"):
+        tokenized_bleu(["the cat sat"], "the cat sat")
+    with pytest.raises(ValueError, match="list of sentences"):
+        seed_protocol_bleu(["a"], "x", ["a"], frozenset({"a"}))
+    with pytest.raises(ValueError, match="batch_size must be an integer"):
+        SeedProtocol(batch_size=1.5)  # type: ignore[arg-type]
+
+
+def test_bootstrap_seed_does_not_depend_on_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = random.Random(6)
+    refs = [_sentence(rng, 8) for _ in range(60)]
+    good = [" ".join(r.split()[:6]) + " dog" for r in refs]
+    other = [r if i % 10 else _sentence(rng, 8) for i, r in enumerate(good)]  # p about 0.01, varying with the seed
+    expected = bleu_interval(good, refs), paired_bootstrap_p(good, other, refs)
+    monkeypatch.setenv("SACREBLEU_SEED", "None")  # sacreBLEU would draw its seed from the OS
+    assert (bleu_interval(good, refs), paired_bootstrap_p(good, other, refs)) == expected
+    assert (bleu_interval(good, refs), paired_bootstrap_p(good, other, refs)) == expected
+
+
+def test_bootstrap_needs_enough_resamples_and_sentences() -> None:
+    refs, hyps = ["a b c d e f"] * 5, ["a b c d e g"] * 5
+    with pytest.raises(ValueError, match="resamples"):
+        bleu_interval(hyps, refs, resamples=39)  # fewer than 40: the interval would be the whole range
+    assert bleu_interval(hyps, refs, resamples=40) == pytest.approx(0.0)
+    # one sentence: every resample is that sentence, and sacreBLEU's p would be 1 / (resamples + 1)
+    with pytest.raises(ValueError, match="at least 2 sentences"):
+        paired_bootstrap_p(["a b c d e"], ["a b c d f g"], ["a b c d f"])

@@ -14,8 +14,10 @@
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,6 +25,7 @@ from sacrebleu.metrics import BLEU
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
 __all__ = [
+    "SEED",
     "SeedProtocol",
     "bleu_interval",
     "paired_bootstrap_p",
@@ -34,7 +37,27 @@ __all__ = [
 ]
 
 
+SEED = 12345
+"""Seed of every bootstrap here: sacreBLEU's default, pinned whatever ``SACREBLEU_SEED`` says."""
+
+
+@contextmanager
+def _fixed_seed() -> Iterator[None]:
+    """sacreBLEU reads its bootstrap seed from ``SACREBLEU_SEED`` on each call; pin it to :data:`SEED` meanwhile."""
+    before = os.environ.get("SACREBLEU_SEED")
+    os.environ["SACREBLEU_SEED"] = str(SEED)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["SACREBLEU_SEED"]
+        else:
+            os.environ["SACREBLEU_SEED"] = before
+
+
 def _check(hypotheses: Sequence[str], references: Sequence[str]) -> None:
+    if isinstance(hypotheses, str) or isinstance(references, str):
+        raise ValueError("expected a list of sentences, got one string")
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references; they must be line-aligned")
     if not references:
@@ -70,17 +93,20 @@ def seed_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
 
 def bleu_interval(hypotheses: Sequence[str], references: Sequence[str], resamples: int = 1000) -> float:
     """Half-width of sacreBLEU's 95 % bootstrap confidence interval (0-100): the test sentences are resampled with
-    replacement ``resamples`` times (sacrebleu's ``n_bootstrap``, fixed seed). It says how much this one system's
+    replacement ``resamples`` times (sacrebleu's ``n_bootstrap``, seed :data:`SEED`); the interval runs from the 2.5th
+    to the 97.5th percentile of the resampled BLEUs (``sacrebleu --confidence``). It says how much this one system's
     BLEU depends on the choice of test sentences; to compare two systems on the same sentences use the far more
     sensitive :func:`paired_bootstrap_p`.
 
     Raises:
-        ValueError: if the two lists differ in length or ``resamples < 2``.
+        ValueError: if the two lists differ in length or ``resamples < 40`` (too few for the 2.5th percentile: the
+            interval would be the whole range).
     """
     _check(hypotheses, references)
-    if resamples < 2:
-        raise ValueError(f"resamples must be >= 2, got {resamples}")
-    score = BLEU().corpus_score(list(hypotheses), [list(references)], n_bootstrap=resamples)
+    if resamples < 40:
+        raise ValueError(f"resamples must be >= 40 for a 95 % interval, got {resamples}")
+    with _fixed_seed():
+        score = BLEU().corpus_score(list(hypotheses), [list(references)], n_bootstrap=resamples)
     return float(score._ci)
 
 
@@ -88,14 +114,16 @@ def paired_bootstrap_p(
     baseline: Sequence[str], system: Sequence[str], references: Sequence[str], resamples: int = 1000
 ) -> float:
     """p-value of ``system``'s sacreBLEU differing from ``baseline``'s by chance: Koehn's (2004) paired bootstrap
-    resampling of the test sentences, as sacreBLEU's ``--paired-bs`` runs it (fixed seed); small values (e.g.
-    < 0.05) mean the difference is unlikely to come from which sentences happen to be in the test set. Outputs of
-    equal BLEU (identical ones, or ones that differ only in what BLEU does not see: spacing its tokeniser undoes, one
-    unmatched word for another) give 1.0: there is no difference to explain (sacreBLEU's test would report
-    ``1 / (resamples + 1)`` for them).
+    resampling of the test sentences, as sacreBLEU's ``--paired-bs`` runs it (seed :data:`SEED`). Two-sided:
+    ``(c + 1) / (resamples + 1)``, ``c`` the resamples whose absolute BLEU difference, less its mean over the
+    resamples, exceeds the observed absolute difference. Small values (e.g. < 0.05) mean the difference is unlikely
+    to come from which sentences happen to be in the test set. Outputs of equal BLEU (identical ones, or ones that
+    differ only in what BLEU does not see: spacing its tokeniser undoes, one unmatched word for another) give 1.0:
+    there is no difference to explain (sacreBLEU's test would report ``1 / (resamples + 1)`` for them).
 
     Raises:
-        ValueError: if the lists differ in length or ``resamples < 2``.
+        ValueError: if the lists differ in length, hold fewer than 2 sentences (every resample would be the same
+            one, and any difference would look significant), or ``resamples < 2``.
     """
     from sacrebleu.significance import PairedTest
 
@@ -103,16 +131,19 @@ def paired_bootstrap_p(
     _check(system, references)
     if resamples < 2:
         raise ValueError(f"resamples must be >= 2, got {resamples}")
+    if len(references) < 2:
+        raise ValueError("a paired bootstrap needs at least 2 sentences to resample")
     if sacre_bleu(baseline, references)[0] == sacre_bleu(system, references)[0]:  # identical outputs among them
         return 1.0
-    test = PairedTest(
-        [("baseline", list(baseline)), ("system", list(system))],
-        {"BLEU": BLEU()},
-        [list(references)],
-        test_type="bs",
-        n_samples=resamples,
-    )
-    return float(test()[1]["BLEU"][1].p_value)
+    with _fixed_seed():
+        test = PairedTest(
+            [("baseline", list(baseline)), ("system", list(system))],
+            {"BLEU": BLEU()},
+            [list(references)],
+            test_type="bs",
+            n_samples=resamples,
+        )
+        return float(test()[1]["BLEU"][1].p_value)
 
 
 @dataclass(frozen=True)
@@ -137,7 +168,7 @@ class SeedProtocol:
     ``train.py`` decodes the validation split only.
 
     Raises:
-        ValueError: for a non-positive size or an unknown tokeniser.
+        ValueError: for a size that is not a positive integer, or an unknown tokeniser.
     """
 
     batch_size: int = 150
@@ -149,8 +180,9 @@ class SeedProtocol:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "min_freq", "max_len", "decode_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"SeedProtocol.{name} must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"SeedProtocol.{name} must be an integer >= 1, got {value!r}")
         if self.tokenize not in ("13a", "split"):
             raise ValueError(f"SeedProtocol.tokenize must be '13a' or 'split', got {self.tokenize!r}")
 
