@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -574,6 +576,7 @@ BAD_CONSTRUCTORS = [
     (lambda: TuckerLinear(IN, OUT, in_modes=(3, 4), out_modes=(2, 4), ranks=[2, 2]), "one rank per mode"),
     (lambda: LowRankLinear(IN, OUT, rank=0), r"rank must be an int in \[1, 8\]"),
     (lambda: LowRankLinear(IN, OUT, rank=9), r"rank must be an int in \[1, 8\]"),
+    (lambda: LowRankLinear(IN, OUT, rank=True), r"rank must be an int in \[1, 8\] for 12->8, got True"),
     (lambda: PrunedLinear(0, OUT), "in_features must be a positive int"),
     (lambda: SparseVDLinear(IN, -1), "out_features must be a positive int"),
     (lambda: LowRankLinear(IN, 8.0, rank=2), "out_features must be a positive int"),
@@ -762,6 +765,7 @@ def test_padded_tt_from_linear_and_its_bounds() -> None:
         ((256, 1018), 2, [4, 4, 4, 4], [8, 8, 4, 4]),  # 2 x 509: as many cores as the inputs have
         ((256, 1024), 2, [4, 4, 4, 4], [8, 8, 4, 4]),  # balanced already: never padded
         ((256, 13), 2, [256], [13]),  # no padding within 10 % balances 13: one core, as before
+        ((512, 7), 2, [8, 8, 8], [2, 2, 2]),  # 7 -> 8 has three factors: three cores, no modes of 1
     ],
 )
 def test_default_out_modes_pad_a_size_that_factorises_badly(features, ranks, in_modes, out_modes) -> None:
@@ -786,3 +790,22 @@ def test_torch_compile_padded_tt() -> None:
     layer.train()
     compiled(x).sum().backward()
     assert all(p.grad is not None for p in layer.parameters())
+
+
+def test_low_rank_rank_may_be_a_numpy_integer() -> None:
+    """As ``from_linear`` takes it (and TT / Tucker ranks): the rank is stored as an ``int``."""
+    layer = LowRankLinear(IN, OUT, rank=np.int64(3))
+    assert type(layer.rank) is int and layer.left.shape == (OUT, 3)
+
+
+@pytest.mark.parametrize(
+    ("out_features", "out_modes", "example"),
+    [(1024, [8, 8, 8], "[16, 8, 8]"), (8192, [16, 16, 16], "[32, 16, 16]"), (1018, [8, 8, 8], "[13, 10, 8]")],
+)
+def test_wrong_out_modes_are_told_the_default_modes(out_features: int, out_modes: list[int], example: str) -> None:
+    """The example in the error is what omitted ``out_modes`` would be: a power of two is never padded (it was
+    told to pad 1024 to [13, 10, 8]); a size that factorises badly is."""
+    with pytest.raises(ValueError, match=rf"product is {out_features} to \d+ \(e\.g\. {re.escape(example)}\)"):
+        TTLinear(64, out_features, in_modes=[4, 4, 4], out_modes=out_modes)
+    default = TTLinear(64, out_features, in_modes=[4, 4, 4])
+    assert str(default.out_modes) == example

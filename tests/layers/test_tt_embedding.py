@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from compressed_transformer.functional import factorize, tt_matrix_rows, tt_matrix_to_dense, tt_vocab_modes
-from compressed_transformer.layers import TTEmbedding
+from compressed_transformer.layers import LowRankEmbedding, TTEmbedding, TTLinear
+from compressed_transformer.layers.embedding import tie_projection_
 
 
 def random_cores(out_modes, in_modes, ranks, dtype=torch.float64):
@@ -175,3 +177,34 @@ def test_eval_lookups_and_logits_share_the_cached_table() -> None:
     layer.train()
     layer(ids)
     assert cache_nbytes(layer) == 0
+
+
+@pytest.mark.parametrize(
+    ("voc_modes", "emb_modes", "name"), [([4, 4, 4.5], [2, 3, 2], "voc_modes"), ([4, 4, 4], [2, 1.5, 4], "emb_modes")]
+)
+def test_fractional_modes_are_refused_not_truncated(voc_modes, emb_modes, name: str) -> None:
+    """``int(4.5)`` would quietly build a table of other modes than asked for (4 x 4 x 4 here)."""
+    with pytest.raises(ValueError, match=rf"{name} must be positive ints, got \[.*\]"):
+        TTEmbedding(64, 12, voc_modes=voc_modes, emb_modes=emb_modes)
+
+
+def test_a_tied_projection_gives_one_logit_per_id() -> None:
+    """The same cores serve tables of 61 to 64 ids (``voc_modes`` (4, 4, 4) may pad): a 61-output projection tied to
+    a 64-id table would drop logits of real ids, a 64-output one tied to a 61-id table score padding rows."""
+    table = TTEmbedding(61, 12, voc_modes=[4, 4, 4], emb_modes=[2, 3, 2], ranks=3)
+    for outputs in (64, 60):
+        projection = TTLinear(12, outputs, in_modes=[2, 3, 2], out_modes=[4, 4, 4], ranks=3)
+        with pytest.raises(ValueError, match=rf"the projection has {outputs} outputs, the table 61 ids"):
+            tie_projection_(projection, table)
+    projection = TTLinear(12, 61, in_modes=[2, 3, 2], out_modes=[4, 4, 4], ranks=3)
+    tie_projection_(projection, table)
+    assert projection.cores is table.cores
+    hidden = torch.randn(3, 12)
+    torch.testing.assert_close(projection(hidden) - projection.bias, table.attend(hidden))
+
+
+def test_low_rank_embedding_rank_is_an_int() -> None:
+    with pytest.raises(ValueError, match=r"rank must be an int in \[1, 4\] for a 10x4 table, got True"):
+        LowRankEmbedding(10, 4, rank=True)  # a bool is no rank (it failed deep inside torch.empty)
+    layer = LowRankEmbedding(10, 4, rank=np.int64(3))  # a NumPy integer is one
+    assert type(layer.rank) is int and layer.left.shape == (10, 3)

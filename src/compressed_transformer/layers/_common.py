@@ -56,8 +56,12 @@ def resolve_modes(
         # At most as many modes as prime factors, so that no mode is 1 unless d is forced by the caller; a padded
         # output side is not bound by its own prime factors.
         d = max(1, min(default_d, len(_prime_factors(in_features))))
-        if not pad_out or padded_modes(out_features, d) is None:
+        padded = padded_modes(out_features, d) if pad_out else None
+        if padded is None:
             d = max(1, min(d, len(_prime_factors(out_features))))
+        else:  # a padded size with fewer factors than d (7 -> 8 = 2 x 2 x 2): fewer cores, not modes of 1
+            out_modes = [m for m in padded if m > 1]
+            d = len(out_modes)
     else:
         d = len(in_modes if in_modes is not None else out_modes)
     if out_modes is None:
@@ -72,10 +76,9 @@ def resolve_modes(
         if product == features or (padded and 0 < product - features <= max_padding_rows(features)):
             continue
         feature_name = "in_features" if name == "in_modes" else "out_features"
-        if padded:  # the balanced modes a TT table would take, padded where that balances them
-            wanted = (
-                f"{features} to {features + max_padding_rows(features)} (e.g. {tt_vocab_modes(features, len(modes))})"
-            )
+        if padded:  # the modes omitted out_modes would take: padded only where that balances them
+            example = padded_modes(features, len(modes)) or factorize(features, len(modes))
+            wanted = f"{features} to {features + max_padding_rows(features)} (e.g. {example})"
         else:
             wanted = f"{features} (e.g. {factorize(features, len(modes))})"
         raise ValueError(

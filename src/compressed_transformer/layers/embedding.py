@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..functional._validate import _is_int
 from ..functional.matmul import low_rank_linear, matmul
 from ..functional.svd import truncated_svd
 from ..functional.tt import (
@@ -85,8 +86,11 @@ class LowRankEmbedding(nn.Module):
     ) -> None:
         super().__init__()
         max_rank = min(num_embeddings, embedding_dim)
-        if not isinstance(rank, int) or not 1 <= rank <= max_rank:
-            raise ValueError(f"rank must be an int in [1, {max_rank}] for a {num_embeddings}x{embedding_dim} table")
+        if not _is_int(rank) or not 1 <= rank <= max_rank:
+            raise ValueError(
+                f"rank must be an int in [1, {max_rank}] for a {num_embeddings}x{embedding_dim} table, got {rank!r}"
+            )
+        rank = int(rank)
         if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
             raise ValueError(f"padding_idx {padding_idx} is outside a vocabulary of {num_embeddings}")
         factory = {"device": device, "dtype": dtype}
@@ -217,6 +221,9 @@ class TTEmbedding(nn.Module):
             raise ValueError(f"a table needs num_embeddings, embedding_dim >= 1, got {num_embeddings}, {embedding_dim}")
         if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
             raise ValueError(f"padding_idx {padding_idx} is outside a vocabulary of {num_embeddings}")
+        for name, modes in (("voc_modes", voc_modes), ("emb_modes", emb_modes)):
+            if modes is not None and any(int(m) != m or m < 1 for m in modes):  # never truncated (4.5 -> 4)
+                raise ValueError(f"{name} must be positive ints, got {list(modes)}")
         d = len(voc_modes) if voc_modes is not None else len(emb_modes) if emb_modes is not None else 3
         voc_modes = [int(m) for m in voc_modes] if voc_modes is not None else tt_vocab_modes(num_embeddings, d)
         emb_modes = [int(m) for m in emb_modes] if emb_modes is not None else factorize(embedding_dim, d)
@@ -356,7 +363,8 @@ def tie_projection_(projection: nn.Module, table: nn.Module) -> None:
     a tied output projection, trained through both uses.
 
     Raises:
-        ValueError: for a projection of another kind than the table, or factors of other shapes.
+        ValueError: for a projection of another kind than the table, factors of other shapes, or outputs other
+            than the table's ids (a TT projection may share the cores of a table padded to as many rows).
     """
     if isinstance(projection, LowRankLinear) and isinstance(table, LowRankEmbedding):
         mine, theirs = [projection.left, projection.right], [table.left, table.right]
@@ -366,6 +374,11 @@ def tie_projection_(projection: nn.Module, table: nn.Module) -> None:
         raise ValueError(f"a {type(projection).__name__} cannot be tied to a {type(table).__name__}")
     if [p.shape for p in mine] != [p.shape for p in theirs]:
         raise ValueError("the projection does not fit the factors of the table")
+    if projection.out_features != table.num_embeddings:  # TT: the same cores, but another count of padding rows
+        raise ValueError(
+            f"the projection has {projection.out_features} outputs, the table {table.num_embeddings} ids: a tied "
+            "projection gives one logit per id"
+        )
     if isinstance(projection, LowRankLinear):
         projection.left, projection.right = table.left, table.right  # (vocab, r) @ (r, width)
     else:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..functional._validate import _is_int
 from ..functional.matmul import low_rank_linear, matmul
 from ..functional.svd import truncated_svd
 from ._common import check_features, check_linear, copy_bias, product_init_std, reset_bias
@@ -60,8 +61,9 @@ class LowRankLinear(nn.Module):
         super().__init__()
         check_features(in_features, out_features)
         max_rank = min(in_features, out_features)
-        if not isinstance(rank, int) or not 1 <= rank <= max_rank:
-            raise ValueError(f"rank must be an int in [1, {max_rank}] for {in_features}->{out_features}, got {rank}")
+        if not _is_int(rank) or not 1 <= rank <= max_rank:  # (a bool is no rank; a NumPy integer is one)
+            raise ValueError(f"rank must be an int in [1, {max_rank}] for {in_features}->{out_features}, got {rank!r}")
+        rank = int(rank)
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.left = nn.Parameter(torch.empty(out_features, rank, **factory))
