@@ -51,6 +51,10 @@ def test_vocabulary_modes_pad_only_badly_factorising_sizes() -> None:
     assert tt_vocab_modes(7, 1) == [7]
     with pytest.raises(ValueError, match="num_embeddings >= 1"):
         tt_vocab_modes(0, 3)
+    # a table's default modes pad as a TTLinear's outputs do: a power of two never, a prime or 2 x 5087 always
+    defaults = {1024: [16, 8, 8], 128: [8, 4, 4], 8000: [20, 20, 20], 50257: [51, 34, 29], 30522: [37, 33, 25]}
+    for vocabulary, modes in defaults.items():
+        assert TTEmbedding(vocabulary, 8, ranks=2).voc_modes == modes, vocabulary
 
 
 @pytest.mark.parametrize("padding_idx", [None, 0, 5])

@@ -18,8 +18,8 @@ from ..functional.tt import (
     pad_rows,
     tt_matrix_from_dense,
     tt_matrix_rows,
-    tt_vocab_modes,
 )
+from ._common import padded_modes
 from ._fast import layer_cache, params_of, prepare_forward, represented_weight
 from .low_rank import LowRankLinear
 from .tt import TTLinear
@@ -189,9 +189,10 @@ class TTEmbedding(nn.Module):
             padding row). The table's row there (``to_dense``, and the tied logits of :meth:`attend`) is whatever
             the cores give: a tied output projection trains it, as it trains a dense table's padding row.
         voc_modes: vocabulary modes, product ``>= num_embeddings`` by at most :func:`~compressed_transformer.
-            functional.tt.max_padding_rows` (as a ``TTLinear`` may pad its outputs); default
-            :func:`~compressed_transformer.functional.tt.tt_vocab_modes` with as many modes as ``emb_modes`` (3 when
-            both are omitted).
+            functional.tt.max_padding_rows` (as a ``TTLinear`` may pad its outputs); by default as many balanced
+            modes as ``emb_modes`` have (3 when both are omitted), padded as a ``TTLinear``'s omitted ``out_modes``
+            are where ``V`` factorises badly (a prime, say: :func:`~compressed_transformer.functional.tt.
+            tt_vocab_modes`).
         emb_modes: factors of ``embedding_dim``; balanced when omitted.
         ranks: ``int`` cap or the full list of ``d + 1`` TT-ranks.
         device: parameter device.
@@ -225,14 +226,15 @@ class TTEmbedding(nn.Module):
             if modes is not None and any(int(m) != m or m < 1 for m in modes):  # never truncated (4.5 -> 4)
                 raise ValueError(f"{name} must be positive ints, got {list(modes)}")
         d = len(voc_modes) if voc_modes is not None else len(emb_modes) if emb_modes is not None else 3
-        voc_modes = [int(m) for m in voc_modes] if voc_modes is not None else tt_vocab_modes(num_embeddings, d)
+        default_voc = padded_modes(num_embeddings, d) or factorize(num_embeddings, d)  # padded as TTLinear's outputs
+        voc_modes = [int(m) for m in voc_modes] if voc_modes is not None else default_voc
         emb_modes = [int(m) for m in emb_modes] if emb_modes is not None else factorize(embedding_dim, d)
         if len(voc_modes) != len(emb_modes):
             raise ValueError(f"voc_modes {voc_modes} and emb_modes {emb_modes} need the same length")
         if math.prod(voc_modes) < num_embeddings:
             raise ValueError(f"prod(voc_modes)={math.prod(voc_modes)} is below num_embeddings={num_embeddings}")
         if math.prod(voc_modes) - num_embeddings > max_padding_rows(num_embeddings):  # as TTLinear pads outputs
-            allowed, example = max_padding_rows(num_embeddings), tt_vocab_modes(num_embeddings, d)
+            allowed, example = max_padding_rows(num_embeddings), default_voc
             raise ValueError(
                 f"voc_modes={voc_modes} pad {num_embeddings} ids to {math.prod(voc_modes)} rows; at most "
                 f"{allowed} padding rows are allowed (e.g. {example})"
