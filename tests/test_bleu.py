@@ -222,3 +222,17 @@ def test_bootstrap_needs_enough_resamples_and_sentences() -> None:
     # one sentence: every resample is that sentence, and sacreBLEU's p would be 1 / (resamples + 1)
     with pytest.raises(ValueError, match="at least 2 sentences"):
         paired_bootstrap_p(["a b c d e"], ["a b c d f g"], ["a b c d f"])
+
+
+def test_tokenized_bleu_is_unsmoothed_as_fairseq_scores() -> None:
+    """No 4-gram of the corpus matches: fairseq's scorer (and multi-bleu.perl, NLTK) gives 0; with a match at every
+    order the figure is sacreBLEU's plain one."""
+    hyps, refs = ["the cat sat here now", "a dog ran"], ["the cat sat there now", "a dog ran away"]
+    score, signature = tokenized_bleu(hyps, refs, pretokenized=True)
+    assert score == 0.0 and "smooth:none" in signature
+    assert BLEU(tokenize="none", lowercase=True).corpus_score(hyps, [refs]).score > 0  # what exp smoothing gives
+    rng = random.Random(0)
+    others, refs = _corpus(rng, 200)
+    hyps = [ref if i % 3 else other for i, (other, ref) in enumerate(zip(others, refs, strict=True))]
+    expected = BLEU(tokenize="none", lowercase=True).corpus_score(hyps, [refs]).score
+    assert tokenized_bleu(hyps, refs, pretokenized=True)[0] == pytest.approx(expected)

@@ -79,9 +79,12 @@ def sacre_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> tuple[fl
 def tokenized_bleu(
     hypotheses: Sequence[str], references: Sequence[str], pretokenized: bool = False
 ) -> tuple[float, str]:
-    """Lowercased corpus BLEU (0-100) on tokenised text, and its signature."""
+    """Lowercased corpus BLEU (0-100) on tokenised text, and its signature: unsmoothed, as fairseq's scorer,
+    ``multi-bleu.perl`` and the seed's NLTK ``corpus_bleu`` compute it (0 when some n-gram order has no match in the
+    whole corpus; sacreBLEU's default ``exp`` smoothing would give a positive figure there, and the same one
+    otherwise)."""
     _check(hypotheses, references)
-    metric = BLEU(lowercase=True, tokenize="none" if pretokenized else "13a")
+    metric = BLEU(lowercase=True, tokenize="none" if pretokenized else "13a", smooth_method="none")
     score = metric.corpus_score(list(hypotheses), [list(references)])
     return float(score.score), str(metric.get_signature())
 

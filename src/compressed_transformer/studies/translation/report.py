@@ -92,7 +92,8 @@ def _table_notes(rows: Sequence[RowResult], study: StudyConfig) -> str:
         "* `ratio`: parameters of the dense `original` / the row's (whole model; `ratio FFN`: FFN blocks only). "
         "Parameters count stored factors, non-zeros and biases; the shared embedding table once.",
         "* `BLEU` is sacreBLEU (cased, detokenised); `BLEU seed-style` is lowercased tokenised BLEU on the seed's 0-1 "
-        "scale. `train s` is wall-clock training time including periodic validation; `test decode s` decodes the "
+        "scale (unsmoothed, as fairseq and NLTK compute it). `train s` is wall-clock training time including periodic "
+        "validation; `test decode s` decodes the "
         "whole test set (wall clock on a possibly busy machine; it also depends on what the model generates: one "
         "run-on output holds up its whole batch); `test fwd s` is one teacher-forced forward pass over the test "
         "pairs (fastest of 3), the same tokens for every row: the like-for-like speed of the models.",
