@@ -384,15 +384,15 @@ _IWSLT_DIRS = {
     "fairseq": (".", "fairseq_tok", "fairseq", "iwslt14.tokenized.de-en", "fairseq_bpe"),
     "raw": (".", "raw", "de-en", "orig/de-en"),
 }
+_IWSLT_TRAIN = {"fairseq": "train", "raw": "train.tags.de-en"}  # each layout's training text, ``STEM.{de,en}``
 
 
 def _iwslt_layout(data_dir: Path) -> tuple[str, Path]:
     """The layout (``fairseq`` or ``raw``) and its folder: the first one holding training text, else the first
     holding any IWSLT'14 file, so that training text added beside dev/test-only files of the other layout is used."""
-    train = {"fairseq": "train.de", "raw": "train.tags.de-en.de"}
     for layout, subs in _IWSLT_DIRS.items():
         for sub in subs:
-            if _find(data_dir / sub, train[layout]):
+            if _find(data_dir / sub, f"{_IWSLT_TRAIN[layout]}.de"):
                 return layout, data_dir / sub
     for sub in _IWSLT_DIRS["fairseq"]:
         if any(_find(data_dir / sub, f"{split}.de") for split in ("valid", "test")):
@@ -558,8 +558,7 @@ def download(name: str, data_dir: str | Path) -> list[Path]:
         layout, root = _iwslt_layout(data_dir)
     except FileNotFoundError:
         layout, root = "", data_dir
-    stem = "train" if layout == "fairseq" else "train.tags.de-en"
-    if layout and all(_find(root, f"{stem}.{lang}") for lang in ("de", "en")):
+    if layout and all(_find(root, f"{_IWSLT_TRAIN[layout]}.{lang}") for lang in ("de", "en")):
         return written  # the training text is there already (dev/test alone, as in /work/shared, is not enough)
     raw = data_dir / "raw"
     raw.mkdir(exist_ok=True)

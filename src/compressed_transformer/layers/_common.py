@@ -25,6 +25,16 @@ def check_linear(linear: nn.Module, cls_name: str) -> None:
         )
 
 
+def check_modes(name: str, modes: Sequence[int]) -> None:
+    """Refuse modes that are not positive integers (``4.5`` is never truncated to ``4``).
+
+    Raises:
+        ValueError: naming ``name``.
+    """
+    if any(int(m) != m or m < 1 for m in modes):
+        raise ValueError(f"{name} must be positive ints, got {list(modes)}")
+
+
 def resolve_modes(
     in_features: int,
     out_features: int,
@@ -69,8 +79,7 @@ def resolve_modes(
     in_modes = list(in_modes) if in_modes is not None else factorize(in_features, d)
     out_modes = list(out_modes)
     for name, modes, features in (("in_modes", in_modes, in_features), ("out_modes", out_modes, out_features)):
-        if any(int(m) != m or m < 1 for m in modes):
-            raise ValueError(f"{name} must be positive ints, got {modes}")
+        check_modes(name, modes)
         product = math.prod(modes)
         padded = name == "out_modes" and pad_out
         if product == features or (padded and 0 < product - features <= max_padding_rows(features)):

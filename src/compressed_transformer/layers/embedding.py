@@ -19,7 +19,7 @@ from ..functional.tt import (
     tt_matrix_from_dense,
     tt_matrix_rows,
 )
-from ._common import padded_modes
+from ._common import check_modes, padded_modes
 from ._fast import layer_cache, params_of, prepare_forward, represented_weight
 from .low_rank import LowRankLinear
 from .tt import TTLinear
@@ -223,8 +223,8 @@ class TTEmbedding(nn.Module):
         if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
             raise ValueError(f"padding_idx {padding_idx} is outside a vocabulary of {num_embeddings}")
         for name, modes in (("voc_modes", voc_modes), ("emb_modes", emb_modes)):
-            if modes is not None and any(int(m) != m or m < 1 for m in modes):  # never truncated (4.5 -> 4)
-                raise ValueError(f"{name} must be positive ints, got {list(modes)}")
+            if modes is not None:
+                check_modes(name, modes)
         d = len(voc_modes) if voc_modes is not None else len(emb_modes) if emb_modes is not None else 3
         default_voc = padded_modes(num_embeddings, d) or factorize(num_embeddings, d)  # padded as TTLinear's outputs
         voc_modes = [int(m) for m in voc_modes] if voc_modes is not None else default_voc
